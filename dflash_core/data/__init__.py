@@ -1,0 +1,1 @@
+"""Conversation readers, chat templates and the prepare-data pipeline."""

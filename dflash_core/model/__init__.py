@@ -1,0 +1,1 @@
+"""The DFlash drafter and the frozen verifier parts it borrows."""

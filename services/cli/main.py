@@ -1,0 +1,51 @@
+"""The `dflash` command: one entry point for every part of the system.
+
+    dflash prepare-data --model M --data sharegpt --output DIR
+    dflash train --verifier-name-or-path M --data-path DIR --save-path CKPTS ...
+    dflash demo
+
+Subcommands are registered here, in one list. Each lives in its own module with
+`add_arguments(parser)` and `run(args) -> int`; modules import torch and friends inside `run`,
+so `dflash --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# (subcommand, module under services.cli, one-line help)
+SUBCOMMANDS: list[tuple[str, str, str]] = [
+    ("prepare-data", "prepare_data", "Tokenize conversations with the verifier's chat template."),
+    ("train", "train", "Train a DFlash drafter against a verifier."),
+    ("demo", "demo", "Run the whole pipeline on the embedded default (SmolLM2, shipped chats, CPU)."),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dflash", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module_name, help_text in SUBCOMMANDS:
+        module = importlib.import_module(f"services.cli.{module_name}")
+        sub = subparsers.add_parser(
+            name, help=help_text, description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""`dflash prepare-data`: tokenize conversations with the verifier's chat template.
+
+    dflash prepare-data --model Qwen/Qwen3-8B --data sharegpt --output ./output/data \
+        --max-samples 5000 --seq-length 8192
+
+Writes a Hugging Face `datasets` folder (arrow), `token_freq.pt` (target-token counts, used for the
+draft vocabulary) and `dflash_data.json` (which tokenizer and template made it; `dflash train`
+refuses data made with another tokenizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from dflash_core.config import PrepareDataConfig
+from services.cli.args import add_config_arguments, config_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, PrepareDataConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dflash_core.data.prepare import DataError, prepare_data
+    from dflash_core.verifier import load_tokenizer, tokenizer_fingerprint
+
+    config = config_from_args(PrepareDataConfig, args)
+    tokenizer = load_tokenizer(config.model)
+    try:
+        report = prepare_data(config, tokenizer=tokenizer, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
+    except DataError as exc:
+        print(f"error: {exc}")
+        return 2
+    print(report.summary())
+    return 0

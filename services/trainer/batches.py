@@ -1,0 +1,56 @@
+"""Turns a step of the data plan (rows of sample indices) into a `PackedBatch` on the device.
+
+This is the trainer's "fetch" phase: read token rows, ask the hidden-state source for their
+hidden states (one call per step, so a remote source can batch them), pack them into rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dflash_core.batch import PackedBatch, SamplePiece, collate
+from services.trainer.sources import HiddenStateSource, SampleRequest
+
+
+class TokenRows:
+    """Random access to prepared rows: `input_ids` and `loss_mask`, truncated to the row length."""
+
+    def __init__(self, dataset, *, max_length: int) -> None:  # dataset: datasets.Dataset
+        self.dataset = dataset.with_format("torch", columns=["input_ids", "loss_mask"])
+        self.max_length = max_length
+        self.lengths = [min(len(ids), max_length) for ids in dataset["input_ids"]]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        row = self.dataset[index]
+        ids = row["input_ids"][: self.max_length].long()
+        return ids, row["loss_mask"][: self.max_length].bool()
+
+
+class BatchBuilder:
+    def __init__(self, *, rows: TokenRows, source: HiddenStateSource, total_seq_len: int, device) -> None:
+        self.rows = rows
+        self.source = source
+        self.total_seq_len = total_seq_len
+        self.device = device
+
+    def build(self, step_rows: list[list[int]]) -> PackedBatch:
+        indices = [i for row in step_rows for i in row]
+        tokens = {i: self.rows.get(i) for i in indices}
+        states = self.source.extract([SampleRequest(sample_id=i, input_ids=tokens[i][0]) for i in indices])
+        by_id = {s.sample_id: s for s in states}
+        packed_rows = [
+            [
+                SamplePiece(
+                    input_ids=tokens[i][0],
+                    loss_mask=tokens[i][1],
+                    aux_hidden_states=by_id[i].aux,
+                    last_hidden_states=by_id[i].last,
+                )
+                for i in row
+            ]
+            for row in step_rows
+        ]
+        return collate(packed_rows, total_seq_len=self.total_seq_len).to(self.device)

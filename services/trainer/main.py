@@ -1,0 +1,125 @@
+"""Trainer entry: build every part from a `TrainConfig`, preflight, train, tear down.
+
+    dflash train --verifier-name-or-path M --data-path DATA --save-path CKPTS [flags]
+    python -m services.trainer.main --config job.yaml
+
+`run_training(config)` is what the CLI (and later the control plane's executors) call.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dflash_core.checkpoint import find_resume_point, load_checkpoint
+from dflash_core.config import TrainConfig
+from dflash_core.data.prepare import load_prepared
+from dflash_core.model.drafter import DFlashDrafter
+from dflash_core.verifier import fingerprint_of, load_verifier, load_verifier_heads_from_model
+from services.trainer.batches import BatchBuilder, TokenRows
+from services.trainer.checkpointing import Checkpointer, restore_training
+from services.trainer.data import split_indices
+from services.trainer.drafter_setup import build_drafter_config, init_reduced_vocab
+from services.trainer.metrics import JsonlSink, LoggingSink, MetricSinks
+from services.trainer.preflight import check_data_matches_verifier
+from services.trainer.sources import InProcessSource
+from services.trainer.trainer import Trainer, TrainState
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    save_path: Path
+    state: TrainState
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """None = plain float32. bf16 runs as autocast over float32 master weights."""
+    if name == "bfloat16" or (name == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_training(config: TrainConfig, *, stop_after_steps: int | None = None) -> TrainResult:
+    """Train to the end of `config` (or for `stop_after_steps` more steps). Resumes from `latest`."""
+    device = resolve_device(config.device)
+    autocast_dtype = resolve_autocast_dtype(config.dtype, device)
+    seed_everything(config.seed)
+    if config.vllm_endpoint:
+        raise NotImplementedError(
+            "--vllm-endpoint (the gRPC hidden-state service) is not available in this build yet; "
+            "leave it unset to compute hidden states in-process"
+        )
+    if config.on_generate == "cache" or config.on_missing != "generate":
+        raise NotImplementedError(
+            "the hidden-state cache (--on-generate cache, --on-missing skip|warn|raise) is not available "
+            "in this build yet; use --on-missing generate --on-generate delete"
+        )
+
+    # --- data and verifier: refuse to start on any mismatch (DESIGN 2.1) ---
+    dataset, data_meta = load_prepared(config.data_path)
+    model, tokenizer = load_verifier(config.verifier_name_or_path, device=device, dtype=torch.float32)
+    fingerprint = fingerprint_of(model.config, tokenizer, name_or_path=config.verifier_name_or_path)
+    check_data_matches_verifier(data_meta, fingerprint, data_path=config.data_path)
+    drafter_config = build_drafter_config(config, verifier_config=model.config, tokenizer=tokenizer)
+    source = InProcessSource(
+        model=model, fingerprint=fingerprint, target_layer_ids=drafter_config.aux_hidden_state_layer_ids
+    )
+
+    # --- model, optimizer, schedule ---
+    heads = load_verifier_heads_from_model(model).to(device)
+    drafter = DFlashDrafter(drafter_config)
+    if drafter_config.has_reduced_vocab:
+        init_reduced_vocab(drafter, heads=heads, data_path=config.data_path)
+    if config.from_pretrained is not None:
+        loaded = load_checkpoint(config.from_pretrained, map_location="cpu")
+        drafter.load_state_dict(loaded.state_dict, strict=True)
+        logger.info("initialised drafter weights from %s", config.from_pretrained)
+    drafter.to(device)
+    optimizer = torch.optim.AdamW(
+        [p for p in drafter.parameters() if p.requires_grad],
+        lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay,
+    )
+
+    rows = TokenRows(dataset, max_length=config.total_seq_len)
+    train_indices, val_indices = split_indices(len(rows), val_fraction=config.val_fraction, seed=config.seed)
+    checkpointer = Checkpointer(root=config.save_path, drafter_config=drafter_config, train_config=config)
+    sinks = MetricSinks([JsonlSink(Path(config.save_path) / "metrics.jsonl"), LoggingSink()])
+    trainer = Trainer(
+        config=config, drafter=drafter, heads=heads,
+        batches=BatchBuilder(rows=rows, source=source, total_seq_len=config.total_seq_len, device=device),
+        train_indices=train_indices, val_indices=val_indices, optimizer=optimizer,
+        checkpointer=checkpointer, sinks=sinks, state=TrainState(), autocast_dtype=autocast_dtype,
+    )
+    resume_from = find_resume_point(config.save_path) if config.resume else None
+    if resume_from is not None:
+        restore_training(trainer, resume_from)
+    logger.info(
+        "training %s: %d train / %d val rows, %d steps/epoch, %d epochs, device %s%s",
+        drafter_config.verifier_name_or_path, len(train_indices), len(val_indices),
+        len(trainer.epoch_plan(0)), config.epochs, device, f", resumed from {resume_from}" if resume_from else "",
+    )
+    try:
+        state = trainer.train(stop_after_steps=stop_after_steps)
+    finally:
+        sinks.close()
+        source.close()
+    return TrainResult(save_path=Path(config.save_path), state=state)

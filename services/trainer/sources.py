@@ -1,0 +1,143 @@
+"""Where the trainer gets the verifier's hidden states: the `HiddenStateSource` interface.
+
+A source turns token ids into the two planes the DFlash objective needs, per sample:
+`aux` [t, K*H] (the `--target-layer-ids`, concatenated on the feature axis in the order given)
+and `last` [t, H] (layer N, the last decoder layer's output BEFORE the final norm; DESIGN 2.1).
+
+Implementations: `InProcessSource` (runs the verifier with transformers inside the trainer) here;
+the gRPC client of the hidden-state service implements the same protocol, so the trainer never
+knows which one it talks to.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from dflash_core.capture import capture_hidden_states
+from dflash_core.verifier import VerifierFingerprint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    sample_id: int
+    input_ids: torch.Tensor  # [t] int64
+
+
+@dataclass
+class SampleHiddenStates:
+    sample_id: int
+    aux: torch.Tensor  # [t, K*H]
+    last: torch.Tensor  # [t, H]
+
+
+class HiddenStateSource(Protocol):
+    """Everything the trainer needs from a verifier."""
+
+    @property
+    def fingerprint(self) -> VerifierFingerprint: ...
+
+    @property
+    def target_layer_ids(self) -> list[int]: ...
+
+    def extract(self, requests: Sequence[SampleRequest]) -> list[SampleHiddenStates]:
+        """Hidden states for each request, returned in request order."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class InProcessSource:
+    """Runs the verifier with transformers in this process (CPU or the trainer's GPU).
+
+    Requests are batched under a token budget with right padding; padding never changes the
+    real rows because attention is causal and padded keys are masked.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        fingerprint: VerifierFingerprint,
+        target_layer_ids: list[int],
+        max_batch_tokens: int = 8192,
+        output_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.model = model
+        self._fingerprint = fingerprint
+        self._target_layer_ids = list(target_layer_ids)
+        # Layer N rides along with the requested ids: it feeds the training targets.
+        self._capture_ids = [*self._target_layer_ids, fingerprint.num_layers]
+        self.max_batch_tokens = max_batch_tokens
+        self.output_dtype = output_dtype
+        self.device = next(model.parameters()).device
+
+    @property
+    def fingerprint(self) -> VerifierFingerprint:
+        return self._fingerprint
+
+    @property
+    def target_layer_ids(self) -> list[int]:
+        return self._target_layer_ids
+
+    def extract(self, requests: Sequence[SampleRequest]) -> list[SampleHiddenStates]:
+        results: list[SampleHiddenStates] = []
+        for batch in _batches_under_budget(requests, self.max_batch_tokens):
+            results.extend(self._extract_batch(batch))
+        return results
+
+    @torch.no_grad()
+    def _extract_batch(self, batch: list[SampleRequest]) -> list[SampleHiddenStates]:
+        lengths = [int(r.input_ids.numel()) for r in batch]
+        width = max(lengths)
+        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+        attention_mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, (request, length) in enumerate(zip(batch, lengths, strict=True)):
+            input_ids[row, :length] = request.input_ids
+            attention_mask[row, :length] = 1
+        planes = capture_hidden_states(
+            self.model,
+            input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            layer_ids=self._capture_ids,
+        )  # [b, width, K+1, H]
+        if self.output_dtype is not None:
+            planes = planes.to(self.output_dtype)
+        num_aux = len(self._target_layer_ids)
+        out = []
+        for row, (request, length) in enumerate(zip(batch, lengths, strict=True)):
+            sample = planes[row, :length]  # [t, K+1, H]
+            out.append(
+                SampleHiddenStates(
+                    sample_id=request.sample_id,
+                    aux=sample[:, :num_aux].flatten(1),  # [t, K*H], layer-major on the feature axis
+                    last=sample[:, num_aux],
+                )
+            )
+        return out
+
+    def close(self) -> None:
+        self.model = None  # type: ignore[assignment]
+
+
+def _batches_under_budget(requests: Sequence[SampleRequest], max_tokens: int) -> list[list[SampleRequest]]:
+    """Consecutive groups whose padded size (rows x longest) stays within `max_tokens`."""
+    batches: list[list[SampleRequest]] = []
+    current: list[SampleRequest] = []
+    longest = 0
+    for request in requests:
+        length = int(request.input_ids.numel())
+        if current and max(longest, length) * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(request)
+        longest = max(longest, length)
+    if current:
+        batches.append(current)
+    return batches
