@@ -58,7 +58,9 @@ class TrainConfig(JobConfig):
         default=EMBEDDED_VERIFIER, description="The verifier (target) model: HF id, local path or embedded."
     )
     data_path: Path = Field(description="Output folder of `dflash prepare-data`.")
-    save_path: Path = Field(description="Checkpoint root: epoch folders 0/ 1/ ... plus checkpoint_best, latest.")
+    save_path: Path = Field(
+        description="Checkpoint root: epoch folders 0/ 1/ ... plus checkpoint_best, latest."
+    )
     speculator_type: Literal["dflash"] = Field(default="dflash", description="Only DFlash is trained here.")
 
     # --- drafter architecture ---
@@ -81,7 +83,9 @@ class TrainConfig(JobConfig):
         description="Bidirectional attention inside a block (DFlash); false = causal sliding layers.",
     )
     sliding_window: int | None = Field(
-        default=None, gt=0, description="Context rows visible to sliding layers (only with --no-full-attention)."
+        default=None,
+        gt=0,
+        description="Context rows visible to sliding layers (only with --no-full-attention).",
     )
 
     # --- optimisation ---
@@ -171,7 +175,9 @@ class DemoConfig(JobConfig):
     seq_length: int = Field(default=512, gt=1, description="Tokens kept per conversation.")
     total_seq_len: int = Field(default=1024, gt=1, description="Tokens per packed training row.")
     block_size: int = Field(default=8, ge=2)
-    num_layers: int = Field(default=2, gt=0, description="Draft layers (5 for real runs; 2 keeps the demo short).")
+    num_layers: int = Field(
+        default=2, gt=0, description="Draft layers (5 for real runs; 2 keeps the demo short)."
+    )
     max_anchors: int = Field(default=96, gt=0)
     epochs: int = Field(default=2, gt=0)
     max_steps: int | None = Field(default=None, gt=0, description="Cap on optimizer steps.")

@@ -68,12 +68,19 @@ def add_config_arguments(
         if name in positional:
             nargs = kwargs.pop("nargs", "?")
             group.add_argument(
-                f"{name}_positional", nargs="?" if nargs != "+" else "*", default=argparse.SUPPRESS,
-                type=kwargs.get("type"), metavar=name.upper(), help=f"same as {_flag(name)}",
+                f"{name}_positional",
+                nargs="?" if nargs != "+" else "*",
+                default=argparse.SUPPRESS,
+                type=kwargs.get("type"),
+                metavar=name.upper(),
+                help=f"same as {_flag(name)}",
             )
         group.add_argument(_flag(name), **kwargs)
     parser.add_argument(
-        "--config", type=Path, default=None, dest="config_file",
+        "--config",
+        type=Path,
+        default=None,
+        dest="config_file",
         help="YAML file with these fields; flags given on the command line override it.",
     )
 

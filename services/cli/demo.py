@@ -25,14 +25,28 @@ def demo_configs(demo: DemoConfig) -> tuple[PrepareDataConfig, TrainConfig]:
     """The two job configs the demo runs; everything not set here keeps its documented default."""
     data_dir = demo.output_dir / "data"
     prepare = PrepareDataConfig(
-        model=EMBEDDED_VERIFIER, data=[EMBEDDED_DATA], output=data_dir,
-        max_samples=demo.max_samples, seq_length=demo.seq_length, seed=demo.seed,
+        model=EMBEDDED_VERIFIER,
+        data=[EMBEDDED_DATA],
+        output=data_dir,
+        max_samples=demo.max_samples,
+        seq_length=demo.seq_length,
+        seed=demo.seed,
     )
     train = TrainConfig(
-        verifier_name_or_path=EMBEDDED_VERIFIER, data_path=data_dir, save_path=demo.output_dir / "checkpoints",
-        block_size=demo.block_size, max_anchors=demo.max_anchors, num_layers=demo.num_layers,
-        epochs=demo.epochs, lr=demo.lr, warmup_steps=10, total_seq_len=demo.total_seq_len,
-        max_steps=demo.max_steps, seed=demo.seed, log_freq=5, val_fraction=0.05,
+        verifier_name_or_path=EMBEDDED_VERIFIER,
+        data_path=data_dir,
+        save_path=demo.output_dir / "checkpoints",
+        block_size=demo.block_size,
+        max_anchors=demo.max_anchors,
+        num_layers=demo.num_layers,
+        epochs=demo.epochs,
+        lr=demo.lr,
+        warmup_steps=10,
+        total_seq_len=demo.total_seq_len,
+        max_steps=demo.max_steps,
+        seed=demo.seed,
+        log_freq=5,
+        val_fraction=0.05,
     )
     return prepare, train
 
@@ -46,9 +60,14 @@ def run(args: argparse.Namespace) -> int:
     prepare, train = demo_configs(demo)
     started = time.monotonic()
 
-    print(f"[1/2] preparing {demo.max_samples} conversations from `{EMBEDDED_DATA}` with SmolLM2's chat template")
+    print(
+        f"[1/2] preparing {demo.max_samples} conversations from `{EMBEDDED_DATA}` "
+        "with SmolLM2's chat template"
+    )
     tokenizer = load_tokenizer(prepare.model)
-    report = prepare_data(prepare, tokenizer=tokenizer, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
+    report = prepare_data(
+        prepare, tokenizer=tokenizer, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer)
+    )
     print(report.summary())
 
     print(f"[2/2] training a {train.num_layers}-layer DFlash drafter (block {train.block_size}) on CPU")
@@ -63,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
     if best.exists():
         print(f"best checkpoint: {best} -> {best.resolve().name}/")
         config = json.loads((best / "config.json").read_text())
-        print(f"  speculators_model_type={config['speculators_model_type']} block_size={config['block_size']} "
-              f"aux_hidden_state_layer_ids={config['aux_hidden_state_layer_ids']}")
+        print(
+            f"  speculators_model_type={config['speculators_model_type']} block_size={config['block_size']} "
+            f"aux_hidden_state_layer_ids={config['aux_hidden_state_layer_ids']}"
+        )
     return 0

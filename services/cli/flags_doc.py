@@ -1,7 +1,7 @@
 """Writes the README's flag tables from the job configs, so the docs never drift from `--help`.
 
-    python -m services.cli.flags_doc --write README.md   # regenerate
-    python -m services.cli.flags_doc --check README.md   # exit 1 if stale (a test runs this)
+python -m services.cli.flags_doc --write README.md   # regenerate
+python -m services.cli.flags_doc --check README.md   # exit 1 if stale (a test runs this)
 """
 
 from __future__ import annotations

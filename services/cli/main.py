@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module_name, help_text in SUBCOMMANDS:
         module = importlib.import_module(f"services.cli.{module_name}")
         sub = subparsers.add_parser(
-            name, help=help_text, description=module.__doc__,
+            name,
+            help=help_text,
+            description=module.__doc__,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(sub)

@@ -27,7 +27,9 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(PrepareDataConfig, args)
     tokenizer = load_tokenizer(config.model)
     try:
-        report = prepare_data(config, tokenizer=tokenizer, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
+        report = prepare_data(
+            config, tokenizer=tokenizer, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer)
+        )
     except DataError as exc:
         print(f"error: {exc}")
         return 2

@@ -34,5 +34,8 @@ def run(args: argparse.Namespace) -> int:
     state = result.state
     print(f"trained {state.global_step} steps over {state.epoch} epochs; checkpoints in {result.save_path}")
     if state.best_epoch is not None:
-        print(f"best epoch {state.best_epoch}: val loss {state.best_val_loss:.4f} -> {result.save_path}/checkpoint_best")
+        print(
+            f"best epoch {state.best_epoch}: val loss {state.best_val_loss:.4f} "
+            f"-> {result.save_path}/checkpoint_best"
+        )
     return 0

@@ -96,7 +96,9 @@ def run_training(config: TrainConfig, *, stop_after_steps: int | None = None) ->
     drafter.to(device)
     optimizer = torch.optim.AdamW(
         [p for p in drafter.parameters() if p.requires_grad],
-        lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay,
+        lr=config.lr,
+        betas=(0.9, 0.95),
+        weight_decay=config.weight_decay,
     )
 
     rows = TokenRows(dataset, max_length=config.total_seq_len)
@@ -104,18 +106,30 @@ def run_training(config: TrainConfig, *, stop_after_steps: int | None = None) ->
     checkpointer = Checkpointer(root=config.save_path, drafter_config=drafter_config, train_config=config)
     sinks = MetricSinks([JsonlSink(Path(config.save_path) / "metrics.jsonl"), LoggingSink()])
     trainer = Trainer(
-        config=config, drafter=drafter, heads=heads,
+        config=config,
+        drafter=drafter,
+        heads=heads,
         batches=BatchBuilder(rows=rows, source=source, total_seq_len=config.total_seq_len, device=device),
-        train_indices=train_indices, val_indices=val_indices, optimizer=optimizer,
-        checkpointer=checkpointer, sinks=sinks, state=TrainState(), autocast_dtype=autocast_dtype,
+        train_indices=train_indices,
+        val_indices=val_indices,
+        optimizer=optimizer,
+        checkpointer=checkpointer,
+        sinks=sinks,
+        state=TrainState(),
+        autocast_dtype=autocast_dtype,
     )
     resume_from = find_resume_point(config.save_path) if config.resume else None
     if resume_from is not None:
         restore_training(trainer, resume_from)
     logger.info(
         "training %s: %d train / %d val rows, %d steps/epoch, %d epochs, device %s%s",
-        drafter_config.verifier_name_or_path, len(train_indices), len(val_indices),
-        len(trainer.epoch_plan(0)), config.epochs, device, f", resumed from {resume_from}" if resume_from else "",
+        drafter_config.verifier_name_or_path,
+        len(train_indices),
+        len(val_indices),
+        len(trainer.epoch_plan(0)),
+        config.epochs,
+        device,
+        f", resumed from {resume_from}" if resume_from else "",
     )
     try:
         state = trainer.train(stop_after_steps=stop_after_steps)

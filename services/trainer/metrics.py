@@ -49,9 +49,7 @@ class LoggingSink:
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         shown = [
-            f"{name}={value:.4g}"
-            for name, value in metrics.items()
-            if name.split("/", 1)[-1] in self.KEYS
+            f"{name}={value:.4g}" for name, value in metrics.items() if name.split("/", 1)[-1] in self.KEYS
         ]
         logger.info("step %d %s", step, " ".join(shown))
 

@@ -15,7 +15,9 @@ class PreflightError(RuntimeError):
     """The run would train on mismatched parts; the message says which and how to fix it."""
 
 
-def check_data_matches_verifier(data_meta: dict, fingerprint: VerifierFingerprint, *, data_path: Path) -> None:
+def check_data_matches_verifier(
+    data_meta: dict, fingerprint: VerifierFingerprint, *, data_path: Path
+) -> None:
     """The prepared data must come from the verifier's own tokenizer and chat template."""
     data_tokenizer = data_meta.get("tokenizer_fingerprint")
     if data_tokenizer is None:

@@ -28,8 +28,8 @@ from dflash_core.model.verifier_heads import VerifierHeads
 from dflash_core.objective import dflash_forward
 from services.trainer.batches import BatchBuilder
 from services.trainer.checkpointing import Checkpointer
-from services.trainer.lr_schedule import warmup_cosine
 from services.trainer.data import EpochPlan, anchor_generator, plan_epoch, validation_anchor_generator
+from services.trainer.lr_schedule import warmup_cosine
 from services.trainer.metrics import MetricSinks
 from services.trainer.step_metrics import SlotStats
 
@@ -97,7 +97,9 @@ class Trainer:
         )
         self.attention = "flex" if self.device.type == "cuda" else "sdpa"
         self.scheduler = warmup_cosine(
-            optimizer, warmup_steps=config.warmup_steps, total_steps=self.total_steps(),
+            optimizer,
+            warmup_steps=config.warmup_steps,
+            total_steps=self.total_steps(),
             min_lr_ratio=config.min_lr_ratio,
         )
 
@@ -130,13 +132,20 @@ class Trainer:
         """Run to the end (or `stop_after_steps` more steps, used to test resume). Returns the state."""
         total_steps = self.total_steps()
         steps_this_call = 0
+        if self.state.global_step == 0 and not self.state.history:
+            self._baseline_validation()
         window = SlotStats.empty(self.config.block_size, self.device)
         times = StepTimes()
         while self.state.epoch < self.config.epochs and self.state.global_step < total_steps:
             plan = self.epoch_plan(self.state.epoch)
             bar = tqdm(
-                total=len(plan), initial=self.state.step_in_epoch, desc=f"epoch {self.state.epoch}",
-                unit="step", dynamic_ncols=True, leave=False, disable=None,
+                total=len(plan),
+                initial=self.state.step_in_epoch,
+                desc=f"epoch {self.state.epoch}",
+                unit="step",
+                dynamic_ncols=True,
+                leave=False,
+                disable=None,
             )
             for step_rows in plan.steps[self.state.step_in_epoch :]:
                 if self.state.global_step >= total_steps:
@@ -189,17 +198,25 @@ class Trainer:
 
     def _forward(self, batch: PackedBatch, generator: torch.Generator):
         anchors, anchor_valid = sample_anchors(
-            batch.loss_mask.cpu(), batch.document_ids.cpu(),
-            block_size=self.config.block_size, max_anchors=self.config.max_anchors, generator=generator,
+            batch.loss_mask.cpu(),
+            batch.document_ids.cpu(),
+            block_size=self.config.block_size,
+            max_anchors=self.config.max_anchors,
+            generator=generator,
         )
         with torch.autocast(
-            device_type=self.device.type, dtype=self.autocast_dtype or torch.float32,
+            device_type=self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
             enabled=self.autocast_dtype is not None,
         ):
             return dflash_forward(
-                self.drafter, self.heads, batch,
-                anchors=anchors.to(self.device), anchor_valid=anchor_valid.to(self.device),
-                loss_config=self.loss_config, attention=self.attention,
+                self.drafter,
+                self.heads,
+                batch,
+                anchors=anchors.to(self.device),
+                anchor_valid=anchor_valid.to(self.device),
+                loss_config=self.loss_config,
+                attention=self.attention,
             )
 
     # ------------------------------------------------------------------ validation
@@ -209,9 +226,13 @@ class Trainer:
             return {}
         self.drafter.eval()
         plan = plan_epoch(
-            self.val_indices, [self.batches.rows.lengths[i] for i in self.val_indices],
-            epoch=0, seed=self.config.seed, total_seq_len=self.config.total_seq_len,
-            batch_size=self.config.batch_size, shuffle=False,
+            self.val_indices,
+            [self.batches.rows.lengths[i] for i in self.val_indices],
+            epoch=0,
+            seed=self.config.seed,
+            total_seq_len=self.config.total_seq_len,
+            batch_size=self.config.batch_size,
+            shuffle=False,
         )
         stats = SlotStats.empty(self.config.block_size, self.device)
         for index, step_rows in enumerate(plan.steps):
@@ -219,6 +240,13 @@ class Trainer:
             out = self._forward(batch, validation_anchor_generator(seed=self.config.seed, batch_index=index))
             stats.add(out, grad_norm=None, tokens=batch.num_tokens, samples=batch.num_documents)
         return stats.summary(prefix="val/")
+
+    def _baseline_validation(self) -> None:
+        """Val metrics of the untrained drafter (history epoch -1): the yardstick for every epoch."""
+        val = self.validate()
+        if val:
+            self.state.history.append({"epoch": -1, **val})
+            self.sinks.log({**val, "epoch": -1.0}, 0)
 
     def _end_epoch(self) -> None:
         val = self.validate()
@@ -238,20 +266,25 @@ class Trainer:
     def _log_window(self, window: SlotStats, times: StepTimes, bar: tqdm) -> None:
         metrics = window.summary(prefix="train/")  # host sync: once per --log-freq steps
         elapsed = max(times.total, 1e-9)
-        metrics.update({
-            "train/lr": self.scheduler.get_last_lr()[0],
-            "train/tokens_per_s": window.tokens / elapsed,
-            "train/samples_per_s": window.samples / elapsed,
-            "train/data_wait_frac": times.fetch / elapsed,
-            "time/fetch_s": times.fetch / max(window.steps, 1),
-            "time/forward_s": times.forward / max(window.steps, 1),
-            "time/backward_s": times.backward / max(window.steps, 1),
-            "time/optimizer_s": times.optimizer / max(window.steps, 1),
-            "epoch": self.state.epoch + self.state.step_in_epoch / max(len(self.epoch_plan(self.state.epoch)), 1),
-        })
+        metrics.update(
+            {
+                "train/lr": self.scheduler.get_last_lr()[0],
+                "train/tokens_per_s": window.tokens / elapsed,
+                "train/samples_per_s": window.samples / elapsed,
+                "train/data_wait_frac": times.fetch / elapsed,
+                "time/fetch_s": times.fetch / max(window.steps, 1),
+                "time/forward_s": times.forward / max(window.steps, 1),
+                "time/backward_s": times.backward / max(window.steps, 1),
+                "time/optimizer_s": times.optimizer / max(window.steps, 1),
+                "epoch": self.state.epoch
+                + self.state.step_in_epoch / max(len(self.epoch_plan(self.state.epoch)), 1),
+            }
+        )
         if self.device.type == "cuda":
             metrics["gpu/max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         bar.set_postfix(
-            loss=f"{metrics['train/loss']:.3f}", acc=f"{metrics['train/acc']:.3f}", eal=f"{metrics['train/eal']:.2f}"
+            loss=f"{metrics['train/loss']:.3f}",
+            acc=f"{metrics['train/acc']:.3f}",
+            eal=f"{metrics['train/eal']:.2f}",
         )
         self.sinks.log(metrics, self.state.global_step)

@@ -1,0 +1,146 @@
+"""Hidden states of a transformers causal LM at DESIGN 2.1 layer ids, taken with forward hooks.
+
+    id L, 0 <= L < N   what ENTERS decoder layer L: a forward pre-hook on layer L (id 0 = embeddings)
+    id N               what LEAVES the last decoder layer, BEFORE the final norm: a forward hook
+
+Why hooks and not `output_hidden_states=True`: for Llama/Qwen/Mistral models transformers returns
+`hidden_states[N]` AFTER the final norm (it is `last_hidden_state`). A drafter trained on normed
+id-N states computes its targets as `lm_head(norm(norm(h)))`: training runs, the loss even falls,
+and vLLM (which feeds the un-normed residual) accepts ~1 token. Nothing raises. So we never read
+`output_hidden_states`; `tests/core/test_capture.py` pins the convention for every id.
+
+Works for models whose decoder layers live in `model.model.layers` (Llama, Qwen2, Qwen3,
+Mistral, ...) or one of a few other common places; the LM head is never run (the base model is
+called directly), and the forward stops right after the deepest requested layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# Where decoder layers live, relative to the object passed in (tried in order).
+_LAYER_PATHS = (
+    "model.layers",  # *ForCausalLM: Llama, Qwen2/3, Mistral, Gemma, Phi3, ...
+    "layers",  # a base model (LlamaModel, ...) passed directly
+    "model.language_model.layers",  # multimodal wrappers (Qwen3-VL, Gemma3, ...)
+    "language_model.model.layers",
+    "model.decoder.layers",  # OPT-style
+    "transformer.h",  # GPT-2 style
+)
+
+
+class _StopForward(Exception):
+    """Raised from a hook once every requested plane is captured; the deeper layers never run."""
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    """(base model to call, its decoder layer list). Raises ValueError naming the places tried."""
+    for path in _LAYER_PATHS:
+        owner: Any = model
+        parts = path.split(".")
+        for part in parts[:-1]:
+            owner = getattr(owner, part, None)
+            if owner is None:
+                break
+        layers = getattr(owner, parts[-1], None) if owner is not None else None
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return owner, layers
+    raise ValueError(
+        f"cannot find the decoder layers of {type(model).__name__}: looked for "
+        f"{', '.join(_LAYER_PATHS)}. Capture supports Llama/Qwen/Mistral-style transformers models"
+    )
+
+
+def _first_tensor(value: Any) -> torch.Tensor:
+    """Decoder layers return a tensor (transformers >= 5) or a tuple whose first item is one."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    raise TypeError(f"unexpected decoder layer input/output type {type(value).__name__}")
+
+
+@torch.no_grad()
+def capture_hidden_states(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    layer_ids: Sequence[int],
+) -> torch.Tensor:
+    """Hidden states [B, T, len(layer_ids), H] at `layer_ids` (DESIGN 2.1), in the order given.
+
+    input_ids [B, T]; attention_mask [B, T] (1 = real token) or None. With a mask, position ids
+    are counted over real tokens only, so a row's real tokens get the same states whether it is
+    left-padded, right-padded or alone; planes at padded positions are meaningless. Runs under
+    `torch.no_grad` (not `inference_mode`: the result feeds a trained drafter). The result has the
+    model's dtype and device. Hooks are removed even when the forward raises.
+    """
+    base, layers = find_decoder_layers(model)
+    num_layers = len(layers)
+    ids = [int(i) for i in layer_ids]
+    if not ids:
+        raise ValueError("layer_ids is empty")
+    bad = [i for i in ids if not 0 <= i <= num_layers]
+    if bad:
+        raise ValueError(
+            f"layer ids {bad} are out of range: the model has {num_layers} decoder layers, so valid ids "
+            f"are 0..{num_layers} (id {num_layers} = the last layer's output before the final norm)"
+        )
+    wanted = set(ids)
+    captured: dict[int, torch.Tensor] = {}
+
+    def done() -> None:
+        if len(captured) == len(wanted):
+            raise _StopForward
+
+    def make_pre_hook(layer_id: int):
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            captured[layer_id] = _first_tensor(hidden)
+            done()
+
+        return pre_hook
+
+    def last_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        # The residual stream leaving the last layer. The final norm runs after this hook, in the
+        # base model's forward: capturing `base.norm`'s OUTPUT (or hidden_states[N]) would be wrong.
+        captured[num_layers] = _first_tensor(output)
+        done()
+
+    handles = []
+    try:
+        for layer_id in sorted(wanted):
+            if layer_id < num_layers:
+                handles.append(
+                    layers[layer_id].register_forward_pre_hook(make_pre_hook(layer_id), with_kwargs=True)
+                )
+            else:
+                handles.append(layers[-1].register_forward_hook(last_hook, with_kwargs=True))
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(input_ids.device)
+            kwargs["attention_mask"] = attention_mask
+            # HF's base forward numbers positions 0..T-1 regardless of padding; count real tokens
+            # instead so left padding does not shift RoPE positions.
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        with contextlib.suppress(_StopForward):
+            base(**kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = wanted - set(captured)
+    if missing:
+        raise RuntimeError(
+            f"hooks did not fire for layer ids {sorted(missing)}; does {type(base).__name__}.forward run "
+            "every decoder layer in `layers`?"
+        )
+    return torch.stack([captured[i] for i in ids], dim=2)  # [B, T, K, H]
