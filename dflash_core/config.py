@@ -136,7 +136,9 @@ class TrainConfig(JobConfig):
     # --- where to run ---
     device: str = Field(default="auto", description="`auto`, `cpu`, `cuda` or `cuda:N`.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        default="auto", description="Compute dtype; auto = bfloat16 on CUDA, float32 on CPU."
+        default="auto",
+        description="Compute dtype of the verifier and of autocast over float32 master weights; "
+        "auto = bfloat16 on CUDA, float32 on CPU (bfloat16 is ~2.5x faster on CPUs with AVX512-BF16).",
     )
 
     @field_validator("target_layer_ids")

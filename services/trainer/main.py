@@ -76,7 +76,9 @@ def run_training(config: TrainConfig, *, stop_after_steps: int | None = None) ->
 
     # --- data and verifier: refuse to start on any mismatch (DESIGN 2.1) ---
     dataset, data_meta = load_prepared(config.data_path)
-    model, tokenizer = load_verifier(config.verifier_name_or_path, device=device, dtype=torch.float32)
+    # The frozen verifier runs in the compute dtype: hidden states travel as bf16 anyway (DESIGN 2.4).
+    verifier_dtype = autocast_dtype or torch.float32
+    model, tokenizer = load_verifier(config.verifier_name_or_path, device=device, dtype=verifier_dtype)
     fingerprint = fingerprint_of(model.config, tokenizer, name_or_path=config.verifier_name_or_path)
     check_data_matches_verifier(data_meta, fingerprint, data_path=config.data_path)
     drafter_config = build_drafter_config(config, verifier_config=model.config, tokenizer=tokenizer)

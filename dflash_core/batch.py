@@ -1,0 +1,152 @@
+"""Packing samples into fixed-length training rows: the plan (`plan_rows`) and the tensors (`collate`).
+
+A packed row concatenates whole samples ("documents"). `document_ids` tells them apart (-1 on
+padding) and `position_ids` restart at 0 in every document, so RoPE and the block masks treat
+each sample as if it were alone in the row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+
+@dataclass
+class SamplePiece:
+    """One sample's tokens and verifier hidden states (all the same length t)."""
+
+    input_ids: torch.Tensor  # [t] int64
+    loss_mask: torch.Tensor  # [t] bool
+    aux_hidden_states: torch.Tensor  # [t, K*Hv]: the aux layers concatenated in layer-id order
+    last_hidden_states: torch.Tensor  # [t, Hv]: verifier layer N, BEFORE the final norm (DESIGN 2.1)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+@dataclass
+class PackedBatch:
+    """B packed rows of T tokens."""
+
+    input_ids: torch.Tensor  # [B, T] int64
+    loss_mask: torch.Tensor  # [B, T] bool
+    document_ids: torch.Tensor  # [B, T] int64, -1 = padding
+    position_ids: torch.Tensor  # [B, T] int64, restarting at 0 per document
+    aux_hidden_states: torch.Tensor  # [B, T, K*Hv]
+    last_hidden_states: torch.Tensor  # [B, T, Hv]
+    # Host-side counts for throughput logging (computed once at construction, never on the device).
+    num_tokens: int = field(default=-1)
+    num_documents: int = field(default=-1)
+
+    def __post_init__(self) -> None:
+        if self.num_tokens < 0 or self.num_documents < 0:
+            doc = self.document_ids.cpu()  # a host sync if built on a device; collate builds on CPU
+            self.num_tokens = int((doc != -1).sum())
+            starts = (doc != -1) & torch.cat(
+                (torch.ones_like(doc[:, :1], dtype=torch.bool), doc[:, 1:] != doc[:, :-1]), 1
+            )
+            self.num_documents = int(starts.sum())
+
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> PackedBatch:
+        moved = {
+            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return PackedBatch(**moved, num_tokens=self.num_tokens, num_documents=self.num_documents)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.input_ids.shape)  # type: ignore[return-value]
+
+
+def plan_rows(lengths: list[int], total_seq_len: int) -> list[list[int]]:
+    """Greedy first-fit: sample i goes into the first row with room for it, else a new row.
+
+    Samples keep their order inside a row. A sample of `total_seq_len` tokens or more gets a row
+    of its own (and is truncated by `pack_row`). Zero-length samples are dropped. O(n log n): a
+    segment tree over the rows' free space finds the first row that fits.
+    """
+    size = 1
+    while size < max(len(lengths), 1):
+        size *= 2
+    free = [0] * (2 * size)  # leaves: free space of row r at size + r (0 for rows not opened yet)
+    rows: list[list[int]] = []
+
+    def set_free(row: int, value: int) -> None:
+        node = size + row
+        free[node] = value
+        node //= 2
+        while node:
+            free[node] = max(free[2 * node], free[2 * node + 1])
+            node //= 2
+
+    for index, length in enumerate(lengths):
+        if length <= 0:
+            continue
+        need = min(length, total_seq_len)
+        if free[1] >= need:
+            node = 1
+            while node < size:  # descend to the leftmost leaf with enough room
+                node = 2 * node if free[2 * node] >= need else 2 * node + 1
+            row = node - size
+            rows[row].append(index)
+            set_free(row, free[node] - need)
+        else:
+            rows.append([index])
+            set_free(len(rows) - 1, total_seq_len - need)
+    return rows
+
+
+def pack_row(pieces: list[SamplePiece], total_seq_len: int) -> dict[str, torch.Tensor]:
+    """Concatenate one row's pieces (truncated to `total_seq_len`), unpadded: tensors [t_row, ...]."""
+    out: dict[str, list[torch.Tensor]] = {
+        k: [] for k in ("input_ids", "loss_mask", "document_ids", "position_ids", "aux", "last")
+    }
+    used = 0
+    for doc, piece in enumerate(pieces):
+        t = min(len(piece), total_seq_len - used)
+        if t <= 0:
+            break
+        out["input_ids"].append(piece.input_ids[:t].long())
+        out["loss_mask"].append(piece.loss_mask[:t].bool())
+        out["document_ids"].append(torch.full((t,), doc, dtype=torch.long))
+        out["position_ids"].append(torch.arange(t, dtype=torch.long))
+        out["aux"].append(piece.aux_hidden_states[:t])
+        out["last"].append(piece.last_hidden_states[:t])
+        used += t
+    if not used:
+        raise ValueError("pack_row got no tokens: every row needs at least one non-empty sample")
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def collate(
+    rows: list[list[SamplePiece]], *, total_seq_len: int, pad_to_longest: bool = False
+) -> PackedBatch:
+    """Pack each row and pad to `total_seq_len` (or to the longest row) with document id -1."""
+    packed = [pack_row(pieces, total_seq_len) for pieces in rows]
+    T = max(p["input_ids"].shape[0] for p in packed) if pad_to_longest else total_seq_len
+    B = len(packed)
+    aux_dim, last_dim = packed[0]["aux"].shape[-1], packed[0]["last"].shape[-1]
+    batch = PackedBatch(
+        input_ids=torch.zeros(B, T, dtype=torch.long),
+        loss_mask=torch.zeros(B, T, dtype=torch.bool),
+        document_ids=torch.full((B, T), -1, dtype=torch.long),
+        position_ids=torch.zeros(B, T, dtype=torch.long),
+        aux_hidden_states=torch.zeros(B, T, aux_dim, dtype=packed[0]["aux"].dtype),
+        last_hidden_states=torch.zeros(B, T, last_dim, dtype=packed[0]["last"].dtype),
+        num_tokens=0,
+        num_documents=0,
+    )
+    for b, p in enumerate(packed):
+        t = p["input_ids"].shape[0]
+        batch.input_ids[b, :t] = p["input_ids"]
+        batch.loss_mask[b, :t] = p["loss_mask"]
+        batch.document_ids[b, :t] = p["document_ids"]
+        batch.position_ids[b, :t] = p["position_ids"]
+        batch.aux_hidden_states[b, :t] = p["aux"]
+        batch.last_hidden_states[b, :t] = p["last"]
+        batch.num_tokens += t
+        batch.num_documents += int(p["document_ids"][-1]) + 1
+    return batch
