@@ -158,14 +158,19 @@ def dflash_forward(
     draft_logits = drafter.compute_logits(out.hidden, verifier_lm_head=heads.lm_head)  # [B, Q, D]
 
     # 3. targets: the verifier's greedy next token at row a+k-1, over its FULL vocab
-    with torch.no_grad():
-        index = blocks.target_index.unsqueeze(-1).expand(-1, -1, batch.last_hidden_states.shape[-1])
-        target_logits = heads.target_logits(torch.gather(batch.last_hidden_states, 1, index))  # [B, Q, V]
-        target_ids = target_logits.argmax(-1)
-        target_draft_ids, in_draft_vocab = drafter.target_to_draft_ids(target_ids)
     keep_target_logits = keep_intermediates or loss_config.kind == "kl"
+    with torch.no_grad():
+        if keep_target_logits or blocks.target_index.shape[1] < batch.last_hidden_states.shape[1]:
+            index = blocks.target_index.unsqueeze(-1).expand(-1, -1, batch.last_hidden_states.shape[-1])
+            target_logits = heads.target_logits(torch.gather(batch.last_hidden_states, 1, index))  # [B,Q,V]
+            target_ids = target_logits.argmax(-1)
+        else:
+            # More slots than rows (blocks overlap): the LM head once per row is cheaper; same argmax.
+            row_ids = heads.target_logits(batch.last_hidden_states).argmax(-1)  # [B, T]
+            target_ids = torch.gather(row_ids, 1, blocks.target_index)
+        target_draft_ids, in_draft_vocab = drafter.target_to_draft_ids(target_ids)
     if not keep_target_logits:
-        del target_logits  # [B, Q, V]: free it before the float32 CE doubles the logits' memory
+        target_logits = None  # [B, Q, V]: free it before the float32 CE doubles the logits' memory
 
     # 4. per-slot loss. A target outside the draft vocab cannot be drafted: no loss for it, but it
     # still counts (as wrong) in accuracy and acceptance below, so the metrics stay honest.

@@ -47,6 +47,8 @@ def demo_configs(demo: DemoConfig) -> tuple[PrepareDataConfig, TrainConfig]:
         seed=demo.seed,
         log_freq=5,
         val_fraction=0.05,
+        # bf16 matmuls run ~2.5x faster than fp32 on CPUs with AVX512-BF16 (and are the GPU default)
+        dtype="bfloat16",
     )
     return prepare, train
 

@@ -200,3 +200,33 @@ def test_batched_forward_equals_per_block_reference(case: str, attention: str) -
             checked += 1
     assert checked >= 25  # both rows, many blocks, several crossing a document or the row end
     assert abs(float(out.loss) - ce_sum / (mask_sum + 1e-5)) < 1e-6
+
+
+@pytest.mark.parametrize("max_anchors", [4, 20], ids=["fewer-slots-than-rows", "more-slots-than-rows"])
+def test_lean_training_forward_equals_the_instrumented_one(max_anchors: int) -> None:
+    """Training drops intermediates and, when blocks outnumber rows, takes targets per row: same result."""
+    generator = torch.Generator().manual_seed(3)
+    drafter = DFlashDrafter(_config(["full_attention"] * 2, window=None, non_causal=True))
+    heads = VerifierHeads(vocab_size=V, hidden_size=H, eps=1e-6)
+    _randomize(drafter, generator)
+    _randomize(heads, generator)
+    batch = _batch(generator)
+    anchors, valid = sample_anchors(
+        batch.loss_mask, batch.document_ids, block_size=BLOCK, max_anchors=max_anchors, generator=generator
+    )
+    assert (anchors.shape[1] * BLOCK > batch.input_ids.shape[1]) == (max_anchors == 20)
+    outs = [
+        dflash_forward(
+            drafter,
+            heads,
+            batch,
+            anchors=anchors,
+            anchor_valid=valid,
+            loss_config=LossConfig(gamma=4.0),
+            keep_intermediates=keep,
+        )
+        for keep in (True, False)
+    ]
+    assert torch.equal(outs[0].target_ids, outs[1].target_ids)
+    assert torch.equal(outs[0].correct_per_pos, outs[1].correct_per_pos)
+    torch.testing.assert_close(outs[0].loss, outs[1].loss, rtol=0, atol=1e-6)
