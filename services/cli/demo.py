@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"\ndone in {minutes:.1f} min; checkpoints in {result.save_path}")
     print(f"{'epoch':>5} {'val loss':>9} {'val acc':>8} {'val accept len':>15}")
     for row in result.state.history:
-        print(f"{row['epoch']:>5} {row['val/loss']:>9.4f} {row['val/acc']:>8.3f} {row['val/eal']:>15.3f}")
+        epoch = "start" if row["epoch"] < 0 else row["epoch"]  # -1: the untrained drafter
+        print(f"{epoch:>5} {row['val/loss']:>9.4f} {row['val/acc']:>8.3f} {row['val/eal']:>15.3f}")
     best = result.save_path / "checkpoint_best"
     if best.exists():
         print(f"best checkpoint: {best} -> {best.resolve().name}/")
