@@ -129,6 +129,9 @@ class TrainConfig(JobConfig):
     on_generate: Literal["delete", "cache"] = Field(
         default="delete", description="Drop computed hidden states after use, or keep them in the cache."
     )
+    hidden_states_cache: Path | None = Field(
+        default=None, description="Folder of the hidden-state cache; default `<data-path>/hidden_states`."
+    )
     vllm_endpoint: str | None = Field(
         default=None, description="Hidden-state service address (gRPC); none = compute in-process."
     )
@@ -173,15 +176,15 @@ class DemoConfig(JobConfig):
     """`dflash demo`: prepare the shipped conversations and train a small drafter on SmolLM2, on CPU."""
 
     output_dir: Path = Field(default=Path("output/demo"), description="Where data and checkpoints go.")
-    max_samples: int = Field(default=1200, gt=0, description="Conversations to prepare.")
+    max_samples: int = Field(default=500, gt=0, description="Conversations to prepare.")
     seq_length: int = Field(default=512, gt=1, description="Tokens kept per conversation.")
     total_seq_len: int = Field(default=1024, gt=1, description="Tokens per packed training row.")
     block_size: int = Field(default=8, ge=2)
     num_layers: int = Field(
         default=2, gt=0, description="Draft layers (5 for real runs; 2 keeps the demo short)."
     )
-    max_anchors: int = Field(default=96, gt=0)
-    epochs: int = Field(default=2, gt=0)
+    max_anchors: int = Field(default=128, gt=0)
+    epochs: int = Field(default=1, gt=0)
     max_steps: int | None = Field(default=None, gt=0, description="Cap on optimizer steps.")
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float = Field(default=2e-3, gt=0)
     seed: int = 0

@@ -2,6 +2,7 @@
 
 This is the trainer's "fetch" phase: read token rows, ask the hidden-state source for their
 hidden states (one call per step, so a remote source can batch them), pack them into rows.
+Samples the source drops (no cached hidden states under `--on-missing skip|warn`) are left out.
 """
 
 from __future__ import annotations
@@ -36,7 +37,12 @@ class BatchBuilder:
         self.total_seq_len = total_seq_len
         self.device = device
 
-    def build(self, step_rows: list[list[int]]) -> PackedBatch:
+    def build(self, step_rows: list[list[int]]) -> PackedBatch | None:
+        """The step's rows packed on the device; None when the source dropped every sample.
+
+        A source may drop samples (`--on-missing skip|warn`): rows keep the samples that came
+        back and rows left empty are removed.
+        """
         indices = [i for row in step_rows for i in row]
         tokens = {i: self.rows.get(i) for i in indices}
         states = self.source.extract([SampleRequest(sample_id=i, input_ids=tokens[i][0]) for i in indices])
@@ -50,7 +56,11 @@ class BatchBuilder:
                     last_hidden_states=by_id[i].last,
                 )
                 for i in row
+                if i in by_id
             ]
             for row in step_rows
         ]
+        packed_rows = [row for row in packed_rows if row]
+        if not packed_rows:
+            return None
         return collate(packed_rows, total_seq_len=self.total_seq_len).to(self.device)

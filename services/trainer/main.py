@@ -20,8 +20,14 @@ from dflash_core.checkpoint import find_resume_point, load_checkpoint
 from dflash_core.config import TrainConfig
 from dflash_core.data.prepare import load_prepared
 from dflash_core.model.drafter import DFlashDrafter
-from dflash_core.verifier import fingerprint_of, load_verifier, load_verifier_heads_from_model
+from dflash_core.verifier import (
+    VerifierFingerprint,
+    fingerprint_of,
+    load_verifier,
+    load_verifier_heads_from_model,
+)
 from services.trainer.batches import BatchBuilder, TokenRows
+from services.trainer.cache import CachingSource, HiddenStateCache
 from services.trainer.checkpointing import Checkpointer, restore_training
 from services.trainer.data import split_indices
 from services.trainer.drafter_setup import build_drafter_config, init_reduced_vocab
@@ -58,6 +64,35 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def build_source(
+    config: TrainConfig,
+    *,
+    model: torch.nn.Module,
+    fingerprint: VerifierFingerprint,
+    target_layer_ids: list[int],
+) -> CachingSource:
+    """The in-process verifier behind the hidden-state cache, as --on-missing/--on-generate say.
+
+    The cache is always consulted (`generate` means "compute what is not cached"); the verifier
+    is only wired in when misses are computed, so `--on-missing raise` never runs it.
+    """
+    cache = HiddenStateCache(
+        config.hidden_states_cache or Path(config.data_path) / "hidden_states",
+        fingerprint=fingerprint,
+        target_layer_ids=target_layer_ids,
+    )
+    inner = None
+    if config.on_missing == "generate":
+        inner = InProcessSource(model=model, fingerprint=fingerprint, target_layer_ids=target_layer_ids)
+    logger.info(
+        "hidden states: cache %s, on missing %s, on generate %s",
+        cache.folder,
+        config.on_missing,
+        config.on_generate,
+    )
+    return CachingSource(inner, cache=cache, on_missing=config.on_missing, on_generate=config.on_generate)
+
+
 def run_training(config: TrainConfig, *, stop_after_steps: int | None = None) -> TrainResult:
     """Train to the end of `config` (or for `stop_after_steps` more steps). Resumes from `latest`."""
     device = resolve_device(config.device)
@@ -68,11 +103,6 @@ def run_training(config: TrainConfig, *, stop_after_steps: int | None = None) ->
             "--vllm-endpoint (the gRPC hidden-state service) is not available in this build yet; "
             "leave it unset to compute hidden states in-process"
         )
-    if config.on_generate == "cache" or config.on_missing != "generate":
-        raise NotImplementedError(
-            "the hidden-state cache (--on-generate cache, --on-missing skip|warn|raise) is not available "
-            "in this build yet; use --on-missing generate --on-generate delete"
-        )
 
     # --- data and verifier: refuse to start on any mismatch (DESIGN 2.1) ---
     dataset, data_meta = load_prepared(config.data_path)
@@ -82,8 +112,11 @@ def run_training(config: TrainConfig, *, stop_after_steps: int | None = None) ->
     fingerprint = fingerprint_of(model.config, tokenizer, name_or_path=config.verifier_name_or_path)
     check_data_matches_verifier(data_meta, fingerprint, data_path=config.data_path)
     drafter_config = build_drafter_config(config, verifier_config=model.config, tokenizer=tokenizer)
-    source = InProcessSource(
-        model=model, fingerprint=fingerprint, target_layer_ids=drafter_config.aux_hidden_state_layer_ids
+    source = build_source(
+        config,
+        model=model,
+        fingerprint=fingerprint,
+        target_layer_ids=drafter_config.aux_hidden_state_layer_ids,
     )
 
     # --- model, optimizer, schedule ---
@@ -135,6 +168,14 @@ def run_training(config: TrainConfig, *, stop_after_steps: int | None = None) ->
     )
     try:
         state = trainer.train(stop_after_steps=stop_after_steps)
+        counters = source.counters
+        sinks.log(counters.as_metrics(), state.global_step)
+        logger.info(
+            "hidden states: %d from the cache, %d computed, %d dropped",
+            counters.hits,
+            counters.generated,
+            counters.dropped,
+        )
     finally:
         sinks.close()
         source.close()

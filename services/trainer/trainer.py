@@ -175,6 +175,12 @@ class Trainer:
         t0 = time.perf_counter()
         batch = self.batches.build(step_rows)
         t1 = time.perf_counter()
+        times.fetch += t1 - t0
+        if batch is None:
+            # Every sample was dropped (--on-missing skip|warn): the data position still advances
+            # (the caller counts the step), but there is nothing to learn from.
+            logger.debug("step %d: no sample has hidden states; skipped", self.state.global_step)
+            return
         # 2. forward: anchors are resampled each epoch but fixed per (epoch, step) for exact resume
         generator = anchor_generator(
             seed=self.config.seed, epoch=self.state.epoch, step=self.state.step_in_epoch
@@ -191,7 +197,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         t4 = time.perf_counter()
         window.add(out, grad_norm=grad_norm.detach(), tokens=batch.num_tokens, samples=batch.num_documents)
-        times.fetch += t1 - t0
         times.forward += t2 - t1
         times.backward += t3 - t2
         times.optimizer += t4 - t3
@@ -237,9 +242,13 @@ class Trainer:
         stats = SlotStats.empty(self.config.block_size, self.device)
         for index, step_rows in enumerate(plan.steps):
             batch = self.batches.build(step_rows)
+            if batch is None:  # every sample dropped (--on-missing skip|warn)
+                logger.debug("validation batch %d: no sample has hidden states; skipped", index)
+                continue
             out = self._forward(batch, validation_anchor_generator(seed=self.config.seed, batch_index=index))
             stats.add(out, grad_norm=None, tokens=batch.num_tokens, samples=batch.num_documents)
-        return stats.summary(prefix="val/")
+        # No batch at all would summarise to a fake loss of 0.0 and win checkpoint_best.
+        return stats.summary(prefix="val/") if stats.steps else {}
 
     def _baseline_validation(self) -> None:
         """Val metrics of the untrained drafter (history epoch -1): the yardstick for every epoch."""
@@ -264,6 +273,8 @@ class Trainer:
         self.checkpointer.save_epoch(self, epoch=finished_epoch, is_best=is_best and self.config.save_best)
 
     def _log_window(self, window: SlotStats, times: StepTimes, bar: tqdm) -> None:
+        if not window.steps:
+            return  # every step of the window was skipped: nothing measured, log nothing
         metrics = window.summary(prefix="train/")  # host sync: once per --log-freq steps
         elapsed = max(times.total, 1e-9)
         metrics.update(
