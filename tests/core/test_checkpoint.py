@@ -29,6 +29,7 @@ from dflash_core.checkpoint import (
 )
 from dflash_core.model.config import DrafterConfig
 from dflash_core.model.drafter import DFlashDrafter
+from tests.factories.testvectors import testvectors_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = ["A", "B", "C"]
@@ -40,15 +41,8 @@ VARIANTS = ["A", "B", "C"]
 VOLATILE = {"transformers_version", "max_window_layers"}
 
 
-def _vectors() -> Path:
-    path = Path(os.environ.get("DFLASH_TESTVECTORS", REPO_ROOT.parent / "shared" / "testvectors" / "dflash"))
-    if not (path / "drafter_A" / "config.json").is_file():
-        pytest.skip(f"DFlash test vectors not found at {path} (set DFLASH_TESTVECTORS to their folder)")
-    return path
-
-
 def _testvector_config(variant: str) -> dict:
-    return json.loads((_vectors() / f"drafter_{variant}" / "config.json").read_text())
+    return json.loads((testvectors_dir() / f"drafter_{variant}" / "config.json").read_text())
 
 
 def _config(**overrides) -> DrafterConfig:
@@ -272,7 +266,7 @@ def test_tensor_names_shapes_and_files_match_speculators(tmp_path):
     config = _config()
     drafter = DFlashDrafter(config)
     path = save_checkpoint(tmp_path / "0", drafter_state=drafter.state_dict(), config=config)
-    reference = _vectors() / "drafter_B" / "model.safetensors"
+    reference = testvectors_dir() / "drafter_B" / "model.safetensors"
     with safe_open(path / "model.safetensors", "pt") as ours, safe_open(reference, "pt") as theirs:
         assert set(ours.keys()) == set(theirs.keys())  # 25 tensors, no `model.` prefix, no embed/lm_head
         for name in theirs.keys():  # noqa: SIM118 - safe_open has no __iter__
@@ -332,7 +326,7 @@ def test_prefixed_or_incomplete_states_are_refused(tmp_path):
 
 def test_speculators_checkpoint_loads(caplog):
     with caplog.at_level(logging.INFO, logger="dflash_core.checkpoint"):
-        loaded = load_checkpoint(_vectors() / "drafter_C")
+        loaded = load_checkpoint(testvectors_dir() / "drafter_C")
     assert loaded.config.sliding_window == 3 and len(loaded.state_dict) == 25
     assert loaded.optimizer_state is None and loaded.scheduler_state is None
     assert loaded.training_state["global_step"] == 0  # defaults for a weights-only folder

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from dflash_core.loss import LossConfig
 from dflash_core.model.drafter import DFlashDrafter
 from dflash_core.model.verifier_heads import VerifierHeads
 from dflash_core.objective import dflash_forward
+from tests.factories.testvectors import testvectors_dir
 
 logger = logging.getLogger(__name__)
 
@@ -33,16 +33,9 @@ BLOCK = 4
 CROSSING_BLOCKS = {2, 3}  # anchors 11 and 13: their blocks reach into document 1
 
 
-def _vectors_dir() -> Path:
-    path = Path(os.environ.get("DFLASH_TESTVECTORS", REPO_ROOT.parent / "shared" / "testvectors" / "dflash"))
-    if not (path / "inputs.safetensors").is_file():
-        pytest.skip(f"DFlash test vectors not found at {path} (set DFLASH_TESTVECTORS to their folder)")
-    return path
-
-
 @pytest.fixture(scope="module")
 def vectors() -> dict:
-    root = _vectors_dir()
+    root = testvectors_dir()
     inputs = load_file(root / "inputs.safetensors")
     verifier = load_file(root / "verifier" / "model.safetensors")
     eps = json.loads((root / "verifier" / "config.json").read_text())["rms_norm_eps"]
