@@ -16,9 +16,10 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dflash_core.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint, update_link
+from dflash_core.checkpoint import load_checkpoint, save_checkpoint, update_link
 from dflash_core.config import TrainConfig
 from dflash_core.model.config import DrafterConfig
+from dflash_core.rng_state import restore_rng_state
 
 if TYPE_CHECKING:
     from services.trainer.trainer import Trainer

@@ -18,17 +18,15 @@ from safetensors import safe_open
 from dflash_core import checkpoint as ckpt
 from dflash_core.checkpoint import (
     CheckpointWriteError,
-    capture_rng_state,
-    drafter_config_from_speculators,
-    drafter_config_to_speculators,
     find_resume_point,
     load_checkpoint,
-    restore_rng_state,
     save_checkpoint,
     update_link,
 )
 from dflash_core.model.config import DrafterConfig
 from dflash_core.model.drafter import DFlashDrafter
+from dflash_core.rng_state import capture_rng_state, restore_rng_state
+from dflash_core.speculators_config import drafter_config_from_speculators, drafter_config_to_speculators
 from tests.factories.testvectors import testvectors_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -168,7 +166,7 @@ def test_full_attention_is_always_written_bidirectional(caplog):
     # speculators trains full layers bidirectionally whatever the flag says; vLLM 0.32 reads the flag
     # as a global causal switch, so `false` here would serve a bidirectional drafter causally.
     config = _config(sliding_window_non_causal=False)
-    with caplog.at_level(logging.INFO, logger="dflash_core.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="dflash_core.speculators_config"):
         d = drafter_config_to_speculators(config)
     assert d["sliding_window_non_causal"] is True
     assert "bidirectional" in caplog.text
@@ -193,7 +191,7 @@ def test_old_or_foreign_configs_get_logged_defaults(caplog):
     d["transformer_layer_config"]["max_window_layers"] = 28  # what speculators writes
     del d["sliding_window_non_causal"]
     del d["transformer_layer_config"]["layer_types"]
-    with caplog.at_level(logging.INFO, logger="dflash_core.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="dflash_core.speculators_config"):
         config = drafter_config_from_speculators(d)
     assert config.sliding_window_non_causal is False  # speculators' default
     assert config.layer_types == ["full_attention"] * 2  # Qwen3's rule: max_window_layers 28 > 2 layers

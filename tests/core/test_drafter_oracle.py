@@ -18,11 +18,11 @@ import torch
 from safetensors.torch import load_file
 
 from dflash_core.batch import PackedBatch
-from dflash_core.checkpoint import drafter_config_from_speculators
 from dflash_core.loss import LossConfig
 from dflash_core.model.drafter import DFlashDrafter
 from dflash_core.model.verifier_heads import VerifierHeads
 from dflash_core.objective import dflash_forward
+from dflash_core.speculators_config import drafter_config_from_speculators
 from tests.factories.testvectors import testvectors_dir
 
 logger = logging.getLogger(__name__)
