@@ -202,12 +202,15 @@ class Trainer:
         times.optimizer += t4 - t3
 
     def _forward(self, batch: PackedBatch, generator: torch.Generator):
+        # Anchors are drawn on the host from a CPU generator, so they do not depend on the device.
+        # The compiled flex path wants one shape every step (else it recompiles): pad to max_anchors.
         anchors, anchor_valid = sample_anchors(
             batch.loss_mask.cpu(),
             batch.document_ids.cpu(),
             block_size=self.config.block_size,
             max_anchors=self.config.max_anchors,
             generator=generator,
+            pad_to_max=self.attention == "flex",
         )
         with torch.autocast(
             device_type=self.device.type,
