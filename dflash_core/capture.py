@@ -144,3 +144,53 @@ def capture_hidden_states(
             "every decoder layer in `layers`?"
         )
     return torch.stack([captured[i] for i in ids], dim=2)  # [B, T, K, H]
+
+
+def batches_under_budget(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped consecutively so each group's padded size (rows x longest) fits `max_tokens`.
+
+    A sequence longer than the budget forms a group of its own.
+    """
+    groups: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for index, length in enumerate(lengths):
+        if current and max(longest, length) * (len(current) + 1) > max_tokens:
+            groups.append(current)
+            current, longest = [], 0
+        current.append(index)
+        longest = max(longest, length)
+    if current:
+        groups.append(current)
+    return groups
+
+
+@torch.no_grad()
+def capture_sequences(
+    model: nn.Module,
+    sequences: Sequence[torch.Tensor],
+    *,
+    layer_ids: Sequence[int],
+    max_batch_tokens: int,
+) -> list[torch.Tensor]:
+    """Hidden states [t, len(layer_ids), H] of each token sequence ([t] int64), in order.
+
+    Sequences run in right-padded batches under a token budget; padding never changes the real
+    rows (attention is causal and padded keys are masked). Results stay on the model's device.
+    """
+    device = next(model.parameters()).device
+    lengths = [int(s.numel()) for s in sequences]
+    results: list[torch.Tensor | None] = [None] * len(sequences)
+    for group in batches_under_budget(lengths, max_batch_tokens):
+        width = max(lengths[i] for i in group)
+        input_ids = torch.zeros(len(group), width, dtype=torch.long)
+        attention_mask = torch.zeros(len(group), width, dtype=torch.long)
+        for row, index in enumerate(group):
+            input_ids[row, : lengths[index]] = sequences[index]
+            attention_mask[row, : lengths[index]] = 1
+        planes = capture_hidden_states(
+            model, input_ids.to(device), attention_mask=attention_mask.to(device), layer_ids=layer_ids
+        )  # [b, width, K, H]
+        for row, index in enumerate(group):
+            results[index] = planes[row, : lengths[index]]
+    return results  # type: ignore[return-value]

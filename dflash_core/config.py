@@ -48,6 +48,18 @@ class PrepareDataConfig(JobConfig):
     )
     seed: int = Field(default=0, description="Seed for the row shuffle.")
     num_proc: int = Field(default=1, ge=1, description="Tokenizer worker processes.")
+    regenerate_with: list[str] | None = Field(
+        default=None,
+        description="Hidden-state service endpoints: rewrite every assistant turn with the verifier's "
+        "own completion (on-policy data) before tokenizing.",
+    )
+    regenerate_max_new_tokens: int = Field(
+        default=1024, gt=0, description="Longest regenerated assistant turn, in tokens."
+    )
+    regenerate_temperature: float = Field(
+        default=0.0, ge=0, description="Sampling temperature of the regeneration; 0 = greedy."
+    )
+    regenerate_top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling cut-off.")
 
 
 class TrainConfig(JobConfig):
@@ -132,8 +144,21 @@ class TrainConfig(JobConfig):
     hidden_states_cache: Path | None = Field(
         default=None, description="Folder of the hidden-state cache; default `<data-path>/hidden_states`."
     )
-    vllm_endpoint: str | None = Field(
-        default=None, description="Hidden-state service address (gRPC); none = compute in-process."
+    vllm_endpoint: list[str] | None = Field(
+        default=None,
+        description="Hidden-state service addresses (`host:port`, `http://host:port/v1` also accepted); "
+        "several spread the load and survive one dying. None = compute in-process.",
+    )
+    inflight_bytes: int = Field(
+        default=1 << 30,
+        gt=0,
+        description="Hidden-state bytes requested but not yet consumed, over all endpoints (prefetch).",
+    )
+    streams_per_endpoint: int = Field(default=2, gt=0, description="Concurrent Extract streams per endpoint.")
+    service_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Give up when no endpoint delivered anything for this long (all down or stuck).",
     )
 
     # --- where to run ---
@@ -188,3 +213,74 @@ class DemoConfig(JobConfig):
     max_steps: int | None = Field(default=None, gt=0, description="Cap on optimizer steps.")
     lr: float = Field(default=2e-3, gt=0)
     seed: int = 0
+
+
+class ServeHiddenStatesConfig(JobConfig):
+    """`dflash serve-hidden-states`: the gRPC service that streams the verifier's hidden states."""
+
+    model: str = Field(
+        default=EMBEDDED_VERIFIER, description="The verifier: HF id, local path or the embedded default."
+    )
+    target_layer_ids: list[int] | None = Field(
+        default=None,
+        description="Layer ids to serve (layer N, the last, is always served too). Default: the 3 ids "
+        "`dflash train` picks for this verifier.",
+    )
+    backend: Literal["transformers", "vllm"] = Field(
+        default="transformers",
+        description="`vllm` (production; runs in vLLM's own environment) or `transformers` (CPU or GPU).",
+    )
+    host: str = Field(default="127.0.0.1", description="Address to bind; 0.0.0.0 serves other hosts.")
+    port: int = Field(default=8000, ge=0, lt=65536, description="gRPC port (0 = pick a free one).")
+    device: str = Field(default="auto", description="transformers backend: `auto`, `cpu`, `cuda`, `cuda:N`.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto",
+        description="Dtype of the verifier and of the tensors on the wire; auto = bfloat16 (DESIGN 2.4).",
+    )
+    max_length: int = Field(default=8192, gt=0, description="Longest token list a request may carry.")
+    max_batch_tokens: int = Field(
+        default=16384, gt=0, description="Tokens (padded) the backend runs in one forward."
+    )
+    max_frame_bytes: int = Field(
+        default=8 << 20, ge=1 << 16, le=32 << 20, description="Largest tensor frame on the wire."
+    )
+    max_streams: int = Field(
+        default=64, gt=0, description="Concurrent calls served; more are refused with RESOURCE_EXHAUSTED."
+    )
+    max_pending_per_stream: int = Field(
+        default=64,
+        gt=0,
+        description="Samples one stream may have queued or unsent; the service stops reading the "
+        "stream beyond this, which bounds its memory.",
+    )
+    engine_args: list[str] = Field(
+        default_factory=list, description="vllm backend: arguments after `--`, passed to vLLM's engine."
+    )
+
+    @field_validator("target_layer_ids")
+    @classmethod
+    def _layer_ids_valid(cls, ids: list[int] | None) -> list[int] | None:
+        if ids is not None and (not ids or min(ids) < 0 or len(set(ids)) != len(ids)):
+            raise ValueError(f"--target-layer-ids must be distinct ids >= 0, got {ids}")
+        return ids
+
+
+class GenerateOfflineConfig(JobConfig):
+    """`dflash generate-offline`: fill the hidden-state cache from the service ahead of training."""
+
+    data_path: Path = Field(description="Output folder of `dflash prepare-data`.")
+    vllm_endpoint: list[str] = Field(description="Hidden-state service addresses.")
+    target_layer_ids: list[int] | None = Field(
+        default=None,
+        description="Layer ids to cache (must equal the training run's); default: every layer the service "
+        "serves except N.",
+    )
+    hidden_states_cache: Path | None = Field(
+        default=None, description="Cache folder; default `<data-path>/hidden_states` (as `dflash train`)."
+    )
+    total_seq_len: int = Field(
+        default=8192, gt=1, description="Truncate samples as `dflash train --total-seq-len` does."
+    )
+    max_samples: int | None = Field(default=None, gt=0, description="Cache only the first N samples.")
+    inflight_bytes: int = Field(default=1 << 30, gt=0, description="Hidden-state bytes requested at once.")
+    streams_per_endpoint: int = Field(default=2, gt=0, description="Concurrent Extract streams per endpoint.")

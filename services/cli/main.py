@@ -6,7 +6,8 @@
 
 Subcommands are registered here, in one list. Each lives in its own module with
 `add_arguments(parser)` and `run(args) -> int`; modules import torch and friends inside `run`,
-so `dflash --help` stays fast.
+so `dflash --help` stays fast. Arguments after a bare `--` are handed over untouched as
+`args.passthrough` to the subcommands whose module sets `ACCEPTS_PASSTHROUGH` (engine arguments).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 # (subcommand, module under services.cli, one-line help)
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("prepare-data", "prepare_data", "Tokenize conversations with the verifier's chat template."),
+    ("serve-hidden-states", "serve_hidden_states", "Serve the verifier's hidden states over gRPC."),
     ("train", "train", "Train a DFlash drafter against a verifier."),
     ("demo", "demo", "Run the whole pipeline on the embedded default (SmolLM2, shipped chats, CPU)."),
 ]
@@ -37,12 +39,21 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(sub)
-        sub.set_defaults(run=module.run)
+        sub.set_defaults(run=module.run, accepts_passthrough=getattr(module, "ACCEPTS_PASSTHROUGH", False))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough: list[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, passthrough = argv[:split], argv[split + 1 :]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if passthrough and not args.accepts_passthrough:
+        parser.error(f"`dflash {args.command}` takes no arguments after `--` (got {' '.join(passthrough)})")
+    args.passthrough = passthrough
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from dflash_core.capture import capture_hidden_states
+from dflash_core.capture import capture_sequences
 from dflash_core.verifier import VerifierFingerprint
 
 logger = logging.getLogger(__name__)
@@ -56,8 +56,7 @@ class HiddenStateSource(Protocol):
 class InProcessSource:
     """Runs the verifier with transformers in this process (CPU or the trainer's GPU).
 
-    Requests are batched under a token budget with right padding; padding never changes the
-    real rows because attention is causal and padded keys are masked.
+    Requests are batched under a token budget with right padding (`capture_sequences`).
     """
 
     def __init__(
@@ -87,32 +86,17 @@ class InProcessSource:
         return self._target_layer_ids
 
     def extract(self, requests: Sequence[SampleRequest]) -> list[SampleHiddenStates]:
-        results: list[SampleHiddenStates] = []
-        for batch in _batches_under_budget(requests, self.max_batch_tokens):
-            results.extend(self._extract_batch(batch))
-        return results
-
-    @torch.no_grad()
-    def _extract_batch(self, batch: list[SampleRequest]) -> list[SampleHiddenStates]:
-        lengths = [int(r.input_ids.numel()) for r in batch]
-        width = max(lengths)
-        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-        attention_mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, (request, length) in enumerate(zip(batch, lengths, strict=True)):
-            input_ids[row, :length] = request.input_ids
-            attention_mask[row, :length] = 1
-        planes = capture_hidden_states(
+        planes = capture_sequences(
             self.model,
-            input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
+            [r.input_ids for r in requests],
             layer_ids=self._capture_ids,
-        )  # [b, width, K+1, H]
-        if self.output_dtype is not None:
-            planes = planes.to(self.output_dtype)
+            max_batch_tokens=self.max_batch_tokens,
+        )
         num_aux = len(self._target_layer_ids)
         out = []
-        for row, (request, length) in enumerate(zip(batch, lengths, strict=True)):
-            sample = planes[row, :length]  # [t, K+1, H]
+        for request, sample in zip(requests, planes, strict=True):  # sample [t, K+1, H]
+            if self.output_dtype is not None:
+                sample = sample.to(self.output_dtype)
             out.append(
                 SampleHiddenStates(
                     sample_id=request.sample_id,
@@ -124,20 +108,3 @@ class InProcessSource:
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]
-
-
-def _batches_under_budget(requests: Sequence[SampleRequest], max_tokens: int) -> list[list[SampleRequest]]:
-    """Consecutive groups whose padded size (rows x longest) stays within `max_tokens`."""
-    batches: list[list[SampleRequest]] = []
-    current: list[SampleRequest] = []
-    longest = 0
-    for request in requests:
-        length = int(request.input_ids.numel())
-        if current and max(longest, length) * (len(current) + 1) > max_tokens:
-            batches.append(current)
-            current, longest = [], 0
-        current.append(request)
-        longest = max(longest, length)
-    if current:
-        batches.append(current)
-    return batches

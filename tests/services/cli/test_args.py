@@ -75,7 +75,7 @@ def test_tutorial_train_command_parses_into_the_config():
     assert config.target_layer_ids == [2, 18, 33]
     assert config.block_size == 8 and config.max_anchors == 3072 and config.num_layers == 5
     assert config.draft_vocab_size == 8192 and config.lr == pytest.approx(3e-4)
-    assert config.vllm_endpoint == "http://localhost:8000/v1"
+    assert config.vllm_endpoint == ["http://localhost:8000/v1"]
     assert config.on_missing == "generate" and config.on_generate == "delete"
 
 

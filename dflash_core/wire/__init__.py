@@ -1,0 +1,1 @@
+"""The wire contract of the hidden-state service (DESIGN 2.4): generated stubs and the tensor codec."""

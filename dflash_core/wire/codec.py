@@ -1,0 +1,187 @@
+"""Tensors on the wire: raw little-endian bytes, a small header, frames under the message limit.
+
+The server encodes each sample's hidden states with `encode_sample` (one header on frame 0, then
+the bytes cut into frames); the client feeds every `ExtractResponse` to a `FrameAssembler`, which
+hands back a `DecodedSample` once all its frames arrived. Frames of different samples may
+interleave. Nothing here is pickled and nothing is trusted: sizes, dtypes and frame order are all
+checked, and a malformed stream raises `WireError` naming the sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dflash_core.wire.pb import hidden_states_pb2 as pb
+
+# Well under gRPC's default 4 MiB limit would cost a message per 4 MiB; both ends raise the
+# limit to MAX_MESSAGE_BYTES instead and frames stay a safe margin below it.
+DEFAULT_FRAME_BYTES = 8 << 20
+MAX_MESSAGE_BYTES = 64 << 20
+
+WIRE_DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in WIRE_DTYPES.items()}
+
+if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
+    raise ImportError("the hidden-state wire format is little-endian; this host is not")
+
+
+class WireError(ValueError):
+    """A response stream that does not decode: wrong sizes, unknown dtype, frames out of order."""
+
+
+def token_ids_digest(token_ids: Sequence[int] | torch.Tensor) -> bytes:
+    """sha256 of the token ids as little-endian int32: what a response says it was computed for."""
+    ids = torch.as_tensor(token_ids, dtype=torch.int32).flatten().contiguous()
+    return hashlib.sha256(ids.numpy().tobytes()).digest()
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor (bf16 included, which numpy lacks)."""
+    tensor = tensor.detach().to("cpu").contiguous()
+    return memoryview(tensor.view(torch.uint8).numpy()).cast("B")
+
+
+def encode_sample(
+    sample_id: int,
+    tensor: torch.Tensor,
+    *,
+    token_ids: Sequence[int] | torch.Tensor,
+    layer_ids: Sequence[int],
+    max_frame_bytes: int = DEFAULT_FRAME_BYTES,
+) -> Iterator[pb.ExtractResponse]:
+    """The frames of one sample's hidden states `tensor` [t, len(layer_ids), H]."""
+    if tensor.dtype not in DTYPE_NAMES:
+        raise WireError(f"sample {sample_id}: dtype {tensor.dtype} has no wire name")
+    data = tensor_bytes(tensor)
+    num_bytes = len(data)
+    num_frames = max(1, -(-num_bytes // max_frame_bytes))
+    header = pb.TensorHeader(
+        dtype=DTYPE_NAMES[tensor.dtype],
+        shape=list(tensor.shape),
+        layer_ids=list(layer_ids),
+        token_ids_sha256=token_ids_digest(token_ids),
+        num_bytes=num_bytes,
+    )
+    for index in range(num_frames):
+        chunk = data[index * max_frame_bytes : (index + 1) * max_frame_bytes]
+        yield pb.ExtractResponse(
+            sample_id=sample_id,
+            header=header if index == 0 else None,
+            frame_index=index,
+            num_frames=num_frames,
+            data=bytes(chunk),
+        )
+
+
+def error_response(sample_id: int, code: int, message: str) -> pb.ExtractResponse:
+    return pb.ExtractResponse(sample_id=sample_id, error=pb.SampleError(code=code, message=message))
+
+
+@dataclass
+class DecodedSample:
+    sample_id: int
+    tensor: torch.Tensor  # [t, len(layer_ids), H] in the wire dtype
+    layer_ids: list[int]
+    token_ids_sha256: bytes
+
+
+@dataclass
+class _Partial:
+    header: pb.TensorHeader
+    num_frames: int
+    buffer: torch.Tensor  # uint8 [num_bytes]
+    received_bytes: int = 0
+    next_frame: int = 0
+
+
+class FrameAssembler:
+    """Reassembles samples from frames; one per stream (partial samples die with their stream)."""
+
+    def __init__(self) -> None:
+        self._partial: dict[int, _Partial] = {}
+
+    def __len__(self) -> int:
+        return len(self._partial)
+
+    def add(self, response: pb.ExtractResponse) -> DecodedSample | None:
+        """Feed one frame; returns the sample when this frame completes it. Errors are not frames."""
+        sample_id = response.sample_id
+        partial = self._partial.get(sample_id)
+        if partial is None:
+            if response.frame_index != 0 or not response.HasField("header"):
+                raise WireError(f"sample {sample_id}: frame {response.frame_index} arrived before its header")
+            partial = self._start(sample_id, response)
+        elif response.frame_index != partial.next_frame:
+            raise WireError(
+                f"sample {sample_id}: frame {response.frame_index} arrived, expected {partial.next_frame}"
+            )
+        end = partial.received_bytes + len(response.data)
+        if end > partial.buffer.numel():
+            raise WireError(
+                f"sample {sample_id}: frames carry more than the {partial.buffer.numel()} bytes announced"
+            )
+        # One copy out of the (read-only) protobuf bytes into the sample's own buffer.
+        partial.buffer.numpy()[partial.received_bytes : end] = np.frombuffer(response.data, dtype=np.uint8)
+        partial.received_bytes = end
+        partial.next_frame += 1
+        if partial.next_frame < partial.num_frames:
+            return None
+        del self._partial[sample_id]
+        if partial.received_bytes != partial.buffer.numel():
+            raise WireError(
+                f"sample {sample_id}: {partial.received_bytes} bytes received, "
+                f"{partial.buffer.numel()} announced"
+            )
+        header = partial.header
+        tensor = partial.buffer.view(WIRE_DTYPES[header.dtype]).view(*[int(s) for s in header.shape])
+        return DecodedSample(
+            sample_id=sample_id,
+            tensor=tensor,
+            layer_ids=[int(i) for i in header.layer_ids],
+            token_ids_sha256=bytes(header.token_ids_sha256),
+        )
+
+    def _start(self, sample_id: int, response: pb.ExtractResponse) -> _Partial:
+        header = response.header
+        if header.dtype not in WIRE_DTYPES:
+            raise WireError(f"sample {sample_id}: unknown dtype {header.dtype!r}")
+        itemsize = torch.empty((), dtype=WIRE_DTYPES[header.dtype]).element_size()
+        numel = 1
+        for size in header.shape:
+            numel *= int(size)
+        if numel * itemsize != header.num_bytes:
+            raise WireError(
+                f"sample {sample_id}: shape {list(header.shape)} of {header.dtype} is "
+                f"{numel * itemsize} bytes, header says {header.num_bytes}"
+            )
+        if response.num_frames < 1:
+            raise WireError(f"sample {sample_id}: num_frames is {response.num_frames}")
+        partial = _Partial(
+            header=header,
+            num_frames=response.num_frames,
+            buffer=torch.empty(int(header.num_bytes), dtype=torch.uint8),
+        )
+        self._partial[sample_id] = partial
+        return partial
+
+
+def check_finite_nonzero(tensor: torch.Tensor, *, what: str) -> str | None:
+    """None when `tensor` is usable data; otherwise the reason (NaN/Inf/all zero are never data)."""
+    if tensor.numel() == 0:
+        return f"{what} is empty"
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        return f"{what} has {bad} NaN/Inf values"
+    if not bool(tensor.any()):
+        return f"{what} is all zeros"
+    return None

@@ -1,0 +1,1 @@
+"""The hidden-state service: a gRPC server that runs the verifier and streams its hidden states."""

@@ -1,0 +1,119 @@
+"""The `transformers` backend: the verifier as a Hugging Face model, on CPU or one GPU.
+
+The embedded default (SmolLM2 from its GGUF) and any HF causal LM. Hidden states come from
+`dflash_core.capture` (hooks at the DESIGN 2.1 ids), in padded batches under a token budget;
+completions from `model.generate`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from dflash_core.capture import capture_sequences
+from dflash_core.verifier import (
+    default_target_layer_ids,
+    fingerprint_of,
+    load_verifier,
+    validate_target_layer_ids,
+)
+from services.hidden_states.backends.base import (
+    BackendInfo,
+    GeneratedSequence,
+    GenerationParams,
+    served_layer_ids,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class TransformersBackend:
+    def __init__(
+        self,
+        model_name_or_path: str,
+        *,
+        target_layer_ids: Sequence[int] | None,
+        dtype: torch.dtype,
+        device: str = "auto",
+        max_length: int = 8192,
+        max_batch_tokens: int = 16384,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.model, self.tokenizer = load_verifier(model_name_or_path, device=self.device, dtype=dtype)
+        fingerprint = fingerprint_of(self.model.config, self.tokenizer, name_or_path=model_name_or_path)
+        ids = list(target_layer_ids or default_target_layer_ids(fingerprint.num_layers))
+        validate_target_layer_ids(ids, fingerprint.num_layers)
+        eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
+        eos_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if not eos_ids and self.tokenizer.eos_token_id is not None:
+            eos_ids = (int(self.tokenizer.eos_token_id),)
+        self._info = BackendInfo(
+            name="transformers",
+            fingerprint=fingerprint,
+            layer_ids=served_layer_ids(ids, fingerprint.num_layers),
+            dtype=dtype,
+            max_length=max_length,
+            max_batch_tokens=max_batch_tokens,
+            eos_token_ids=eos_ids,
+        )
+        logger.info(
+            "transformers backend: %s on %s in %s, serving layer ids %s",
+            model_name_or_path,
+            self.device,
+            dtype,
+            list(self._info.layer_ids),
+        )
+
+    @property
+    def info(self) -> BackendInfo:
+        return self._info
+
+    def extract(self, sequences: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        planes = capture_sequences(
+            self.model,
+            sequences,
+            layer_ids=self._info.layer_ids,
+            max_batch_tokens=self._info.max_batch_tokens,
+        )
+        return [p.to(device="cpu", dtype=self._info.dtype) for p in planes]
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[list[int]], params: GenerationParams) -> list[GeneratedSequence]:
+        # One prompt at a time: no padding questions, and the embedded default runs on CPU anyway.
+        # A GPU deployment that regenerates at scale uses the vllm backend.
+        stop_ids = {*self._info.eos_token_ids, *params.stop_token_ids}
+        generator_seed = params.seed
+        results = []
+        for prompt in prompts:
+            input_ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
+            sampling = params.temperature > 0
+            kwargs = {
+                "max_new_tokens": params.max_new_tokens,
+                "do_sample": sampling,
+                "eos_token_id": sorted(stop_ids) or None,
+                "pad_token_id": self.tokenizer.pad_token_id or next(iter(self._info.eos_token_ids), 0),
+            }
+            if sampling:
+                kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+                torch.manual_seed(generator_seed)
+                generator_seed += 1
+            else:
+                kwargs.update(temperature=None, top_p=None, top_k=None)
+            output = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+            new = output[0, len(prompt) :].tolist()
+            finish = "stop" if new and new[-1] in stop_ids else "length"
+            results.append(GeneratedSequence(token_ids=new, finish_reason=finish))
+        return results
+
+    def close(self) -> None:
+        self.model = None  # type: ignore[assignment]
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,97 @@
+"""Run the hidden-state service in the foreground until SIGINT/SIGTERM.
+
+    python -m services.hidden_states.main MODEL --target-layer-ids 2 18 33 [-- <engine args>]
+    dflash serve-hidden-states MODEL --target-layer-ids 2 18 33 [--backend vllm] [-- <engine args>]
+
+Prints one line `hidden-state service ready on HOST:PORT` once it accepts calls (scripts and
+tests wait for it; with `--port 0` it names the port picked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from dflash_core.config import ServeHiddenStatesConfig
+from services.hidden_states.backends.base import SERVICE_DTYPES, Backend
+from services.hidden_states.engine_args import config_with_engine_args
+from services.hidden_states.server import HiddenStateServer
+
+logger = logging.getLogger(__name__)
+
+READY_LINE = "hidden-state service ready on"
+
+
+def build_backend(config: ServeHiddenStatesConfig) -> Backend:
+    dtype = SERVICE_DTYPES[config.dtype]
+    if config.backend == "vllm":
+        from services.hidden_states.backends.vllm_backend import VllmBackend
+
+        return VllmBackend(
+            config.model,
+            target_layer_ids=config.target_layer_ids,
+            dtype=dtype,
+            max_length=config.max_length,
+            max_batch_tokens=config.max_batch_tokens,
+            engine_args=config.engine_args,
+        )
+    if config.engine_args:
+        raise SystemExit(
+            f"error: engine arguments after `--` ({' '.join(config.engine_args)}) are for --backend vllm"
+        )
+    from services.hidden_states.backends.transformers_backend import TransformersBackend
+
+    return TransformersBackend(
+        config.model,
+        target_layer_ids=config.target_layer_ids,
+        dtype=dtype,
+        device=config.device,
+        max_length=config.max_length,
+        max_batch_tokens=config.max_batch_tokens,
+    )
+
+
+def serve(config: ServeHiddenStatesConfig) -> int:
+    backend = build_backend(config)
+    server = HiddenStateServer(
+        backend,
+        host=config.host,
+        port=config.port,
+        max_frame_bytes=config.max_frame_bytes,
+        max_streams=config.max_streams,
+        max_pending_per_stream=config.max_pending_per_stream,
+    ).start()
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        logger.info("signal %d: draining and stopping", signum)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"{READY_LINE} {server.address}", flush=True)  # noqa: T201 - the line scripts wait for
+    stopping.wait()
+    server.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from services.cli.args import add_config_arguments, config_from_args
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough: list[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, passthrough = argv[:split], argv[split + 1 :]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_config_arguments(parser, ServeHiddenStatesConfig, positional=("model",))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve(config_with_engine_args(config_from_args(ServeHiddenStatesConfig, args), passthrough))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Build, start and stop the gRPC server around a backend: the service itself, health, reflection.
+
+    server = HiddenStateServer(backend, config).start()
+    print(server.address)          # "127.0.0.1:8000"
+    server.wait()                  # until stop() or a signal
+
+Health reports SERVING for "" and "dflash.v1.HiddenStates" once the backend is loaded, and
+NOT_SERVING while the server drains on shutdown, so load balancers stop sending first.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from dflash_core.wire.pb import hidden_states_pb2 as pb
+from dflash_core.wire.pb import hidden_states_pb2_grpc as pb_grpc
+from services.hidden_states.backends.base import Backend
+from services.hidden_states.endpoints import CHANNEL_OPTIONS
+from services.hidden_states.scheduler import Scheduler
+from services.hidden_states.servicer import HiddenStatesServicer
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HiddenStates"].full_name
+
+
+class HiddenStateServer:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_frame_bytes: int = 8 << 20,
+        max_streams: int = 64,
+        max_pending_per_stream: int = 64,
+    ) -> None:
+        self.backend = backend
+        self.scheduler = Scheduler(backend)
+        # Every live Extract stream holds a pool thread for its responses; the spare threads keep
+        # GetInfo, Generate and health answering while all streams are busy.
+        spare = 8
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_streams + spare, thread_name_prefix="grpc"),
+            options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
+            maximum_concurrent_rpcs=max_streams + spare,
+        )
+        self.servicer = HiddenStatesServicer(
+            self.scheduler, max_frame_bytes=max_frame_bytes, max_pending_per_stream=max_pending_per_stream
+        )
+        pb_grpc.add_HiddenStatesServicer_to_server(self.servicer, self._server)
+        self._health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            [
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            self._server,
+        )
+        bound = self._server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise OSError(f"cannot bind the hidden-state service to {host}:{port} (in use?)")
+        self.host, self.port = host, bound
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> HiddenStateServer:
+        self.scheduler.start()
+        self._server.start()
+        for name in ("", SERVICE_NAME):
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        info = self.backend.info
+        logger.info(
+            "hidden-state service (%s backend, %s, layer ids %s) listening on %s",
+            info.name,
+            info.fingerprint.name_or_path,
+            list(info.layer_ids),
+            self.address,
+        )
+        return self
+
+    def wait(self) -> None:
+        self._server.wait_for_termination()
+
+    def stop(self, grace: float = 5.0) -> None:
+        self._health.enter_graceful_shutdown()
+        self._server.stop(grace).wait()
+        self.scheduler.stop()
+        self.backend.close()

@@ -1,0 +1,252 @@
+"""The `dflash.v1.HiddenStates` RPCs on top of the scheduler.
+
+Extract: a reader thread pulls requests off the stream, validates each one and queues it; the
+RPC's own thread encodes computed samples into frames as they finish. A bad request gets an
+`ExtractResponse.error` (INVALID_ARGUMENT, naming the problem) and the stream carries on; a
+client that expects another verifier is refused with FAILED_PRECONDITION before anything runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+
+import grpc
+import torch
+from pydantic import ValidationError
+
+from dflash_core.verifier import VerifierFingerprint
+from dflash_core.wire.codec import DTYPE_NAMES, encode_sample, error_response
+from dflash_core.wire.pb import hidden_states_pb2 as pb
+from dflash_core.wire.pb import hidden_states_pb2_grpc as pb_grpc
+from services.hidden_states.backends.base import BackendInfo, GenerationParams
+from services.hidden_states.scheduler import ComputedSample, ExtractJob, Scheduler, StreamOutbox
+
+logger = logging.getLogger(__name__)
+
+EXPECT_VERIFIER_KEY = "dflash-expect-verifier"
+SERVER_VERSION = "dflash-hidden-states/1"
+
+
+class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
+    def __init__(self, scheduler: Scheduler, *, max_frame_bytes: int, max_pending_per_stream: int) -> None:
+        self.scheduler = scheduler
+        self.info: BackendInfo = scheduler.backend.info
+        self.max_frame_bytes = max_frame_bytes
+        self.max_pending_per_stream = max_pending_per_stream
+        self._columns = {layer_id: i for i, layer_id in enumerate(self.info.layer_ids)}
+
+    # ------------------------------------------------------------------ GetInfo
+    def GetInfo(self, request: pb.GetInfoRequest, context: grpc.ServicerContext) -> pb.ServiceInfo:
+        return service_info(self.info, max_frame_bytes=self.max_frame_bytes)
+
+    # ------------------------------------------------------------------ Extract
+    def Extract(self, request_iterator, context: grpc.ServicerContext) -> Iterator[pb.ExtractResponse]:
+        self._check_expected_verifier(context)
+        outbox = StreamOutbox(self.max_pending_per_stream)
+        context.add_callback(outbox.cancelled.set)
+        reader = threading.Thread(
+            target=self._read_requests, args=(request_iterator, outbox), name="extract-reader", daemon=True
+        )
+        reader.start()
+        try:
+            while True:
+                sample = outbox.results.get()
+                if sample is None:
+                    return
+                try:
+                    yield from self._encode(sample)
+                finally:
+                    outbox.release()
+        finally:
+            outbox.cancelled.set()
+
+    def _read_requests(self, request_iterator, outbox: StreamOutbox) -> None:
+        try:
+            for request in request_iterator:
+                if not outbox.reserve():
+                    return
+                job_or_error = self._validate(request, outbox)
+                if isinstance(job_or_error, ExtractJob):
+                    self.scheduler.submit_extract(job_or_error)
+                else:
+                    outbox.put(job_or_error)
+        except grpc.RpcError:
+            pass  # the client went away; the RPC thread sees the cancellation
+        except Exception:
+            logger.exception("extract reader failed")
+        finally:
+            self._close_when_drained(outbox)
+
+    def _close_when_drained(self, outbox: StreamOutbox) -> None:
+        # Every reserved slot is released once its sample is sent; holding all of them means
+        # nothing is queued or in flight any more, so the response stream may end.
+        for _ in range(self.max_pending_per_stream):
+            if not outbox.reserve():
+                return
+        outbox.close()
+
+    def _validate(self, request: pb.ExtractRequest, outbox: StreamOutbox) -> ExtractJob | ComputedSample:
+        token_ids = torch.tensor(list(request.token_ids), dtype=torch.long)
+        layer_ids = [int(i) for i in request.layer_ids]
+        problem = None
+        if token_ids.numel() == 0:
+            problem = "token_ids is empty"
+        elif token_ids.numel() > self.info.max_length:
+            problem = (
+                f"{token_ids.numel()} tokens is longer than this service's max length {self.info.max_length} "
+                "(dflash serve-hidden-states --max-length)"
+            )
+        elif int(token_ids.max()) >= self.info.fingerprint.vocab_size:
+            problem = (
+                f"token id {int(token_ids.max())} is outside the verifier's vocabulary of "
+                f"{self.info.fingerprint.vocab_size}: was the data tokenized for another model?"
+            )
+        elif not layer_ids:
+            problem = f"layer_ids is empty; this service serves {list(self.info.layer_ids)}"
+        elif unknown := [i for i in layer_ids if i not in self._columns]:
+            problem = (
+                f"layer ids {unknown} are not served here; this service captures {list(self.info.layer_ids)} "
+                "(restart it with the trainer's --target-layer-ids)"
+            )
+        elif len(set(layer_ids)) != len(layer_ids):
+            problem = f"layer_ids {layer_ids} repeats an id"
+        if problem is not None:
+            return ComputedSample(
+                sample_id=request.sample_id,
+                token_ids=token_ids,
+                layer_ids=layer_ids,
+                tensor=None,
+                error_code=grpc.StatusCode.INVALID_ARGUMENT,
+                error=f"sample {request.sample_id}: {problem}",
+            )
+        return ExtractJob(
+            sample_id=request.sample_id,
+            token_ids=token_ids,
+            layer_columns=[self._columns[i] for i in layer_ids],
+            layer_ids=layer_ids,
+            outbox=outbox,
+        )
+
+    def _encode(self, sample: ComputedSample) -> Iterator[pb.ExtractResponse]:
+        if sample.tensor is None:
+            code = sample.error_code or grpc.StatusCode.INTERNAL
+            yield error_response(sample.sample_id, code.value[0], sample.error)
+            return
+        yield from encode_sample(
+            sample.sample_id,
+            sample.tensor,
+            token_ids=sample.token_ids,
+            layer_ids=sample.layer_ids,
+            max_frame_bytes=self.max_frame_bytes,
+        )
+
+    def _check_expected_verifier(self, context: grpc.ServicerContext) -> None:
+        expected = dict(context.invocation_metadata()).get(EXPECT_VERIFIER_KEY)
+        if expected is None:
+            return
+        try:
+            theirs = VerifierFingerprint(**json.loads(expected))
+        except (ValueError, TypeError, ValidationError) as exc:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{EXPECT_VERIFIER_KEY} metadata is malformed: {exc}"
+            )
+        problems = theirs.mismatches(self.info.fingerprint, this_side="trainer", other_side="service")
+        if problems:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this service runs another verifier than the trainer expects:\n  " + "\n  ".join(problems),
+            )
+
+    # ------------------------------------------------------------------ Generate
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
+        params = request.params
+        if not request.prompts:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no prompts")
+        if params.max_new_tokens < 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "params.max_new_tokens must be >= 1")
+        if params.temperature < 0 or not 0 <= params.top_p <= 1:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"temperature {params.temperature} must be >= 0 and top_p {params.top_p} in [0, 1]",
+            )
+        prompts = []
+        for index, prompt in enumerate(request.prompts):
+            ids = list(prompt.token_ids)
+            total = len(ids) + params.max_new_tokens
+            if not ids:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt {index} is empty")
+            if total > self.info.max_length:
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"prompt {index}: {len(ids)} tokens + max_new_tokens {params.max_new_tokens} exceeds the "
+                    f"service's max length {self.info.max_length}",
+                )
+            if max(ids) >= self.info.fingerprint.vocab_size:
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"prompt {index}: token id {max(ids)} is outside the vocabulary of "
+                    f"{self.info.fingerprint.vocab_size}",
+                )
+            prompts.append(ids)
+        future = self.scheduler.submit_generate(
+            prompts,
+            GenerationParams(
+                max_new_tokens=params.max_new_tokens,
+                temperature=params.temperature,
+                top_p=params.top_p if params.top_p > 0 else 1.0,
+                top_k=params.top_k,
+                seed=params.seed,
+                stop_token_ids=tuple(params.stop_token_ids),
+            ),
+        )
+        context.add_callback(future.cancel)
+        remaining = context.time_remaining()
+        try:
+            # Without a client deadline gRPC reports an effectively infinite time remaining.
+            completions = future.result(
+                timeout=remaining if remaining is not None and remaining < 1e6 else None
+            )
+        except TimeoutError:
+            future.cancel()
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "generation did not finish before the deadline")
+        except Exception as exc:
+            context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {exc}")
+        return pb.GenerateResponse(
+            completions=[
+                pb.Completion(token_ids=c.token_ids, finish_reason=c.finish_reason) for c in completions
+            ]
+        )
+
+
+def service_info(info: BackendInfo, *, max_frame_bytes: int) -> pb.ServiceInfo:
+    fp = info.fingerprint
+    return pb.ServiceInfo(
+        verifier_name_or_path=fp.name_or_path,
+        architecture=fp.architecture,
+        num_layers=fp.num_layers,
+        hidden_size=fp.hidden_size,
+        vocab_size=fp.vocab_size,
+        tokenizer_sha256=fp.tokenizer_sha256,
+        dtype=DTYPE_NAMES[info.dtype],
+        max_length=info.max_length,
+        backend=info.name,
+        layer_ids=list(info.layer_ids),
+        max_frame_bytes=max_frame_bytes,
+        max_batch_tokens=info.max_batch_tokens,
+        server_version=SERVER_VERSION,
+    )
+
+
+def fingerprint_from_info(info: pb.ServiceInfo) -> VerifierFingerprint:
+    """The verifier a service reports, in the trainer's terms."""
+    return VerifierFingerprint(
+        name_or_path=info.verifier_name_or_path,
+        architecture=info.architecture,
+        num_layers=info.num_layers,
+        hidden_size=info.hidden_size,
+        vocab_size=info.vocab_size,
+        tokenizer_sha256=info.tokenizer_sha256,
+    )
