@@ -148,6 +148,27 @@ def load_verifier(
     return model, tokenizer
 
 
+def load_verifier_config(name_or_path: str) -> PretrainedConfig:
+    """The verifier's config alone (no weights): what a trainer fed by a remote service needs.
+
+    `architectures` is filled in as `load_verifier` does, so fingerprints agree either way.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    gguf = _gguf_location(name_or_path)
+    if gguf is not None:
+        folder, file_name = gguf
+        config = AutoConfig.from_pretrained(folder, gguf_file=file_name)
+    else:
+        config = AutoConfig.from_pretrained(name_or_path)
+    if not getattr(config, "architectures", None):
+        architecture = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+        if architecture:
+            config.architectures = [architecture]
+    return config
+
+
 # --------------------------------------------------------------------------------------------
 # Fingerprint
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import sys
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("prepare-data", "prepare_data", "Tokenize conversations with the verifier's chat template."),
     ("serve-hidden-states", "serve_hidden_states", "Serve the verifier's hidden states over gRPC."),
+    ("generate-offline", "generate_offline", "Fill the hidden-state cache from the service."),
     ("train", "train", "Train a DFlash drafter against a verifier."),
     ("demo", "demo", "Run the whole pipeline on the embedded default (SmolLM2, shipped chats, CPU)."),
 ]

@@ -22,13 +22,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from services.trainer.grpc_source import HiddenStateServiceError
     from services.trainer.main import run_training
     from services.trainer.preflight import PreflightError
 
     config = config_from_args(TrainConfig, args)
     try:
         result = run_training(config)
-    except PreflightError as exc:
+    except (PreflightError, HiddenStateServiceError) as exc:
         print(f"error: {exc}")
         return 2
     state = result.state

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from dflash_core.verifier import VerifierFingerprint
 from dflash_core.wire.codec import DTYPE_NAMES, encode_sample, error_response
+from dflash_core.wire.identity import EXPECT_VERIFIER_KEY
 from dflash_core.wire.pb import hidden_states_pb2 as pb
 from dflash_core.wire.pb import hidden_states_pb2_grpc as pb_grpc
 from services.hidden_states.backends.base import BackendInfo, GenerationParams
@@ -26,7 +27,6 @@ from services.hidden_states.scheduler import ComputedSample, ExtractJob, Schedul
 
 logger = logging.getLogger(__name__)
 
-EXPECT_VERIFIER_KEY = "dflash-expect-verifier"
 SERVER_VERSION = "dflash-hidden-states/1"
 
 
@@ -237,16 +237,4 @@ def service_info(info: BackendInfo, *, max_frame_bytes: int) -> pb.ServiceInfo:
         max_frame_bytes=max_frame_bytes,
         max_batch_tokens=info.max_batch_tokens,
         server_version=SERVER_VERSION,
-    )
-
-
-def fingerprint_from_info(info: pb.ServiceInfo) -> VerifierFingerprint:
-    """The verifier a service reports, in the trainer's terms."""
-    return VerifierFingerprint(
-        name_or_path=info.verifier_name_or_path,
-        architecture=info.architecture,
-        num_layers=info.num_layers,
-        hidden_size=info.hidden_size,
-        vocab_size=info.vocab_size,
-        tokenizer_sha256=info.tokenizer_sha256,
     )

@@ -37,6 +37,12 @@ class BatchBuilder:
         self.total_seq_len = total_seq_len
         self.device = device
 
+    def prefetch(self, upcoming_steps: list[list[list[int]]]) -> None:
+        """Tell the source which samples the next steps need, so a remote one can fetch ahead."""
+        indices = [i for step_rows in upcoming_steps for row in step_rows for i in row]
+        if indices:
+            self.source.prefetch([SampleRequest(sample_id=i, input_ids=self.rows.get(i)[0]) for i in indices])
+
     def build(self, step_rows: list[list[int]]) -> PackedBatch | None:
         """The step's rows packed on the device; None when the source dropped every sample.
 

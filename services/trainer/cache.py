@@ -281,6 +281,14 @@ class CachingSource:
             self._handle_misses(requests, found, missing)
         return [s for s in found if s is not None]
 
+    def prefetch(self, requests: Sequence[SampleRequest]) -> None:
+        if self.inner is None:
+            return
+        if self.cache is not None:
+            requests = [r for r in requests if not self.cache.path_for(r.sample_id).exists()]
+        if requests:
+            self.inner.prefetch(requests)
+
     def _handle_misses(
         self, requests: Sequence[SampleRequest], found: list[SampleHiddenStates | None], missing: list[int]
     ) -> None:

@@ -15,15 +15,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from dflash_core.checkpoint import find_resume_point, load_checkpoint
 from dflash_core.config import TrainConfig
 from dflash_core.data.prepare import load_prepared
 from dflash_core.model.drafter import DFlashDrafter
+from dflash_core.model.verifier_heads import VerifierHeads
 from dflash_core.verifier import (
     VerifierFingerprint,
     fingerprint_of,
+    load_tokenizer,
     load_verifier,
+    load_verifier_config,
+    load_verifier_heads,
     load_verifier_heads_from_model,
 )
 from services.trainer.batches import BatchBuilder, TokenRows
@@ -31,9 +36,10 @@ from services.trainer.cache import CachingSource, HiddenStateCache
 from services.trainer.checkpointing import Checkpointer, restore_training
 from services.trainer.data import split_indices
 from services.trainer.drafter_setup import build_drafter_config, init_reduced_vocab
+from services.trainer.grpc_source import GrpcSource
 from services.trainer.metrics import JsonlSink, LoggingSink, MetricSinks
 from services.trainer.preflight import check_data_matches_verifier
-from services.trainer.sources import InProcessSource
+from services.trainer.sources import HiddenStateSource, InProcessSource
 from services.trainer.trainer import Trainer, TrainState
 
 logger = logging.getLogger(__name__)
@@ -67,25 +73,39 @@ def seed_everything(seed: int) -> None:
 def build_source(
     config: TrainConfig,
     *,
-    model: torch.nn.Module,
+    model: torch.nn.Module | None,
     fingerprint: VerifierFingerprint,
     target_layer_ids: list[int],
 ) -> CachingSource:
-    """The in-process verifier behind the hidden-state cache, as --on-missing/--on-generate say.
+    """The verifier's hidden states behind the cache, as --on-missing/--on-generate say.
 
-    The cache is always consulted (`generate` means "compute what is not cached"); the verifier
-    is only wired in when misses are computed, so `--on-missing raise` never runs it.
+    Misses are computed by the hidden-state service when --vllm-endpoint names one, else by the
+    verifier in this process. The cache is always consulted (`generate` means "compute what is
+    not cached"); the computing side is only wired in when misses are computed, so
+    `--on-missing raise` never needs a verifier or a service.
     """
     cache = HiddenStateCache(
         config.hidden_states_cache or Path(config.data_path) / "hidden_states",
         fingerprint=fingerprint,
         target_layer_ids=target_layer_ids,
     )
-    inner = None
+    inner: HiddenStateSource | None = None
     if config.on_missing == "generate":
-        inner = InProcessSource(model=model, fingerprint=fingerprint, target_layer_ids=target_layer_ids)
+        if config.vllm_endpoint:
+            inner = GrpcSource(
+                config.vllm_endpoint,
+                target_layer_ids=target_layer_ids,
+                expected=fingerprint,
+                inflight_bytes=config.inflight_bytes,
+                streams_per_endpoint=config.streams_per_endpoint,
+                timeout_s=config.service_timeout_s,
+            )
+        else:
+            assert model is not None, "computing hidden states in-process needs the verifier"
+            inner = InProcessSource(model=model, fingerprint=fingerprint, target_layer_ids=target_layer_ids)
     logger.info(
-        "hidden states: cache %s, on missing %s, on generate %s",
+        "hidden states: %s, cache %s, on missing %s, on generate %s",
+        f"service {', '.join(config.vllm_endpoint)}" if config.vllm_endpoint else "in-process verifier",
         cache.folder,
         config.on_missing,
         config.on_generate,
@@ -93,25 +113,34 @@ def build_source(
     return CachingSource(inner, cache=cache, on_missing=config.on_missing, on_generate=config.on_generate)
 
 
+def load_verifier_side(
+    config: TrainConfig, *, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.nn.Module | None, PretrainedConfig, PreTrainedTokenizerBase, VerifierHeads]:
+    """(model or None, its config, tokenizer, heads). With a hidden-state service the decoder layers
+    run there, so only the config, tokenizer and the three head tensors are loaded here."""
+    name = config.verifier_name_or_path
+    if config.vllm_endpoint or config.on_missing != "generate":
+        tokenizer = load_tokenizer(name)
+        verifier_config = load_verifier_config(name)
+        return None, verifier_config, tokenizer, load_verifier_heads(name, device=device, dtype=dtype)
+    model, tokenizer = load_verifier(name, device=device, dtype=dtype)
+    return model, model.config, tokenizer, load_verifier_heads_from_model(model).to(device)
+
+
 def run_training(config: TrainConfig, *, stop_after_steps: int | None = None) -> TrainResult:
     """Train to the end of `config` (or for `stop_after_steps` more steps). Resumes from `latest`."""
     device = resolve_device(config.device)
     autocast_dtype = resolve_autocast_dtype(config.dtype, device)
     seed_everything(config.seed)
-    if config.vllm_endpoint:
-        raise NotImplementedError(
-            "--vllm-endpoint (the gRPC hidden-state service) is not available in this build yet; "
-            "leave it unset to compute hidden states in-process"
-        )
 
     # --- data and verifier: refuse to start on any mismatch (DESIGN 2.1) ---
     dataset, data_meta = load_prepared(config.data_path)
     # The frozen verifier runs in the compute dtype: hidden states travel as bf16 anyway (DESIGN 2.4).
     verifier_dtype = autocast_dtype or torch.float32
-    model, tokenizer = load_verifier(config.verifier_name_or_path, device=device, dtype=verifier_dtype)
-    fingerprint = fingerprint_of(model.config, tokenizer, name_or_path=config.verifier_name_or_path)
+    model, verifier_config, tokenizer, heads = load_verifier_side(config, device=device, dtype=verifier_dtype)
+    fingerprint = fingerprint_of(verifier_config, tokenizer, name_or_path=config.verifier_name_or_path)
     check_data_matches_verifier(data_meta, fingerprint, data_path=config.data_path)
-    drafter_config = build_drafter_config(config, verifier_config=model.config, tokenizer=tokenizer)
+    drafter_config = build_drafter_config(config, verifier_config=verifier_config, tokenizer=tokenizer)
     source = build_source(
         config,
         model=model,
@@ -120,7 +149,6 @@ def run_training(config: TrainConfig, *, stop_after_steps: int | None = None) ->
     )
 
     # --- model, optimizer, schedule ---
-    heads = load_verifier_heads_from_model(model).to(device)
     drafter = DFlashDrafter(drafter_config)
     if drafter_config.has_reduced_vocab:
         init_reduced_vocab(drafter, heads=heads, data_path=config.data_path)

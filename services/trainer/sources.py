@@ -4,9 +4,9 @@ A source turns token ids into the two planes the DFlash objective needs, per sam
 `aux` [t, K*H] (the `--target-layer-ids`, concatenated on the feature axis in the order given)
 and `last` [t, H] (layer N, the last decoder layer's output BEFORE the final norm; DESIGN 2.1).
 
-Implementations: `InProcessSource` (runs the verifier with transformers inside the trainer) here;
-the gRPC client of the hidden-state service implements the same protocol, so the trainer never
-knows which one it talks to.
+Implementations: `InProcessSource` (runs the verifier with transformers inside the trainer) here,
+`GrpcSource` (the hidden-state service's client, `grpc_source.py`) and `CachingSource` (a local
+store in front of either, `cache.py`); the trainer never knows which one it talks to.
 """
 
 from __future__ import annotations
@@ -48,6 +48,10 @@ class HiddenStateSource(Protocol):
 
     def extract(self, requests: Sequence[SampleRequest]) -> list[SampleHiddenStates]:
         """Hidden states for each request, returned in request order."""
+        ...
+
+    def prefetch(self, requests: Sequence[SampleRequest]) -> None:
+        """A hint: these will be extracted soon. Remote sources start moving them; others ignore it."""
         ...
 
     def close(self) -> None: ...
@@ -105,6 +109,9 @@ class InProcessSource:
                 )
             )
         return out
+
+    def prefetch(self, requests: Sequence[SampleRequest]) -> None:
+        pass  # computed on demand, in the trainer's own process: nothing to overlap
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]

@@ -35,6 +35,10 @@ from services.trainer.step_metrics import SlotStats
 
 logger = logging.getLogger(__name__)
 
+# Steps whose samples are announced to the hidden-state source ahead of time. A remote source
+# fetches them while this step computes; its --inflight-bytes budget is the real limit.
+PREFETCH_STEPS = 8
+
 
 @dataclass
 class TrainState:
@@ -147,12 +151,14 @@ class Trainer:
                 leave=False,
                 disable=None,
             )
-            for step_rows in plan.steps[self.state.step_in_epoch :]:
+            for step_index in range(self.state.step_in_epoch, len(plan.steps)):
+                step_rows = plan.steps[step_index]
                 if self.state.global_step >= total_steps:
                     break
                 if stop_after_steps is not None and steps_this_call >= stop_after_steps:
                     bar.close()
                     return self.state
+                self.batches.prefetch(plan.steps[step_index + 1 : step_index + 1 + PREFETCH_STEPS])
                 self.train_step(step_rows, window=window, times=times)
                 steps_this_call += 1
                 self.state.step_in_epoch += 1
@@ -244,6 +250,7 @@ class Trainer:
         )
         stats = SlotStats.empty(self.config.block_size, self.device)
         for index, step_rows in enumerate(plan.steps):
+            self.batches.prefetch(plan.steps[index + 1 : index + 1 + PREFETCH_STEPS])
             batch = self.batches.build(step_rows)
             if batch is None:  # every sample dropped (--on-missing skip|warn)
                 logger.debug("validation batch %d: no sample has hidden states; skipped", index)
