@@ -14,13 +14,21 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from dflash_core.config import DemoConfig, PrepareDataConfig, TrainConfig
+from dflash_core.config import (
+    DemoConfig,
+    GenerateOfflineConfig,
+    PrepareDataConfig,
+    ServeHiddenStatesConfig,
+    TrainConfig,
+)
 from services.cli.args import help_text, strip_optional
 
 BEGIN = "<!-- BEGIN GENERATED FLAGS (python -m services.cli.flags_doc --write README.md) -->"
 END = "<!-- END GENERATED FLAGS -->"
 COMMANDS: list[tuple[str, type[BaseModel]]] = [
     ("dflash prepare-data", PrepareDataConfig),
+    ("dflash serve-hidden-states", ServeHiddenStatesConfig),
+    ("dflash generate-offline", GenerateOfflineConfig),
     ("dflash train", TrainConfig),
     ("dflash demo", DemoConfig),
 ]
