@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 from collections.abc import Iterator
 
@@ -53,7 +54,12 @@ class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
         reader.start()
         try:
             while True:
-                sample = outbox.results.get()
+                try:
+                    sample = outbox.results.get(timeout=0.5)
+                except queue.Empty:
+                    if outbox.cancelled.is_set():
+                        return  # the client went away: free this pool thread
+                    continue
                 if sample is None:
                     return
                 try:

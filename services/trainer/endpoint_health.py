@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Backoff:
-    initial_s: float = 0.2
-    maximum_s: float = 10.0
+    initial_s: float = 0.5
+    maximum_s: float = 8.0
     factor: float = 2.0
 
     def delay(self, failures: int) -> float:
@@ -29,7 +29,8 @@ class Backoff:
 @dataclass
 class CircuitBreaker:
     threshold: int = 5
-    cooldown_s: float = 30.0
+    # Short enough that a restarted service (tens of seconds for vLLM) is found again quickly.
+    cooldown_s: float = 10.0
     backoff: Backoff = field(default_factory=Backoff)
     failures: int = 0
     opened_at: float | None = None

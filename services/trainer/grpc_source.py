@@ -461,10 +461,11 @@ class _Stream(threading.Thread):
     def run(self) -> None:
         source, breaker = self.source, self.endpoint.breaker
         while not source._closing and source._fatal is None:
-            pause = breaker.wait_before_attempt()
-            if pause:
-                time.sleep(min(pause, 1.0))  # short naps so close() is prompt
-                continue
+            resume_at = time.monotonic() + breaker.wait_before_attempt()
+            while time.monotonic() < resume_at and not source._closing:
+                time.sleep(min(resume_at - time.monotonic(), 0.2))  # short naps so close() is prompt
+            if source._closing:
+                return
             call = _Call(stream=self)
             try:
                 if self.endpoint.info is None and not self._check_late_endpoint():
