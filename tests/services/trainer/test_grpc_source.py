@@ -19,7 +19,7 @@ from dflash_core.verifier import load_verifier
 from services.trainer.endpoint_health import Backoff, CircuitBreaker
 from services.trainer.grpc_source import GrpcSource, HiddenStateServiceError
 from services.trainer.sources import InProcessSource, SampleRequest
-from tests.factories.services import ServiceProcess, running_service
+from tests.factories.services import running_service, start_service_process
 from tests.factories.verifiers import make_tiny_verifier
 
 LAYERS = [1, 2]  # the trainer's --target-layer-ids; the service also serves N = 4
@@ -134,7 +134,7 @@ def test_a_rejected_sample_names_itself(verifier_path):
 
 
 def test_a_service_killed_mid_stream_and_restarted_loses_nothing(verifier_path, reference):
-    services = [ServiceProcess.start(verifier_path, LAYERS)]
+    services = [start_service_process(verifier_path, LAYERS)]
     source = None
     try:
         source = GrpcSource(
@@ -146,7 +146,7 @@ def test_a_service_killed_mid_stream_and_restarted_loses_nothing(verifier_path, 
         services[0].kill()  # SIGKILL with requests in flight: no goodbye on the wire
         port = services[0].port
         restart = threading.Timer(
-            2.0, lambda: services.append(ServiceProcess.start(verifier_path, LAYERS, port=port))
+            2.0, lambda: services.append(start_service_process(verifier_path, LAYERS, port=port))
         )
         restart.start()
         rest = source.extract(requests[10:])
@@ -161,7 +161,7 @@ def test_a_service_killed_mid_stream_and_restarted_loses_nothing(verifier_path, 
 
 
 def test_two_endpoints_share_the_load_and_survive_one_dying(verifier_path, reference):
-    first, second = ServiceProcess.start(verifier_path, LAYERS), ServiceProcess.start(verifier_path, LAYERS)
+    first, second = start_service_process(verifier_path, LAYERS), start_service_process(verifier_path, LAYERS)
     source = None
     try:
         source = GrpcSource(

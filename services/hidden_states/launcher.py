@@ -1,0 +1,112 @@
+"""Start the hidden-state service as a child process and wait until it serves.
+
+    with LocalService.start(ServeHiddenStatesConfig(model=..., port=0)) as service:
+        train(..., vllm_endpoint=[service.address])
+
+`dflash demo` uses this to run the real service beside the trainer on 127.0.0.1; tests use it
+to kill and restart services mid-stream. The child is `python -m services.hidden_states.main`,
+which prints `READY_LINE HOST:PORT` once it accepts calls (with `port=0`, the port it picked).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from dflash_core.config import ServeHiddenStatesConfig
+from services.hidden_states.main import READY_LINE
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def config_to_flags(config: ServeHiddenStatesConfig) -> list[str]:
+    """The same config as the command line of `python -m services.hidden_states.main`."""
+    flags: list[str] = []
+    for name, value in config.model_dump(exclude_defaults=True, exclude={"engine_args"}).items():
+        flag = "--" + name.replace("_", "-")
+        flags += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
+    return [*flags, "--", *config.engine_args] if config.engine_args else flags
+
+
+class LocalService:
+    def __init__(self, process: subprocess.Popen, host: str, port: int, output: list[str]) -> None:
+        self.process = process
+        self.host = host
+        self.port = port
+        self.output = output  # every line the child printed, for error messages
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @classmethod
+    def start(
+        cls,
+        config: ServeHiddenStatesConfig,
+        *,
+        python: str = sys.executable,
+        timeout_s: float = 300.0,
+        echo: bool = False,
+    ) -> LocalService:
+        """Launch and wait for the ready line; raises RuntimeError with the child's output if it dies."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        process = subprocess.Popen(
+            [python, "-m", "services.hidden_states.main", *config_to_flags(config)],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        output: list[str] = []
+        ready = threading.Event()
+        bound: list[str] = []
+
+        def pump() -> None:  # keeps reading, so the child never blocks on a full pipe
+            for line in process.stdout:  # type: ignore[union-attr]
+                output.append(line)
+                if echo:
+                    sys.stderr.write(f"[hidden-state service] {line}")
+                if line.startswith(READY_LINE):
+                    bound.append(line[len(READY_LINE) :].strip())
+                    ready.set()
+
+        threading.Thread(target=pump, name="service-output", daemon=True).start()
+        deadline = time.monotonic() + timeout_s
+        while not ready.wait(0.1):
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                raise RuntimeError(
+                    f"the hidden-state service did not start (exit code {process.returncode}):\n"
+                    + "".join(output[-40:])
+                )
+        host, _, port = bound[0].rpartition(":")
+        return cls(process, host, int(port), output)
+
+    def kill(self) -> None:
+        """SIGKILL: the service vanishes mid-stream, as a crashed or preempted host would."""
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM (drain, then exit), escalating to SIGKILL after `timeout_s`."""
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def __enter__(self) -> LocalService:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
