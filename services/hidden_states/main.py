@@ -44,7 +44,7 @@ def build_backend(config: ServeHiddenStatesConfig) -> Backend:
         )
     from services.hidden_states.backends.transformers_backend import TransformersBackend
 
-    return TransformersBackend(
+    return TransformersBackend.load(
         config.model,
         target_layer_ids=config.target_layer_ids,
         dtype=dtype,

@@ -18,7 +18,7 @@ from services.hidden_states.server import HiddenStateServer
 def running_service(
     model_path: Path, *, target_layer_ids: list[int], dtype: str = "float32", **server_kwargs
 ) -> Iterator[HiddenStateServer]:
-    backend = TransformersBackend(
+    backend = TransformersBackend.load(
         str(model_path), target_layer_ids=target_layer_ids, dtype=getattr(torch, dtype), device="cpu"
     )
     server = HiddenStateServer(backend, host="127.0.0.1", port=0, **server_kwargs).start()

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Sequence
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dflash_core.capture import capture_sequences
 from dflash_core.verifier import (
@@ -38,23 +39,25 @@ def resolve_device(name: str) -> torch.device:
 class TransformersBackend:
     def __init__(
         self,
-        model_name_or_path: str,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
         *,
+        name_or_path: str,
         target_layer_ids: Sequence[int] | None,
-        dtype: torch.dtype,
-        device: str = "auto",
         max_length: int = 8192,
         max_batch_tokens: int = 16384,
     ) -> None:
-        self.device = resolve_device(device)
-        self.model, self.tokenizer = load_verifier(model_name_or_path, device=self.device, dtype=dtype)
-        fingerprint = fingerprint_of(self.model.config, self.tokenizer, name_or_path=model_name_or_path)
+        """Serve an already loaded model (in eval mode, frozen); `load` builds one by name."""
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        fingerprint = fingerprint_of(model.config, tokenizer, name_or_path=name_or_path)
         ids = list(target_layer_ids or default_target_layer_ids(fingerprint.num_layers))
         validate_target_layer_ids(ids, fingerprint.num_layers)
-        eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
+        eos = model.generation_config.eos_token_id if model.generation_config else None
         eos_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if not eos_ids and self.tokenizer.eos_token_id is not None:
-            eos_ids = (int(self.tokenizer.eos_token_id),)
+        if not eos_ids and tokenizer.eos_token_id is not None:
+            eos_ids = (int(tokenizer.eos_token_id),)
         self._info = BackendInfo(
             name="transformers",
             fingerprint=fingerprint,
@@ -66,10 +69,31 @@ class TransformersBackend:
         )
         logger.info(
             "transformers backend: %s on %s in %s, serving layer ids %s",
-            model_name_or_path,
+            name_or_path,
             self.device,
             dtype,
             list(self._info.layer_ids),
+        )
+
+    @classmethod
+    def load(
+        cls,
+        model_name_or_path: str,
+        *,
+        target_layer_ids: Sequence[int] | None,
+        dtype: torch.dtype,
+        device: str = "auto",
+        max_length: int = 8192,
+        max_batch_tokens: int = 16384,
+    ) -> TransformersBackend:
+        model, tokenizer = load_verifier(model_name_or_path, device=resolve_device(device), dtype=dtype)
+        return cls(
+            model,
+            tokenizer,
+            name_or_path=model_name_or_path,
+            target_layer_ids=target_layer_ids,
+            max_length=max_length,
+            max_batch_tokens=max_batch_tokens,
         )
 
     @property
