@@ -28,8 +28,8 @@ def config_with_engine_args(
         if not value:
             raise SystemExit(f"error: {name} after `--` needs a value")
         if name == "--port":
-            if not value.isdigit():
-                raise SystemExit(f"error: --port after `--` must be a number, got {value!r}")
+            if not value.isdigit() or not 0 <= int(value) < 65536:
+                raise SystemExit(f"error: --port after `--` must be a number in 0..65535, got {value!r}")
             updates["port"] = int(value)
         else:
             updates["host"] = value

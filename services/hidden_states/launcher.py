@@ -45,19 +45,26 @@ class LocalService:
         return f"{self.host}:{self.port}"
 
     @classmethod
-    def start(
+    def start(cls, config: ServeHiddenStatesConfig, **launch_kwargs) -> LocalService:
+        """The service of `config`; see `launch` for the keyword arguments."""
+        return cls.launch(["-m", "services.hidden_states.main", *config_to_flags(config)], **launch_kwargs)
+
+    @classmethod
+    def launch(
         cls,
-        config: ServeHiddenStatesConfig,
+        args: list[str],
         *,
         python: str = sys.executable,
         timeout_s: float = 300.0,
         echo: bool = False,
     ) -> LocalService:
-        """Launch and wait for the ready line; raises RuntimeError with the child's output if it dies."""
+        """Run `python *args` from the repository root and wait for the ready line (so any entry
+        point that ends in the service works, the `dflash` CLI included). Raises RuntimeError with
+        the child's last output if it exits or stays silent past `timeout_s`."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         process = subprocess.Popen(
-            [python, "-m", "services.hidden_states.main", *config_to_flags(config)],
+            [python, *args],
             cwd=REPO_ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -73,7 +80,7 @@ class LocalService:
                 output.append(line)
                 if echo:
                     sys.stderr.write(f"[hidden-state service] {line}")
-                if line.startswith(READY_LINE):
+                if line.startswith(READY_LINE) and not ready.is_set():
                     bound.append(line[len(READY_LINE) :].strip())
                     ready.set()
 
@@ -84,8 +91,8 @@ class LocalService:
                 process.kill()
                 process.wait()
                 raise RuntimeError(
-                    f"the hidden-state service did not start (exit code {process.returncode}):\n"
-                    + "".join(output[-40:])
+                    f"`{' '.join(args)}` did not start the hidden-state service (exit code "
+                    f"{process.returncode}):\n" + "".join(output[-40:])
                 )
         host, _, port = bound[0].rpartition(":")
         return cls(process, host, int(port), output)
@@ -95,15 +102,15 @@ class LocalService:
         self.process.kill()
         self.process.wait()
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM (drain, then exit), escalating to SIGKILL after `timeout_s`."""
-        if self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM (drain, then exit), escalating to SIGKILL after `timeout_s`; the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return int(self.process.returncode)
 
     def __enter__(self) -> LocalService:
         return self

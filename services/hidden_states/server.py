@@ -51,7 +51,10 @@ class HiddenStateServer:
             maximum_concurrent_rpcs=max_streams + spare,
         )
         self.servicer = HiddenStatesServicer(
-            self.scheduler, max_frame_bytes=max_frame_bytes, max_pending_per_stream=max_pending_per_stream
+            self.scheduler,
+            max_frame_bytes=max_frame_bytes,
+            max_pending_per_stream=max_pending_per_stream,
+            max_streams=max_streams,
         )
         pb_grpc.add_HiddenStatesServicer_to_server(self.servicer, self._server)
         self._health = health.HealthServicer()

@@ -32,8 +32,14 @@ SERVER_VERSION = "dflash-hidden-states/1"
 
 
 class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
-    def __init__(self, scheduler: Scheduler, *, max_frame_bytes: int, max_pending_per_stream: int) -> None:
+    def __init__(
+        self, scheduler: Scheduler, *, max_frame_bytes: int, max_pending_per_stream: int, max_streams: int
+    ) -> None:
         self.scheduler = scheduler
+        # gRPC's maximum_concurrent_rpcs counts every call; this bounds Extract streams alone, so
+        # GetInfo, Generate and health keep answering while every stream slot is taken.
+        self._stream_slots = threading.BoundedSemaphore(max_streams)
+        self.max_streams = max_streams
         self.info: BackendInfo = scheduler.backend.info
         self.max_frame_bytes = max_frame_bytes
         self.max_pending_per_stream = max_pending_per_stream
@@ -46,6 +52,18 @@ class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
     # ------------------------------------------------------------------ Extract
     def Extract(self, request_iterator, context: grpc.ServicerContext) -> Iterator[pb.ExtractResponse]:
         self._check_expected_verifier(context)
+        if not self._stream_slots.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this service already serves {self.max_streams} Extract streams (--max-streams); "
+                "try another endpoint or later",
+            )
+        try:
+            yield from self._serve_stream(request_iterator, context)
+        finally:
+            self._stream_slots.release()
+
+    def _serve_stream(self, request_iterator, context: grpc.ServicerContext) -> Iterator[pb.ExtractResponse]:
         outbox = StreamOutbox(self.max_pending_per_stream)
         context.add_callback(outbox.cancelled.set)
         reader = threading.Thread(
