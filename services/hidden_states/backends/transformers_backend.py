@@ -101,13 +101,20 @@ class TransformersBackend:
         return self._info
 
     def extract(self, sequences: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        # Empty sequences never reach the model (attention cannot take zero keys): [0, K, H].
+        width, hidden = len(self._info.layer_ids), self._info.fingerprint.hidden_size
+        results = [torch.empty(0, width, hidden, dtype=self._info.dtype) for _ in sequences]
+        nonempty = [i for i, s in enumerate(sequences) if s.numel() > 0]
         planes = capture_sequences(
             self.model,
-            sequences,
+            [sequences[i] for i in nonempty],
             layer_ids=self._info.layer_ids,
             max_batch_tokens=self._info.max_batch_tokens,
         )
-        return [p.to(device="cpu", dtype=self._info.dtype) for p in planes]
+        for index, plane in zip(nonempty, planes, strict=True):
+            # One device-to-host copy per sample, in the wire dtype.
+            results[index] = plane.to(device="cpu", dtype=self._info.dtype)
+        return results
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[list[int]], params: GenerationParams) -> list[GeneratedSequence]:
