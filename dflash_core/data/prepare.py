@@ -37,6 +37,7 @@ import torch
 
 from dflash_core.config import PrepareDataConfig
 from dflash_core.data.formats import Conversation, DataError, RowError, TokenizedRow, read_source
+from dflash_core.data.regenerate import Regenerator
 from dflash_core.data.templates import (
     chat_template_sha256,
     check_tokenizer,
@@ -67,6 +68,9 @@ TOKEN_FREQ_FILE = "token_freq.pt"
 COLUMNS = ("input_ids", "loss_mask", "source")
 FIRST_ERRORS = 10  # skipped rows reported one by one (per source); the rest are only counted
 CHUNK = 128  # conversations per tokenizer call (per worker)
+# Conversations regenerated per round: enough for full service batches on several endpoints; the
+# round shrinks to the rows still needed, so `max_samples` never pays for unused generation.
+REGENERATE_ROUND = 1024
 
 # Keys a reader may rely on, with the value assumed when an older file lacks one (STYLE rule 16).
 _METADATA_DEFAULTS: dict[str, Any] = {
@@ -75,6 +79,7 @@ _METADATA_DEFAULTS: dict[str, Any] = {
     "rows_skipped": {},
     "rows_truncated": 0,
     "sources": [],
+    "regenerated": None,
 }
 
 Record = Conversation | TokenizedRow
@@ -160,7 +165,9 @@ _worker: dict[str, Any] = {}
 def _init_worker(tokenizer: Any, assistant_only_loss: bool, vocab_size: int) -> None:
     # Positional on purpose: ProcessPoolExecutor passes `initargs` positionally.
     _worker.update(
-        tokenizer=tokenizer, assistant_only_loss=assistant_only_loss, vocab_size=vocab_size,
+        tokenizer=tokenizer,
+        assistant_only_loss=assistant_only_loss,
+        vocab_size=vocab_size,
         control_ids=control_token_ids(tokenizer),
     )
 
@@ -169,10 +176,15 @@ def _process_chunk(records: list[Record]) -> list[TokenizedRow | RowError]:
     """Tokenize conversations (untruncated: the caller counts truncation) and check token rows."""
     conversations = [r for r in records if isinstance(r, Conversation)]
     try:
-        tokenized = iter(tokenize_conversations(
-            conversations, tokenizer=_worker["tokenizer"], seq_length=None,
-            assistant_only_loss=_worker["assistant_only_loss"], control_ids=_worker["control_ids"],
-        ))
+        tokenized = iter(
+            tokenize_conversations(
+                conversations,
+                tokenizer=_worker["tokenizer"],
+                seq_length=None,
+                assistant_only_loss=_worker["assistant_only_loss"],
+                control_ids=_worker["control_ids"],
+            )
+        )
     except Exception as exc:  # a tokenizer edge case must cost its chunk's rows, never the run
         reason = f"tokenizer failed on this chunk: {type(exc).__name__}: {exc}"
         tokenized = iter([RowError(c.source, c.line, reason, "tokenize_error") for c in conversations])
@@ -204,11 +216,23 @@ def _tokenizer_pool(*, tokenizer: Any, config: PrepareDataConfig, vocab_size: in
         yield lambda records: iter(_process_chunk(records))
         return
     with ProcessPoolExecutor(config.num_proc, initializer=_init_worker, initargs=init_args) as pool:
+
         def tokenize(records: list[Record]) -> Iterator[TokenizedRow | RowError]:
             chunks = [records[i : i + CHUNK] for i in range(0, len(records), CHUNK)]
             return (row for chunk in pool.map(_process_chunk, chunks) for row in chunk)
 
         yield tokenize
+
+
+def _regenerating(tokenize: Tokenize, regenerate: Regenerator) -> Tokenize:
+    """Rewrite a batch's assistant turns with the verifier's replies, then tokenize what is left."""
+
+    def run(records: list[Record]) -> Iterator[TokenizedRow | RowError]:
+        rewritten = regenerate(records)
+        tokenized = tokenize([r for r in rewritten if not isinstance(r, RowError)])
+        return iter([r if isinstance(r, RowError) else next(tokenized) for r in rewritten])
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,13 +241,20 @@ def _tokenizer_pool(*, tokenizer: Any, config: PrepareDataConfig, vocab_size: in
 
 
 def prepare_data(
-    config: PrepareDataConfig, *, tokenizer: Any, tokenizer_fingerprint: str, vocab_size: int | None = None
+    config: PrepareDataConfig,
+    *,
+    tokenizer: Any,
+    tokenizer_fingerprint: str,
+    vocab_size: int | None = None,
+    regenerate: Regenerator | None = None,
 ) -> PrepareReport:
     """Tokenize `config.data` with `tokenizer`'s chat template and write the dataset to `config.output`.
 
     `tokenizer_fingerprint` identifies the tokenizer (the trainer compares it with its verifier's).
     `vocab_size` is the length of `token_freq.pt`: pass the verifier's embedding rows when they
     exceed `len(tokenizer)` (Qwen3: 151936 rows, 151669 tokens); default `len(tokenizer)`.
+    `regenerate` (built from `config.regenerate_with` by the CLI) rewrites the assistant turns of
+    the rows tried, just before they are tokenized; its settings and counts go to the metadata.
     Raises `DataError` for an unusable source or output folder.
     """
     output = Path(config.output)
@@ -238,16 +269,26 @@ def prepare_data(
         check_tokenizer(tokenizer)
     random.Random(config.seed).shuffle(records)
     with _tokenizer_pool(tokenizer=tokenizer, config=config, vocab_size=vocab) as tokenize:
-        rows, untried = _select_rows(records, tokenize=tokenize, config=config, reports=reports)
+        if regenerate is not None:
+            tokenize = _regenerating(tokenize, regenerate)
+        rows, untried = _select_rows(
+            records, tokenize=tokenize, config=config, reports=reports, regenerating=regenerate is not None
+        )
         for report in reports.values():
             if report.rows_written == 0:
                 _prove_usable(report, untried=untried, tokenize=tokenize, config=config)
 
     token_freq = count_supervised_tokens(rows, vocab_size=vocab)
     metadata = _metadata(
-        config, rows=rows, reports=list(reports.values()), token_freq=token_freq, vocab_size=vocab,
-        tokenizer_fingerprint=tokenizer_fingerprint, template_sha256=_template_sha_or_none(tokenizer),
+        config,
+        rows=rows,
+        reports=list(reports.values()),
+        token_freq=token_freq,
+        vocab_size=vocab,
+        tokenizer_fingerprint=tokenizer_fingerprint,
+        template_sha256=_template_sha_or_none(tokenizer),
     )
+    metadata["regenerated"] = regenerate.metadata() if regenerate is not None else None
     _write(output, rows=rows, token_freq=token_freq, metadata=metadata)
     report = PrepareReport(
         output=output,
@@ -279,7 +320,12 @@ def _read_sources(reports: dict[str, SourceReport]) -> list[Record]:
 
 
 def _select_rows(
-    records: list[Record], *, tokenize: Tokenize, config: PrepareDataConfig, reports: dict[str, SourceReport]
+    records: list[Record],
+    *,
+    tokenize: Tokenize,
+    config: PrepareDataConfig,
+    reports: dict[str, SourceReport],
+    regenerating: bool = False,
 ) -> tuple[list[TokenizedRow], list[Record]]:
     """Tokenize records in (shuffled) order until `max_samples` rows are kept.
 
@@ -290,7 +336,8 @@ def _select_rows(
     kept: list[TokenizedRow] = []
     done = 0
     while done < len(records) and len(kept) < limit:
-        batch = records[done : done + step]
+        size = min(REGENERATE_ROUND, limit - len(kept)) if regenerating else step
+        batch = records[done : done + size]
         for offset, result in enumerate(tokenize(batch)):
             if len(kept) >= limit:
                 done += offset  # the rest of this batch counts as untried
@@ -318,12 +365,15 @@ def _accept(
     row = truncate(result, seq_length=config.seq_length)
     supervised = sum(row.loss_mask)
     if supervised < config.min_supervised_tokens:
-        report.skip(RowError(
-            row.source, row.line,
-            f"{supervised} supervised tokens after truncation to seq_length={config.seq_length} "
-            f"(min_supervised_tokens={config.min_supervised_tokens})",
-            "too_few_supervised",
-        ))
+        report.skip(
+            RowError(
+                row.source,
+                row.line,
+                f"{supervised} supervised tokens after truncation to seq_length={config.seq_length} "
+                f"(min_supervised_tokens={config.min_supervised_tokens})",
+                "too_few_supervised",
+            )
+        )
         return None
     return row
 

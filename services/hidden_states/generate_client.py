@@ -1,0 +1,352 @@
+"""Client of the service's `Generate` RPC: the verifier's own replies, spread over several endpoints.
+
+    with GenerateClient(["10.0.0.5:8000", "10.0.0.6:8000"]) as client:
+        replies = client.complete(prompts, max_new_tokens=1024, temperature=0.0, top_p=1.0, seed=0)
+
+`prepare-data --regenerate-with` drives it through `regenerator_for`, which first refuses a service
+whose tokenizer differs from the one the data is prepared with.
+
+Guarantees:
+- Every endpoint answers GetInfo at start-up and all serve the same verifier, else `GenerateError`.
+- Prompts are cut into batches; batches run concurrently over the endpoints (least busy first).
+- UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED (a restart, a slow or full service) are
+  retried a bounded number of times, on another endpoint when there is one, with exponential
+  backoff once every endpoint has failed the batch. Anything else (INVALID_ARGUMENT: a prompt too
+  long for the service) fails at once. Every error names the endpoint and the status.
+- Replies come back in prompt order, as the new tokens WITHOUT the stop token that ended them
+  (finish_reason "stop"): callers re-render the reply with the chat template, which writes its own
+  end-of-turn, so a kept stop token would appear twice. A reply cut by max_new_tokens is kept whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from dflash_core.config import PrepareDataConfig
+from dflash_core.data.regenerate import Regenerator, end_of_turn_ids
+from dflash_core.verifier import VerifierFingerprint
+from dflash_core.wire.pb import hidden_states_pb2 as pb
+from dflash_core.wire.pb import hidden_states_pb2_grpc as pb_grpc
+from services.hidden_states.endpoints import open_channel, parse_endpoint
+
+__all__ = ["RETRYABLE", "GenerateClient", "GenerateError", "regenerator_for"]
+
+logger = logging.getLogger(__name__)
+
+# Failures that another try (later, or elsewhere) may cure.
+RETRYABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
+
+# Prompts per Generate call. The transformers backend generates one prompt after another, so a
+# big batch only delays the reply towards the deadline; vLLM batches a call's prompts together.
+DEFAULT_BATCH_SIZE = {"vllm": 64, "transformers": 8}
+
+
+class GenerateError(Exception):
+    """The service cannot produce the replies; the message names the endpoint and the gRPC status."""
+
+
+@dataclass
+class _Endpoint:
+    address: str
+    channel: grpc.Channel
+    stub: pb_grpc.HiddenStatesStub
+    info: pb.ServiceInfo | None = None
+    in_flight: int = 0
+
+
+def _fingerprint(info: pb.ServiceInfo) -> VerifierFingerprint:
+    return VerifierFingerprint(
+        name_or_path=info.verifier_name_or_path,
+        architecture=info.architecture,
+        num_layers=info.num_layers,
+        hidden_size=info.hidden_size,
+        vocab_size=info.vocab_size,
+        tokenizer_sha256=info.tokenizer_sha256,
+    )
+
+
+class GenerateClient:
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        batch_size: int | None = None,
+        requests_per_endpoint: int = 2,
+        max_attempts: int = 5,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+        connect_timeout_s: float = 30.0,
+        request_timeout_s: float = 1800.0,
+    ) -> None:
+        """Open a channel to each endpoint and check it with GetInfo.
+
+        `batch_size`: prompts per Generate call (default by backend, `DEFAULT_BATCH_SIZE`).
+        `requests_per_endpoint`: calls in flight per endpoint; 2 keeps the next batch queued on the
+        service while one runs. `max_attempts`: tries per batch over all endpoints. `backoff_s`
+        doubles per failure up to `max_backoff_s`. `connect_timeout_s`: how long GetInfo waits for
+        an endpoint to come up. `request_timeout_s`: deadline of one Generate call, queueing on the
+        service included. Raises `GenerateError`.
+        """
+        if not endpoints:
+            raise GenerateError("no hidden-state service endpoint given (--regenerate-with HOST:PORT ...)")
+        try:
+            addresses = list(dict.fromkeys(parse_endpoint(e) for e in endpoints))
+        except ValueError as exc:
+            raise GenerateError(str(exc)) from None
+        self.max_attempts = max_attempts
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.request_timeout_s = request_timeout_s
+        self._lock = threading.Lock()
+        self._endpoints: list[_Endpoint] = []
+        self._pool: ThreadPoolExecutor | None = None
+        try:
+            for address in addresses:
+                channel = open_channel(address)
+                self._endpoints.append(_Endpoint(address, channel, pb_grpc.HiddenStatesStub(channel)))
+            for endpoint in self._endpoints:
+                endpoint.info = self._get_info(endpoint, timeout_s=connect_timeout_s)
+            self._check_same_verifier()
+        except BaseException:
+            self.close()
+            raise
+        self.batch_size = batch_size or DEFAULT_BATCH_SIZE.get(self.info.backend, 8)
+        self._pool = ThreadPoolExecutor(
+            max_workers=len(self._endpoints) * requests_per_endpoint, thread_name_prefix="generate"
+        )
+
+    # ------------------------------------------------------------------ what is served
+    @property
+    def info(self) -> pb.ServiceInfo:
+        """The ServiceInfo of the first endpoint (all serve the same verifier)."""
+        info = self._endpoints[0].info
+        assert info is not None
+        return info
+
+    @property
+    def infos(self) -> dict[str, pb.ServiceInfo]:
+        return {e.address: e.info for e in self._endpoints if e.info is not None}
+
+    @property
+    def addresses(self) -> list[str]:
+        return [e.address for e in self._endpoints]
+
+    @property
+    def max_length(self) -> int:
+        """Longest prompt + max_new_tokens every endpoint accepts."""
+        return min(info.max_length for info in self.infos.values())
+
+    def _get_info(self, endpoint: _Endpoint, *, timeout_s: float) -> pb.ServiceInfo:
+        try:
+            # wait_for_ready: a service still loading its verifier is waited for, up to the timeout.
+            return endpoint.stub.GetInfo(pb.GetInfoRequest(), timeout=timeout_s, wait_for_ready=True)
+        except grpc.RpcError as exc:
+            raise GenerateError(
+                f"hidden-state service at {endpoint.address} did not answer GetInfo within {timeout_s:g} s "
+                f"({exc.code().name}: {exc.details()}); is `dflash serve-hidden-states` running there?"
+            ) from None
+
+    def _check_same_verifier(self) -> None:
+        first = self._endpoints[0]
+        assert first.info is not None
+        for other in self._endpoints[1:]:
+            assert other.info is not None
+            problems = _fingerprint(first.info).mismatches(
+                _fingerprint(other.info), this_side=first.address, other_side=other.address
+            )
+            if problems:
+                raise GenerateError(
+                    f"the endpoints serve different verifiers ({first.address} vs {other.address}):\n  "
+                    + "\n  ".join(problems)
+                )
+
+    # ------------------------------------------------------------------ generation
+    def complete(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop_token_ids: Sequence[int] = (),
+    ) -> list[list[int]]:
+        """One reply per prompt, in order: the new token ids, the stop token removed.
+
+        Sampled prompt i of this call uses seed `seed + i` (both backends seed a request's prompts
+        seed, seed + 1, ...), so results do not depend on how batches land on endpoints.
+        `stop_token_ids` end a reply in addition to the verifier's eos ids. Raises `GenerateError`.
+        """
+        if self._pool is None:
+            raise GenerateError("the GenerateClient is closed")
+        futures: list[Future[list[list[int]]]] = []
+        for start in range(0, len(prompts), self.batch_size):
+            request = pb.GenerateRequest(
+                prompts=[pb.Prompt(token_ids=list(p)) for p in prompts[start : start + self.batch_size]],
+                params=pb.SamplingParams(
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    top_p=top_p,
+                    seed=seed + start,
+                    stop_token_ids=list(stop_token_ids),
+                ),
+            )
+            futures.append(self._pool.submit(self._generate, request))
+        replies: list[list[int]] = []
+        try:
+            for future in futures:
+                replies.extend(future.result())
+        except BaseException:
+            for future in futures:
+                future.cancel()  # batches not started yet; running calls end by themselves
+            raise
+        return replies
+
+    def _generate(self, request: pb.GenerateRequest) -> list[list[int]]:
+        failures: Counter[str] = Counter()
+        last = ""
+        for attempt in range(1, self.max_attempts + 1):
+            endpoint = self._acquire(failures)
+            try:
+                if failures[endpoint.address]:
+                    # Every endpoint has failed this batch: give them time before trying again.
+                    delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 2))
+                    time.sleep(delay * random.uniform(0.75, 1.25))  # jitter: clients do not retry in lockstep
+                response = endpoint.stub.Generate(request, timeout=self.request_timeout_s)
+            except grpc.RpcError as exc:
+                code, details = exc.code(), exc.details()
+                last = f"{endpoint.address}: {code.name}: {details}"
+                if code not in RETRYABLE:
+                    raise GenerateError(f"Generate failed on {last}") from None
+                failures[endpoint.address] += 1
+                logger.warning("Generate attempt %d/%d failed on %s", attempt, self.max_attempts, last)
+                continue
+            finally:
+                self._release(endpoint)
+            return self._replies(response, request=request, address=endpoint.address)
+        raise GenerateError(
+            f"Generate failed {self.max_attempts} times over {', '.join(self.addresses)}; last: {last}"
+        )
+
+    def _acquire(self, failures: Counter[str]) -> _Endpoint:
+        """The endpoint that failed this batch least often, then the least busy one."""
+        with self._lock:
+            endpoint = min(self._endpoints, key=lambda e: (failures[e.address], e.in_flight))
+            endpoint.in_flight += 1
+            return endpoint
+
+    def _release(self, endpoint: _Endpoint) -> None:
+        with self._lock:
+            endpoint.in_flight -= 1
+
+    @staticmethod
+    def _replies(
+        response: pb.GenerateResponse, *, request: pb.GenerateRequest, address: str
+    ) -> list[list[int]]:
+        if len(response.completions) != len(request.prompts):
+            raise GenerateError(
+                f"{address} returned {len(response.completions)} completions "
+                f"for {len(request.prompts)} prompts"
+            )
+        replies = []
+        for completion in response.completions:
+            ids = list(completion.token_ids)
+            # Both backends keep the token that stopped the reply; the template writes its own.
+            if completion.finish_reason == "stop" and ids:
+                ids.pop()
+            replies.append(ids)
+        return replies
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        # Channels first: closing one cancels its calls in flight (after a failed batch, the
+        # others need not run to their deadline), so the pool's threads end promptly.
+        for endpoint in self._endpoints:
+            endpoint.channel.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> GenerateClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def regenerator_for(
+    client: GenerateClient, config: PrepareDataConfig, *, tokenizer: Any, tokenizer_fingerprint: str
+) -> Regenerator:
+    """The `Regenerator` prepare-data runs with `--regenerate-with`, after checking the service.
+
+    Refuses (`GenerateError`) a service whose tokenizer or chat template differs from `tokenizer`:
+    its token ids would mean other text, and the "on-policy" replies would be noise.
+    """
+    info = client.info
+    if info.tokenizer_sha256 != tokenizer_fingerprint:
+        raise GenerateError(
+            f"the service at {client.addresses[0]} runs verifier {info.verifier_name_or_path!r} with "
+            f"tokenizer/chat template fingerprint {info.tokenizer_sha256[:16]}, but prepare-data uses "
+            f"--model {config.model!r} with fingerprint {tokenizer_fingerprint[:16]}; regenerate with a "
+            "service running the same verifier as --model (or pass the service's model as --model)"
+        )
+    max_new_tokens = config.regenerate_max_new_tokens
+    # Past seq_length - 1 prompt tokens a reply would be truncated away entirely: stop there.
+    max_prompt_tokens = min(client.max_length - max_new_tokens, config.seq_length - 1)
+    if max_prompt_tokens < 1:
+        raise GenerateError(
+            f"--regenerate-max-new-tokens {max_new_tokens} leaves no room for a prompt in the service's max "
+            f"length {client.max_length}; lower it or restart the service with a larger --max-length"
+        )
+    stop_token_ids = end_of_turn_ids(tokenizer)
+    sent = 0
+
+    def complete(prompts: list[list[int]]) -> list[list[int]]:
+        # Seeds continue across calls, so no two sampled prompts of a run share one.
+        nonlocal sent
+        seed, sent = config.seed + sent, sent + len(prompts)
+        return client.complete(
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=config.regenerate_temperature,
+            top_p=config.regenerate_top_p,
+            seed=seed,
+            stop_token_ids=stop_token_ids,
+        )
+
+    return Regenerator(
+        complete=complete,
+        tokenizer=tokenizer,
+        max_prompt_tokens=max_prompt_tokens,
+        max_new_tokens=max_new_tokens,
+        description={
+            "service": {
+                "endpoints": client.addresses,
+                "verifier_name_or_path": info.verifier_name_or_path,
+                "backend": info.backend,
+                "server_version": info.server_version,
+                "tokenizer_sha256": info.tokenizer_sha256,
+            },
+            "params": {
+                "max_new_tokens": max_new_tokens,
+                "temperature": config.regenerate_temperature,
+                "top_p": config.regenerate_top_p,
+                "seed": config.seed,
+                "stop_token_ids": stop_token_ids,
+            },
+        },
+    )
