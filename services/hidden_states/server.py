@@ -18,11 +18,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dflash_core.wire.pb import hidden_states_pb2 as pb
-from dflash_core.wire.pb import hidden_states_pb2_grpc as pb_grpc
 from services.hidden_states.backends.base import Backend
 from services.hidden_states.endpoints import CHANNEL_OPTIONS
 from services.hidden_states.scheduler import Scheduler
-from services.hidden_states.servicer import HiddenStatesServicer
+from services.hidden_states.servicer import HiddenStatesServicer, register
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ class HiddenStateServer:
             max_pending_per_stream=max_pending_per_stream,
             max_streams=max_streams,
         )
-        pb_grpc.add_HiddenStatesServicer_to_server(self.servicer, self._server)
+        register(self.servicer, self._server)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(

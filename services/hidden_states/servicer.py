@@ -19,7 +19,7 @@ import torch
 from pydantic import ValidationError
 
 from dflash_core.verifier import VerifierFingerprint
-from dflash_core.wire.codec import DTYPE_NAMES, encode_sample, error_response
+from dflash_core.wire.codec import DTYPE_NAMES, encode_sample_frames, error_response
 from dflash_core.wire.identity import EXPECT_VERIFIER_KEY
 from dflash_core.wire.pb import hidden_states_pb2 as pb
 from dflash_core.wire.pb import hidden_states_pb2_grpc as pb_grpc
@@ -50,7 +50,7 @@ class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
         return service_info(self.info, max_frame_bytes=self.max_frame_bytes)
 
     # ------------------------------------------------------------------ Extract
-    def Extract(self, request_iterator, context: grpc.ServicerContext) -> Iterator[pb.ExtractResponse]:
+    def Extract(self, request_iterator, context: grpc.ServicerContext) -> Iterator[bytes]:
         self._check_expected_verifier(context)
         if not self._stream_slots.acquire(blocking=False):
             context.abort(
@@ -63,7 +63,7 @@ class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
         finally:
             self._stream_slots.release()
 
-    def _serve_stream(self, request_iterator, context: grpc.ServicerContext) -> Iterator[pb.ExtractResponse]:
+    def _serve_stream(self, request_iterator, context: grpc.ServicerContext) -> Iterator[bytes]:
         outbox = StreamOutbox(self.max_pending_per_stream)
         context.add_callback(outbox.cancelled.set)
         reader = threading.Thread(
@@ -154,12 +154,13 @@ class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
             outbox=outbox,
         )
 
-    def _encode(self, sample: ComputedSample) -> Iterator[pb.ExtractResponse]:
+    def _encode(self, sample: ComputedSample) -> Iterator[bytes]:
+        """Serialized ExtractResponse frames (see `register`: Extract sends bytes as they are)."""
         if sample.tensor is None:
             code = sample.error_code or grpc.StatusCode.INTERNAL
-            yield error_response(sample.sample_id, code.value[0], sample.error)
+            yield error_response(sample.sample_id, code.value[0], sample.error).SerializeToString()
             return
-        yield from encode_sample(
+        yield from encode_sample_frames(
             sample.sample_id,
             sample.tensor,
             token_ids=sample.token_ids,
@@ -262,3 +263,29 @@ def service_info(info: BackendInfo, *, max_frame_bytes: int) -> pb.ServiceInfo:
         max_batch_tokens=info.max_batch_tokens,
         server_version=SERVER_VERSION,
     )
+
+
+def register(servicer: HiddenStatesServicer, server: grpc.Server) -> None:
+    """Add the service to `server`: the generated registration, except that Extract's responses
+    are already serialized frames (`encode_sample_frames` writes the payload once instead of
+    protobuf copying it three times); the bytes on the wire are the same."""
+    handlers = {
+        "GetInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetInfo,
+            request_deserializer=pb.GetInfoRequest.FromString,
+            response_serializer=pb.ServiceInfo.SerializeToString,
+        ),
+        "Extract": grpc.stream_stream_rpc_method_handler(
+            servicer.Extract,
+            request_deserializer=pb.ExtractRequest.FromString,
+            response_serializer=bytes,  # frames arrive serialized
+        ),
+        "Generate": grpc.unary_unary_rpc_method_handler(
+            servicer.Generate,
+            request_deserializer=pb.GenerateRequest.FromString,
+            response_serializer=pb.GenerateResponse.SerializeToString,
+        ),
+    }
+    service = pb.DESCRIPTOR.services_by_name["HiddenStates"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)

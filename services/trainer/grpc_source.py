@@ -40,6 +40,7 @@ from dflash_core.wire.codec import (
     FrameAssembler,
     WireError,
     check_finite_nonzero,
+    parse_frame,
     token_ids_digest,
 )
 from dflash_core.wire.identity import EXPECT_VERIFIER_KEY, fingerprint_from_info
@@ -62,6 +63,7 @@ RETRYABLE = {
     grpc.StatusCode.UNKNOWN,
 }
 _CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+EXTRACT_METHOD = f"/{pb.DESCRIPTOR.services_by_name['HiddenStates'].full_name}/Extract"
 # A sample the service fails on this many times is an error, not bad luck.
 MAX_SAMPLE_FAILURES = 3
 # Once one endpoint answered at start-up, how long to wait for the others before going ahead.
@@ -452,6 +454,13 @@ class _Stream(threading.Thread):
         self.endpoint = endpoint
         self._rpc: grpc.Future | None = None
         self._stub = pb_grpc.HiddenStatesStub(endpoint.channel)
+        # Extract by hand: `parse_frame` leaves each payload a view of the received bytes (the
+        # generated stub would copy it into a message first), so frames land with one copy.
+        self._extract = endpoint.channel.stream_stream(
+            EXTRACT_METHOD,
+            request_serializer=pb.ExtractRequest.SerializeToString,
+            response_deserializer=parse_frame,
+        )
 
     def cancel(self) -> None:
         rpc = self._rpc
@@ -492,7 +501,7 @@ class _Stream(threading.Thread):
 
     def _run_call(self, call: _Call) -> None:
         metadata = ((EXPECT_VERIFIER_KEY, self.source._expected_json),)
-        rpc = self._stub.Extract(self._requests(call), metadata=metadata)
+        rpc = self._extract(self._requests(call), metadata=metadata)
         self._rpc = rpc
         assembler = FrameAssembler()
         for response in rpc:

@@ -19,6 +19,8 @@ from dflash_core.wire.codec import (
     WireError,
     check_finite_nonzero,
     encode_sample,
+    encode_sample_frames,
+    parse_frame,
     token_ids_digest,
 )
 from dflash_core.wire.pb import hidden_states_pb2 as pb
@@ -239,3 +241,31 @@ def test_check_finite_nonzero_catches_nan_and_inf(bad_value, reason, dtype):
 def test_check_finite_nonzero_catches_all_zeros_and_empty():
     assert check_finite_nonzero(torch.zeros(4, 2, 8), what="x") == "x is all zeros"
     assert check_finite_nonzero(torch.zeros(0, 2, 8), what="x") == "x is empty"
+
+
+# ---------------------------------------------------------------------------- the fast path
+
+
+def test_hand_written_frames_are_ordinary_protobuf_and_parse_without_copies():
+    tensor = torch.randn(9, 2, 16).to(torch.bfloat16)
+    frames = list(
+        encode_sample_frames(5, tensor, token_ids=[1, 2, 3] * 3, layer_ids=[1, 4], max_frame_bytes=100)
+    )
+    assembler = FrameAssembler()
+    done = None
+    for raw in frames:
+        standard = pb.ExtractResponse.FromString(raw)  # what any protobuf client sees
+        fast = parse_frame(raw)
+        assert (fast.sample_id, fast.frame_index, fast.num_frames) == (5, standard.frame_index, len(frames))
+        assert bytes(fast.data) == standard.data and fast.HasField("header") == standard.HasField("header")
+        done = assembler.add(fast) or done
+    assert done is not None and torch.equal(done.tensor, tensor)
+
+
+def test_parse_frame_reads_protobufs_own_serialization_and_errors():
+    message = pb.ExtractResponse(sample_id=3, error=pb.SampleError(code=3, message="bad layer"))
+    parsed = parse_frame(message.SerializeToString())
+    assert parsed.sample_id == 3 and parsed.HasField("error") and parsed.error.message == "bad layer"
+    assert not parsed.HasField("header")
+    with pytest.raises(WireError, match="runs past its end"):
+        parse_frame(bytes([0x2A, 0x10, 0x01]))  # data field announces 16 bytes, carries 1
