@@ -114,3 +114,11 @@ def format_validation_error(exc: ValidationError) -> str:
         flag = _flag(str(err["loc"][0])) if err["loc"] else "config"
         lines.append(f"  {flag} ({where}): {err['msg']}")
     return "\n".join(lines)
+
+
+def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(our arguments, those after the first bare `--`), for commands that hand some on (engines)."""
+    if "--" not in argv:
+        return argv, []
+    split = argv.index("--")
+    return argv[:split], argv[split + 1 :]

@@ -17,6 +17,8 @@ import importlib
 import logging
 import sys
 
+from services.cli.args import split_passthrough
+
 # (subcommand, module under services.cli, one-line help)
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("prepare-data", "prepare_data", "Tokenize conversations with the verifier's chat template."),
@@ -45,11 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    passthrough: list[str] = []
-    if "--" in argv:
-        split = argv.index("--")
-        argv, passthrough = argv[:split], argv[split + 1 :]
+    argv, passthrough = split_passthrough(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)
     if passthrough and not args.accepts_passthrough:

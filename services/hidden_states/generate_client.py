@@ -35,7 +35,7 @@ import grpc
 
 from dflash_core.config import PrepareDataConfig
 from dflash_core.data.regenerate import Regenerator, end_of_turn_ids
-from dflash_core.verifier import VerifierFingerprint
+from dflash_core.wire.identity import fingerprint_from_info
 from dflash_core.wire.pb import hidden_states_pb2 as pb
 from dflash_core.wire.pb import hidden_states_pb2_grpc as pb_grpc
 from services.hidden_states.endpoints import open_channel, parse_endpoint
@@ -65,17 +65,6 @@ class _Endpoint:
     stub: pb_grpc.HiddenStatesStub
     info: pb.ServiceInfo | None = None
     in_flight: int = 0
-
-
-def _fingerprint(info: pb.ServiceInfo) -> VerifierFingerprint:
-    return VerifierFingerprint(
-        name_or_path=info.verifier_name_or_path,
-        architecture=info.architecture,
-        num_layers=info.num_layers,
-        hidden_size=info.hidden_size,
-        vocab_size=info.vocab_size,
-        tokenizer_sha256=info.tokenizer_sha256,
-    )
 
 
 class GenerateClient:
@@ -163,8 +152,8 @@ class GenerateClient:
         assert first.info is not None
         for other in self._endpoints[1:]:
             assert other.info is not None
-            problems = _fingerprint(first.info).mismatches(
-                _fingerprint(other.info), this_side=first.address, other_side=other.address
+            problems = fingerprint_from_info(first.info).mismatches(
+                fingerprint_from_info(other.info), this_side=first.address, other_side=other.address
             )
             if problems:
                 raise GenerateError(

@@ -79,13 +79,9 @@ def serve(config: ServeHiddenStatesConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from services.cli.args import add_config_arguments, config_from_args
+    from services.cli.args import add_config_arguments, config_from_args, split_passthrough
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    passthrough: list[str] = []
-    if "--" in argv:
-        split = argv.index("--")
-        argv, passthrough = argv[:split], argv[split + 1 :]
+    argv, passthrough = split_passthrough(list(sys.argv[1:] if argv is None else argv))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_config_arguments(parser, ServeHiddenStatesConfig, positional=("model",))
     args = parser.parse_args(argv)
