@@ -20,7 +20,14 @@ def main() -> None:
     with open(prompts_file) as f:
         prompts = [{"prompt_token_ids": ids} for ids in json.load(f)]
     params = SamplingParams(temperature=0, max_tokens=32)
-    engine = {"enforce_eager": True, "distributed_executor_backend": "uni", "max_model_len": 512}
+    # A fixed KV cache: by default vLLM's CPU build reserves 92% of RAM and refuses to start when
+    # other processes (a second service, a parallel build) already hold some of it.
+    engine = {
+        "enforce_eager": True,
+        "distributed_executor_backend": "uni",
+        "max_model_len": 512,
+        "kv_cache_memory_bytes": 256 << 20,
+    }
     llm = LLM(model=verifier, **engine)
     plain = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
     del llm
