@@ -430,14 +430,18 @@ def test_a_client_that_never_reads_costs_a_bounded_number_of_samples(verifier_pa
             while _reader_threads() > readers_before and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert _reader_threads() == readers_before, "the cancelled stream's reader is still running"
-            assert lone.scheduler.samples_served == served
+            # A sample the worker had already taken when the cancel landed still finishes (at most
+            # the stream's slots); nothing beyond them is computed for the vanished client.
+            time.sleep(0.5)
+            after_cancel = lone.scheduler.samples_served
+            assert after_cancel <= max_pending + slack, after_cancel
         # ... and another client is served right away, with more samples than max_pending (the
         # slots are recycled as it reads).
         with open_channel(lone.address) as fresh:
             requests = [request(i, [1, 2, 3 + i], [1]) for i in range(3 * max_pending)]
             result = extract(pb_grpc.HiddenStatesStub(fresh), requests)
         assert sorted(result.samples) == list(range(3 * max_pending))
-        assert lone.scheduler.samples_served == served + 3 * max_pending
+        assert lone.scheduler.samples_served == after_cancel + 3 * max_pending
 
 
 def test_streams_beyond_max_streams_are_refused_and_health_still_answers(verifier_path):
