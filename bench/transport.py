@@ -1,14 +1,25 @@
-"""Hidden-state bytes/s into the trainer's memory over gRPC vs a plain TCP socket on loopback.
+"""Hidden-state bytes/s landed in a client's memory over gRPC, vs a plain TCP socket on loopback.
 
-    python bench/transport.py            # Qwen3-8B-like samples: 2048 tokens x 4 layers x 4096, bf16
-    python bench/transport.py --quick    # small samples, ~30 s
+    python bench/transport.py            # Qwen3-8B-like samples: 2048 tokens x 4 planes x 4096 bf16
+    python bench/transport.py --quick    # 512-token samples, fewer configs, ~20 s
 
-The service runs in its own process (as in production) with a synthetic backend that returns a
-precomputed bf16 tensor, so the figure is the wire's, not the verifier's. The client is the
-trainer's `GrpcSource`: every sample is checked (token digest, shape, finite, non-zero) and
-lands as torch tensors. The baseline moves the same bytes between two processes over loopback
-TCP (`sendall` of a preallocated buffer, `recv_into` a preallocated buffer): the most a wire can
-deliver on this host. Rows go to bench/results/transport.json.
+gRPC: the real service (`HiddenStateServer` around `SyntheticBackend`, which hands out
+precomputed bf16 tensors) runs in its own process on 127.0.0.1, as in production. This process
+opens Extract streams, sends one request per sample (sample id, token ids, layer ids) and feeds
+every frame to a `FrameAssembler` per stream (samples land in a shared `SampleBuffers`, as the
+trainer's client should); only fully reassembled tensors count. Configs: one stream over a sweep
+of frame sizes, then at the best frame size several streams (one channel each, and all on one
+channel), and for comparison one stream with a fresh buffer per sample and one through the
+generated stub (protobuf messages instead of `parse_frame`).
+Each config is checked: token digests of every sample, and the first (warm-up) and the last
+sample of every stream byte for byte against the tensor the backend sent.
+
+Socket: the same bytes between two processes, `sendall` of a preallocated sample-sized buffer
+and `recv_into` a preallocated one, over 1 and several connections: what loopback can carry.
+
+Each config runs `--repeats` times and keeps the best run, because a shared 2-core machine is
+noisy. Rows go to bench/results/transport.json (`--quick`: transport_quick.json), replacing
+earlier rows of the same host and keeping other hosts' rows.
 """
 
 from __future__ import annotations
@@ -16,187 +27,466 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import platform
+import resource
 import socket
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from typing import Any
 
+import grpc
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dflash_core.verifier import VerifierFingerprint  # noqa: E402
-from services.hidden_states.backends.base import BackendInfo  # noqa: E402
+from bench.synthetic_backend import (  # noqa: E402
+    SyntheticBackend,
+    SyntheticShape,
+    expected_planes,
+    sample_token_ids,
+)
+from dflash_core.wire.codec import (  # noqa: E402
+    DecodedSample,
+    FrameAssembler,
+    SampleBuffers,
+    parse_frame,
+    token_ids_digest,
+)
+from dflash_core.wire.pb import hidden_states_pb2 as pb  # noqa: E402
+from dflash_core.wire.pb import hidden_states_pb2_grpc as pb_grpc  # noqa: E402
+from services.hidden_states import endpoints  # noqa: E402
+
+EXTRACT_METHOD = f"/{pb.DESCRIPTOR.services_by_name['HiddenStates'].full_name}/Extract"
+MiB = 1 << 20
 
 
-class SyntheticBackend:
-    """A Backend whose 'verifier' returns slices of one random bf16 tensor: wire cost only."""
-
-    def __init__(self, *, hidden: int, num_layers: int, layer_ids: Sequence[int], max_tokens: int) -> None:
-        self._info = BackendInfo(
-            name="transformers",
-            fingerprint=VerifierFingerprint(
-                name_or_path="synthetic", architecture="Synthetic", num_layers=num_layers,
-                hidden_size=hidden, vocab_size=1000, tokenizer_sha256="0" * 64,
-            ),
-            layer_ids=tuple(layer_ids),
-            dtype=torch.bfloat16,
-            max_length=max_tokens,
-            max_batch_tokens=max_tokens * 4,
-        )  # fmt: skip
-        self._planes = torch.randn(max_tokens, len(layer_ids), hidden).to(torch.bfloat16)
+@dataclass(frozen=True)
+class GrpcConfig:
+    frame_mib: int
+    streams: int = 1
+    channels: int = 1  # streams share channels round-robin: 1 = all on one connection
+    fast: bool = True  # `parse_frame` (payload stays a view) vs the generated stub's messages
+    pooled: bool = True  # samples land in reused memory (`SampleBuffers`) vs a fresh buffer each
 
     @property
-    def info(self) -> BackendInfo:
-        return self._info
+    def name(self) -> str:
+        path = ("" if self.fast else "stub_") + ("" if self.pooled else "fresh_")
+        streams = f"{self.streams}stream{'s' if self.streams > 1 else ''}"
+        channels = f"_{self.channels}channel{'s' if self.channels > 1 else ''}" if self.streams > 1 else ""
+        return f"grpc_{path}{streams}{channels}_{self.frame_mib}MiB"
 
-    def extract(self, sequences: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return [self._planes[: s.numel()] for s in sequences]
+    def describe(self) -> str:
+        path = "fast path (parse_frame)" if self.fast else "generated stub"
+        memory = "SampleBuffers" if self.pooled else "a fresh buffer per sample"
+        return (
+            f"{self.streams} stream(s) on {self.channels} channel(s), {self.frame_mib} MiB frames, "
+            f"{path}, {memory}"
+        )
 
-    def generate(self, prompts, params):  # pragma: no cover - not part of this benchmark
-        raise NotImplementedError
 
-    def close(self) -> None:
-        pass
+@dataclass
+class Run:
+    bytes_per_s: float
+    client_cpu_s_per_gb: float
+    server_cpu_s_per_gb: float
 
 
-def serve(args: argparse.Namespace, ready) -> None:
+# ---------------------------------------------------------------------------------------- gRPC
+
+
+def serve(shape: SyntheticShape, *, frame_bytes: int, options: list[tuple[str, int]], ready: Any) -> None:
+    """The service process: the real server around the synthetic backend, until killed."""
     from services.hidden_states.server import HiddenStateServer
 
-    layer_ids = range(1, args.layers + 1)
-    backend = SyntheticBackend(
-        hidden=args.hidden, num_layers=args.layers, layer_ids=layer_ids, max_tokens=args.tokens
-    )
-    frame_bytes = args.frame_mib << 20
-    server = HiddenStateServer(backend, port=0, max_frame_bytes=frame_bytes, max_pending_per_stream=8)
-    server.start()
+    # --grpc-option experiments: the server reads this list when it is built, so extend it first.
+    endpoints.CHANNEL_OPTIONS[:] = merge_options(endpoints.CHANNEL_OPTIONS, options)
+    server = HiddenStateServer(SyntheticBackend(shape), port=0, max_frame_bytes=frame_bytes).start()
     ready.put(server.address)
-    time.sleep(3600)
+    server.wait()
 
 
-def grpc_rate(address: str, args: argparse.Namespace, streams: int) -> float:
-    from services.trainer.grpc_source import GrpcSource
-    from services.trainer.sources import SampleRequest
-
-    aux = list(range(1, args.layers))  # + N = args.layers: `layers` planes per token
-    source = GrpcSource([address], target_layer_ids=aux, inflight_bytes=2 << 30, streams_per_endpoint=streams)
-    ids = torch.arange(args.tokens) % 1000  # the synthetic vocabulary has 1000 ids
-    requests = [SampleRequest(sample_id=i, input_ids=ids) for i in range(args.samples)]
-    source.extract(requests[:2])  # connect, warm up
-    started = time.perf_counter()
-    source.prefetch(requests[2:])
-    delivered = 0
-    for start in range(2, args.samples, 4):
-        for states in source.extract(requests[start : start + 4]):
-            delivered += states.aux.numel() * 2 + states.last.numel() * 2
-    elapsed = time.perf_counter() - started
-    source.close()
-    return delivered / elapsed
+def merge_options(base: list[tuple[str, Any]], extra: list[tuple[str, int]]) -> list[tuple[str, Any]]:
+    merged = dict(base)
+    merged.update(extra)
+    return list(merged.items())
 
 
-def socket_sender(port: int, total: int, chunk: int) -> None:
-    buffer = memoryview(bytearray(chunk))
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sent = 0
-        while sent < total:
-            sock.sendall(buffer[: min(chunk, total - sent)])
-            sent += min(chunk, total - sent)
+class Service:
+    """One service process per frame size (max_frame_bytes is fixed when a server is built)."""
+
+    def __init__(self, shape: SyntheticShape, *, frame_mib: int, options: list[tuple[str, int]]) -> None:
+        context = mp.get_context("spawn")
+        ready = context.Queue()
+        self.process = context.Process(
+            target=serve,
+            args=(shape,),
+            kwargs=dict(frame_bytes=frame_mib * MiB, options=options, ready=ready),
+            daemon=True,
+        )
+        self.process.start()
+        self.address: str = ready.get(timeout=180)
+
+    def cpu_seconds(self) -> float:
+        return process_cpu_seconds(self.process.pid)
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.join()
 
 
-def socket_rate(total_per_connection: int, connections: int, chunk: int) -> float:
-    """Bytes/s received by this process from `connections` sender processes over loopback."""
-    import threading
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of another process, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
-    server.listen(connections)
-    senders = [
-        mp.get_context("spawn").Process(target=socket_sender, args=(port, total_per_connection, chunk))
-        for _ in range(connections)
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class StreamResult:
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.first: DecodedSample | None = None
+        self.last: DecodedSample | None = None
+        self.error: BaseException | None = None
+
+
+def pull(
+    extract: Callable[..., Iterator[Any]],
+    *,
+    requests: list[pb.ExtractRequest],
+    digests: dict[int, bytes],
+    result: StreamResult,
+    buffers: SampleBuffers | None,
+) -> None:
+    """One Extract call: every request sent, every sample reassembled and its digest checked."""
+    try:
+        assembler = FrameAssembler(buffers)
+        for response in extract(iter(requests)):
+            if response.HasField("error"):
+                raise RuntimeError(f"sample {response.sample_id}: {response.error.message}")
+            decoded = assembler.add(response)
+            if decoded is None:
+                continue
+            if decoded.token_ids_sha256 != digests[decoded.sample_id]:
+                raise RuntimeError(f"sample {decoded.sample_id}: the token digest does not match")
+            result.bytes += decoded.tensor.numel() * decoded.tensor.element_size()
+            if result.first is None:
+                result.first = decoded
+            result.last = decoded
+    except BaseException as exc:  # reported by the main thread
+        result.error = exc
+
+
+def check_bytes(decoded: DecodedSample | None, *, reference: torch.Tensor, shape: SyntheticShape) -> None:
+    """The received tensor is exactly what the backend sent (all layers were requested, in order)."""
+    if decoded is None:
+        raise RuntimeError("a stream delivered no sample")
+    expected = expected_planes(reference, sample_token_ids(decoded.sample_id, shape))
+    if decoded.tensor.dtype != expected.dtype or not torch.equal(decoded.tensor, expected):
+        raise RuntimeError(f"sample {decoded.sample_id}: received tensor differs from the one sent")
+
+
+def grpc_run(
+    service: Service,
+    config: GrpcConfig,
+    *,
+    shape: SyntheticShape,
+    reference: torch.Tensor,
+    samples_per_stream: int,
+    options: list[tuple[str, Any]],
+    call_index: int,
+) -> Run:
+    channels = [grpc.insecure_channel(service.address, options=options) for _ in range(config.channels)]
+    try:
+        extracts = []
+        for index in range(config.streams):
+            channel = channels[index % config.channels]
+            if config.fast:
+                extracts.append(
+                    channel.stream_stream(
+                        EXTRACT_METHOD,
+                        request_serializer=pb.ExtractRequest.SerializeToString,
+                        response_deserializer=parse_frame,
+                    )
+                )
+            else:
+                extracts.append(pb_grpc.HiddenStatesStub(channel).Extract)
+        plans = []
+        for stream in range(config.streams):
+            # Distinct ids per call and stream: a frame delivered to the wrong place shows.
+            base = (call_index * 64 + stream) * 100_000
+            ids = [base + k for k in range(samples_per_stream + 1)]
+            requests = [
+                pb.ExtractRequest(
+                    sample_id=i, token_ids=sample_token_ids(i, shape).tolist(), layer_ids=shape.layer_ids
+                )
+                for i in ids
+            ]
+            digests = {i: token_ids_digest(sample_token_ids(i, shape)) for i in ids}
+            plans.append((requests, digests))
+
+        # Room for what each stream has in flight plus the samples this function keeps to check.
+        buffers = SampleBuffers((4 * config.streams + 4) * shape.sample_bytes) if config.pooled else None
+        # Warm-up: connect, one sample per stream, compared byte for byte.
+        warm = [StreamResult() for _ in range(config.streams)]
+        run_streams(extracts, plans=[(r[:1], d) for r, d in plans], results=warm, buffers=buffers)
+        for result in warm:
+            check_bytes(result.first, reference=reference, shape=shape)
+
+        timed = [StreamResult() for _ in range(config.streams)]
+        server_cpu, client_cpu = service.cpu_seconds(), own_cpu_seconds()
+        started = time.perf_counter()
+        run_streams(extracts, plans=[(r[1:], d) for r, d in plans], results=timed, buffers=buffers)
+        elapsed = time.perf_counter() - started
+        server_cpu, client_cpu = service.cpu_seconds() - server_cpu, own_cpu_seconds() - client_cpu
+        for result in timed:
+            check_bytes(result.last, reference=reference, shape=shape)
+        total = sum(result.bytes for result in timed)
+        expected_total = config.streams * samples_per_stream * shape.sample_bytes
+        if total != expected_total:
+            raise RuntimeError(f"{config.name}: {total} bytes arrived, {expected_total} expected")
+        return Run(total / elapsed, client_cpu / (total / 1e9), server_cpu / (total / 1e9))
+    finally:
+        for channel in channels:
+            channel.close()
+
+
+def run_streams(
+    extracts: list[Callable[..., Iterator[Any]]],
+    *,
+    plans: list[tuple[list[pb.ExtractRequest], dict[int, bytes]]],
+    results: list[StreamResult],
+    buffers: SampleBuffers | None,
+) -> None:
+    threads = [
+        threading.Thread(
+            target=pull,
+            args=(extract,),
+            kwargs=dict(requests=requests, digests=digests, result=result, buffers=buffers),
+        )
+        for extract, (requests, digests), result in zip(extracts, plans, results, strict=True)
     ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for result in results:
+        if result.error is not None:
+            raise result.error
+
+
+# -------------------------------------------------------------------------------------- socket
+
+
+def socket_sender(port: int, *, connections: int, sample_bytes: int, samples: int) -> None:
+    """The sending process: one thread per connection, `sendall` of one preallocated buffer."""
+    payload = memoryview(os.urandom(sample_bytes))
+
+    def send(sock: socket.socket) -> None:
+        with sock:
+            sock.recv(1)  # go
+            for _ in range(samples):
+                sock.sendall(payload)
+
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(connections)]
+    threads = [threading.Thread(target=send, args=(s,)) for s in socks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def socket_run(connections: int, *, sample_bytes: int, samples_per_connection: int) -> Run:
+    """Bytes/s this process receives from a sender process over `connections` connections."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=connections)
+    port = listener.getsockname()[1]
+    sender = mp.get_context("spawn").Process(
+        target=socket_sender,
+        args=(port,),
+        kwargs=dict(connections=connections, sample_bytes=sample_bytes, samples=samples_per_connection),
+        daemon=True,
+    )
+    sender.start()
+    accepted = [listener.accept()[0] for _ in range(connections)]
     received = [0] * connections
 
     def drain(index: int, conn: socket.socket) -> None:
-        buffer = memoryview(bytearray(chunk))
+        buffer = memoryview(bytearray(sample_bytes))
         with conn:
+            conn.sendall(b"g")
             while True:
-                count = conn.recv_into(buffer)
-                if not count:
-                    return
-                received[index] += count
+                filled = 0
+                while filled < sample_bytes:
+                    count = conn.recv_into(buffer[filled:])
+                    if not count:
+                        return
+                    filled += count
+                received[index] += filled
 
-    for sender in senders:
-        sender.start()
-    accepted = [server.accept()[0] for _ in range(connections)]
-    started = time.perf_counter()
     threads = [threading.Thread(target=drain, args=(i, c)) for i, c in enumerate(accepted)]
+    sender_cpu, client_cpu = process_cpu_seconds(sender.pid), own_cpu_seconds()
+    started = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - started
-    for sender in senders:
-        sender.join()
-    server.close()
-    assert sum(received) == total_per_connection * connections
-    return sum(received) / elapsed
+    sender_cpu, client_cpu = process_cpu_seconds(sender.pid) - sender_cpu, own_cpu_seconds() - client_cpu
+    sender.join()
+    listener.close()
+    total = sum(received)
+    if total != sample_bytes * samples_per_connection * connections:
+        raise RuntimeError(f"socket: {total} bytes arrived")
+    return Run(total / elapsed, client_cpu / (total / 1e9), sender_cpu / (total / 1e9))
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def describe_device() -> str:
+    model = platform.processor() or platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    host = f"{model}, {os.cpu_count()} cores"
+    if torch.cuda.is_available():  # the GPU hosts differ from CI machines by more than the CPU
+        host += f", beside {torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    return host
+
+
+def write_rows(out: Path, rows: list[dict[str, Any]]) -> None:
+    """Replace this host's rows in `out` and keep other hosts' rows, so hosts can be compared."""
+    kept = []
+    if out.exists():
+        kept = [row for row in json.loads(out.read_text()) if row["device"] != rows[0]["device"]]
+    out.write_text(json.dumps(kept + rows, indent=2) + "\n")
+
+
+def parse_option(text: str) -> tuple[str, int]:
+    name, _, value = text.partition("=")
+    return name, int(value)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--layers", type=int, default=4, help="planes per token (aux layers + N)")
+    parser.add_argument("--planes", type=int, default=4, help="layers per token: auxiliary layers + N")
     parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--samples", type=int, default=34)
-    parser.add_argument("--frame-mib", type=int, default=8)
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--gib", type=float, default=3.0, help="GiB moved per config and repeat")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per config; the best is kept")
+    parser.add_argument("--frames", type=int, nargs="+", default=[1, 4, 8, 16], help="frame sizes, MiB")
+    parser.add_argument("--streams", type=int, nargs="+", default=[2, 4], help="multi-stream configs")
+    parser.add_argument(
+        "--grpc-option", type=parse_option, action="append", default=[], metavar="NAME=INT",
+        help="extra gRPC channel/server option on both ends, to try one without editing code",
+    )  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="512-token samples, fewer configs (~20 s)")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.quick:
-        args.tokens, args.samples = 512, 34
-    sample_bytes = args.tokens * args.layers * args.hidden * 2
-    cpu = platform.processor() or platform.machine()
-    device = f"{cpu}, {mp.cpu_count()} cores, loopback"
-    config = (
-        f"{args.tokens} tokens x {args.layers} planes x {args.hidden} bf16 = "
-        f"{sample_bytes / 2**20:.0f} MiB/sample, {args.frame_mib} MiB frames"
+        args.tokens, args.gib, args.repeats, args.frames, args.streams = 512, 0.5, 1, [1, 8], [2]
+    shape = SyntheticShape(tokens=args.tokens, planes=args.planes, hidden=args.hidden)
+    samples = max(2, round(args.gib * (1 << 30) / shape.sample_bytes))
+    options = merge_options(endpoints.CHANNEL_OPTIONS, args.grpc_option)
+    reference = shape.reference()
+    config_text = (
+        f"{shape.tokens} tokens x {shape.planes} planes x {shape.hidden} bf16 = "
+        f"{shape.sample_bytes / MiB:.0f} MiB/sample, 127.0.0.1, best of {args.repeats}"
     )
+    print(f"{config_text}; {samples} samples per config")
 
-    ready: mp.Queue = mp.get_context("spawn").Queue()
-    service = mp.get_context("spawn").Process(target=serve, args=(args, ready), daemon=True)
-    service.start()
-    address = ready.get(timeout=120)
-    results: dict[str, float] = {}
+    results: dict[str, tuple[Run, str]] = {}
+
+    def measure(name: str, describe: str, once: Callable[[], Run]) -> Run:
+        best = max((once() for _ in range(args.repeats)), key=lambda run: run.bytes_per_s)
+        results[name] = (best, describe)
+        print(
+            f"{name:>34}: {best.bytes_per_s / 1e9:6.2f} GB/s   cpu-s/GB client "
+            f"{best.client_cpu_s_per_gb:5.2f} server {best.server_cpu_s_per_gb:5.2f}",
+            flush=True,
+        )
+        return best
+
+    calls = iter(range(1 << 20))
+    services: dict[int, Service] = {}
     try:
-        for streams in (1, 4):
-            results[f"grpc_{streams}_stream"] = grpc_rate(address, args, streams)
-    finally:
-        service.kill()
-    total = sample_bytes * (args.samples - 2)
-    for connections in (1, 4):
-        results[f"socket_{connections}_connection"] = socket_rate(total // connections, connections, 1 << 20)
 
-    best_grpc = max(v for k, v in results.items() if k.startswith("grpc"))
-    best_socket = max(v for k, v in results.items() if k.startswith("socket"))
-    today = date.today().isoformat()
+        def grpc_measure(config: GrpcConfig) -> Run:
+            if config.frame_mib not in services:
+                service = Service(shape, frame_mib=config.frame_mib, options=args.grpc_option)
+                services[config.frame_mib] = service
+            per_stream = max(1, samples // config.streams)
+            return measure(
+                config.name,
+                config.describe(),
+                lambda: grpc_run(
+                    services[config.frame_mib], config, shape=shape, reference=reference,
+                    samples_per_stream=per_stream, options=options, call_index=next(calls),
+                ),
+            )  # fmt: skip
+
+        sweep = {frame: grpc_measure(GrpcConfig(frame_mib=frame)) for frame in args.frames}
+        best_frame = max(sweep, key=lambda frame: sweep[frame].bytes_per_s)
+        grpc_measure(GrpcConfig(frame_mib=best_frame, pooled=False))
+        grpc_measure(GrpcConfig(frame_mib=best_frame, fast=False))
+        for streams in args.streams:
+            grpc_measure(GrpcConfig(frame_mib=best_frame, streams=streams, channels=streams))
+            grpc_measure(GrpcConfig(frame_mib=best_frame, streams=streams, channels=1))
+    finally:
+        for service in services.values():
+            service.stop()
+    for connections in (1, *args.streams):
+        measure(
+            f"socket_{connections}connection{'s' if connections > 1 else ''}",
+            f"{connections} TCP connection(s), sendall / recv_into of sample-sized buffers",
+            lambda connections=connections: socket_run(
+                connections, sample_bytes=shape.sample_bytes, samples_per_connection=samples // connections
+            ),
+        )
+
+    rate = {name: run.bytes_per_s for name, (run, _) in results.items()}
+    best_grpc = max((n for n in rate if n.startswith("grpc")), key=rate.__getitem__)
+    best_socket = max((n for n in rate if n.startswith("socket")), key=rate.__getitem__)
+    best_one_stream = max((n for n in rate if n.startswith("grpc_1stream")), key=rate.__getitem__)
+    device, today = describe_device(), date.today().isoformat()
     rows = [
-        {"metric": f"{name}_bytes_per_s", "value": round(value), "unit": "bytes/s", "config": config,
-         "device": device, "date": today}
-        for name, value in results.items()
+        {"metric": f"{name}_bytes_per_s", "value": round(run.bytes_per_s), "unit": "bytes/s",
+         "config": f"{describe}; {config_text}", "device": device, "date": today}
+        for name, (run, describe) in results.items()
     ]  # fmt: skip
-    for name, value in (
-        ("grpc_vs_socket_ratio", best_grpc / best_socket),
-        ("grpc_vs_socket_ratio_one_stream", results["grpc_1_stream"] / results["socket_1_connection"]),
+    # Where the time goes: CPU seconds each end spends per GB moved (the receiver is "client").
+    rows += [
+        {"metric": f"{name}_{end}_cpu_s_per_gb", "value": round(value, 3), "unit": "cpu-s/GB",
+         "config": f"{describe}; {config_text}", "device": device, "date": today}
+        for name, (run, describe) in results.items()
+        for end, value in (("client", run.client_cpu_s_per_gb), ("server", run.server_cpu_s_per_gb))
+    ]  # fmt: skip
+    for metric, grpc_name, socket_name in (
+        ("grpc_vs_socket_ratio", best_grpc, best_socket),
+        ("grpc_vs_socket_ratio_one_stream", best_one_stream, "socket_1connection"),
     ):
-        rows.append({"metric": name, "value": round(value, 3), "unit": "ratio", "config": config,
-                     "device": device, "date": today})  # fmt: skip
+        rows.append(
+            {"metric": metric, "value": round(rate[grpc_name] / rate[socket_name], 3), "unit": "ratio",
+             "config": f"{grpc_name} / {socket_name}; {config_text}", "device": device, "date": today}
+        )  # fmt: skip
+    print(f"\n{'metric':<44} {'value':>14}  unit")
     for row in rows:
-        print(f"{row['metric']:>36}: {row['value']:>16,} {row['unit']}")
-    out = ROOT / "bench" / "results" / f"transport{'_quick' if args.quick else ''}.json"
-    out.write_text(json.dumps(rows, indent=2) + "\n")
+        if row["unit"] != "cpu-s/GB":  # printed per config above
+            value = f"{row['value'] / 1e9:.2f} GB/s" if row["unit"] == "bytes/s" else f"{row['value']:.3f}"
+            print(f"{row['metric']:<44} {value:>14}")
+    out = args.out or ROOT / "bench" / "results" / f"transport{'_quick' if args.quick else ''}.json"
+    write_rows(out, rows)
     print(f"wrote {out}")
     return 0
 

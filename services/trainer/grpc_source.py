@@ -38,6 +38,7 @@ from dflash_core.wire.codec import (
     WIRE_DTYPES,
     DecodedSample,
     FrameAssembler,
+    SampleBuffers,
     WireError,
     check_finite_nonzero,
     parse_frame,
@@ -158,6 +159,9 @@ class GrpcSource:
         self._layer_ids = [*self._target_layer_ids, self._fingerprint.num_layers]
         self._bytes_per_token = len(self._layer_ids) * self._fingerprint.hidden_size * self._dtype.itemsize
 
+        # Reused sample memory (no page faults per sample). The trainer holds consumed samples
+        # for a step beside those in flight, hence twice the budget.
+        self._buffers = SampleBuffers(2 * inflight_bytes)
         self._cond = threading.Condition()
         self._queue: collections.deque[int] = collections.deque()
         self._pending: dict[int, _Pending] = {}
@@ -503,7 +507,7 @@ class _Stream(threading.Thread):
         metadata = ((EXPECT_VERIFIER_KEY, self.source._expected_json),)
         rpc = self._extract(self._requests(call), metadata=metadata)
         self._rpc = rpc
-        assembler = FrameAssembler()
+        assembler = FrameAssembler(self.source._buffers)
         for response in rpc:
             if response.HasField("error"):
                 code = _CODE_BY_NUMBER.get(response.error.code, grpc.StatusCode.UNKNOWN)

@@ -16,6 +16,7 @@ import torch
 
 from dflash_core.wire.codec import (
     FrameAssembler,
+    SampleBuffers,
     WireError,
     check_finite_nonzero,
     encode_sample,
@@ -269,3 +270,45 @@ def test_parse_frame_reads_protobufs_own_serialization_and_errors():
     assert not parsed.HasField("header")
     with pytest.raises(WireError, match="runs past its end"):
         parse_frame(bytes([0x2A, 0x10, 0x01]))  # data field announces 16 bytes, carries 1
+
+
+# ---------------------------------------------------------------------------- buffer reuse
+
+MIB = 1 << 20
+
+
+def test_sample_buffers_reuse_memory_only_once_no_tensor_views_it():
+    pool = SampleBuffers(max_bytes=8 * MIB)
+    first = pool.take(2 * MIB)
+    view = first[10:20].view(torch.int16)  # a view keeps the storage alive
+    del first
+    second = pool.take(2 * MIB)
+    assert second.data_ptr() != view.data_ptr() - 10  # still in use: a new buffer
+    address = view.data_ptr() - 10
+    del view
+    third = pool.take(2 * MIB)
+    assert third.data_ptr() == address  # free again: reused
+    assert pool.pooled_bytes == 4 * MIB
+
+
+def test_sample_buffers_past_the_limit_hand_out_ordinary_buffers_and_evict_free_ones():
+    pool = SampleBuffers(max_bytes=4 * MIB)
+    held = [pool.take(2 * MIB), pool.take(2 * MIB)]
+    extra = pool.take(2 * MIB)  # over the limit while both are held: unpooled
+    assert pool.pooled_bytes == 4 * MIB and extra.numel() == 2 * MIB
+    held.clear()
+    big = pool.take(3 * MIB)  # the free 2 MiB buffers are dropped to make room
+    assert pool.pooled_bytes <= 4 * MIB and big.numel() == 3 * MIB
+    small = pool.take(1000)  # small samples bypass the pool
+    assert small.numel() == 1000 and pool.pooled_bytes <= 4 * MIB
+
+
+def test_assembler_with_a_pool_reassembles_the_same_tensor():
+    tensor = torch.randn(300, 2, 1024).to(torch.bfloat16)  # 1.2 MiB: pooled
+    assembler = FrameAssembler(SampleBuffers(8 * MIB))
+    done = None
+    for frame in encode_sample_frames(
+        1, tensor, token_ids=[1] * 300, layer_ids=[1, 2], max_frame_bytes=MIB // 2
+    ):
+        done = assembler.add(parse_frame(frame)) or done
+    assert done is not None and torch.equal(done.tensor, tensor)
