@@ -7,6 +7,7 @@ Cross-field rules run when a config is built and name the flag to change.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -127,6 +128,35 @@ class TrainConfig(JobConfig):
     )
     log_freq: int = Field(default=10, gt=0, description="Steps between metric log lines.")
     save_best: bool = Field(default=True, description="Maintain the checkpoint_best link (lowest val loss).")
+    report_to: list[Literal["jsonl", "tensorboard", "wandb", "trackio", "mlflow"]] = Field(
+        default_factory=lambda: ["jsonl", "tensorboard"],
+        description="Metric sinks besides the log, on rank 0: `jsonl` (`<save-path>/metrics.jsonl`), "
+        "`tensorboard` (`<save-path>/tensorboard`), `wandb`, `trackio`, `mlflow` (need their packages).",
+    )
+    run_name: str | None = Field(
+        default=None, description="Run name in wandb, trackio and mlflow; default: --job-id, else theirs."
+    )
+    control_plane_url: str | None = Field(
+        default=None,
+        description="Also POST metric rows to `<url>/v1/jobs/<job-id>/metrics` (needs --job-id); bearer "
+        "token from --control-plane-token-file, else `$DFLASH_CONTROL_PLANE_TOKEN`.",
+    )
+    job_id: str | None = Field(default=None, description="This run's job id at the control plane.")
+    control_plane_token_file: Path | None = Field(
+        default=None, description="File holding the control plane's bearer token (never logged)."
+    )
+
+    @model_validator(mode="after")
+    def _control_plane_pair(self) -> TrainConfig:
+        if (self.control_plane_url is None) != (self.job_id is None):
+            given, missing = (
+                ("--control-plane-url", "--job-id")
+                if self.job_id is None
+                else ("--job-id", "--control-plane-url")
+            )
+            raise ValueError(f"{given} needs {missing} too (metrics go to <url>/v1/jobs/<job-id>/metrics)")
+        return self
+
     from_pretrained: Path | None = Field(
         default=None, description="Start from these drafter weights (fresh optimizer and schedule)."
     )
@@ -144,10 +174,15 @@ class TrainConfig(JobConfig):
     hidden_states_cache: Path | None = Field(
         default=None, description="Folder of the hidden-state cache; default `<data-path>/hidden_states`."
     )
-    vllm_endpoint: list[str] | None = Field(
+    hidden_states_endpoint: list[str] | None = Field(
         default=None,
         description="Hidden-state service addresses (`host:port`, `http://host:port/v1` also accepted); "
         "several spread the load and survive one dying. None = compute in-process.",
+    )
+    vllm_endpoint: list[str] | None = Field(
+        default=None,
+        description="The tutorial's name for --hidden-states-endpoint: it names our hidden-state service "
+        "(`dflash serve-hidden-states`), not a plain vLLM server.",
     )
     inflight_bytes: int = Field(
         default=1 << 30,
@@ -162,7 +197,16 @@ class TrainConfig(JobConfig):
     )
 
     # --- where to run ---
-    device: str = Field(default="auto", description="`auto`, `cpu`, `cuda` or `cuda:N`.")
+    device: str = Field(
+        default="auto",
+        description="`auto`, `cpu`, `cuda` or `cuda:N`; under torchrun each rank takes `cuda:<LOCAL_RANK>`.",
+    )
+    nproc: int = Field(
+        default=1,
+        gt=0,
+        description="Training processes on this host (one per GPU): > 1 relaunches the command under "
+        "`torchrun --standalone --nproc-per-node N` with FSDP2. Ignored inside torchrun.",
+    )
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         default="auto",
         description="Compute dtype of the verifier and of autocast over float32 master weights; "
@@ -183,6 +227,19 @@ class TrainConfig(JobConfig):
 
     @model_validator(mode="after")
     def _cross_field(self) -> TrainConfig:
+        if self.vllm_endpoint:
+            if self.hidden_states_endpoint and self.hidden_states_endpoint != self.vllm_endpoint:
+                raise ValueError(
+                    "--vllm-endpoint and --hidden-states-endpoint name different services; give one of them"
+                )
+            if not self.hidden_states_endpoint:
+                logging.getLogger(__name__).warning(
+                    "--vllm-endpoint %s: taken as --hidden-states-endpoint (a `dflash serve-hidden-states` "
+                    "service, which also serves vLLM's hidden states)",
+                    " ".join(self.vllm_endpoint),
+                )
+                # Plain assignment would re-run this validator (validate_assignment).
+                object.__setattr__(self, "hidden_states_endpoint", list(self.vllm_endpoint))
         if self.sliding_window is not None and self.full_attention:
             raise ValueError("--sliding-window needs --no-full-attention (sliding layers)")
         if not self.full_attention and self.sliding_window is None:

@@ -41,6 +41,7 @@ AttentionKind = Literal["sdpa", "flex"]
 @dataclass
 class DFlashOutput:
     loss: torch.Tensor  # [] float32
+    loss_count: torch.Tensor  # [] float32: slots in the loss (the mean's denominator, before its eps)
     # --- metrics (device tensors; see dflash_core.loss.SlotMetrics) ---
     correct_per_pos: torch.Tensor  # [block_size]
     total_per_pos: torch.Tensor  # [block_size]
@@ -198,6 +199,7 @@ def dflash_forward(
 
     result = DFlashOutput(
         loss=loss,
+        loss_count=loss_mask.float().sum().detach(),
         **{f.name: getattr(metrics, f.name) for f in fields(SlotMetrics)},
         slot_loss_mask=supervised,
         loss_per_slot=per_slot,

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         print("[2/3] starting the hidden-state service (SmolLM2, transformers backend) on 127.0.0.1")
         with LocalService.start(serve) as service:
             print(f"      serving on {service.address}\n[3/3] training {steps} on its hidden states")
-            result = run_training(train.model_copy(update={"vllm_endpoint": [service.address]}))
+            result = run_training(train.model_copy(update={"hidden_states_endpoint": [service.address]}))
 
     minutes = (time.monotonic() - started) / 60
     print(f"\ndone in {minutes:.1f} min; checkpoints in {result.save_path}")

@@ -7,11 +7,22 @@
 
 Re-running the same command resumes from `<save-path>/latest` (exact: weights, optimizer,
 schedule, data position). `--no-resume` starts over.
+
+Several GPUs: `dflash train --nproc 2 ...` relaunches itself under `torchrun --standalone`, or run
+`torchrun --nproc-per-node 2 -m services.cli.main train ...` directly (FSDP2 either way).
+SIGTERM or Ctrl-C stops after the current step with a checkpoint; the exit status is then
+128 + the signal's number (143, 130), so schedulers see an unfinished run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import sys
+import tempfile
+
+import yaml
 
 from dflash_core.config import TrainConfig
 from services.cli.args import add_config_arguments, config_from_args
@@ -27,12 +38,23 @@ def run(args: argparse.Namespace) -> int:
     from services.trainer.preflight import PreflightError
 
     config = config_from_args(TrainConfig, args)
+    if config.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        relaunch_under_torchrun(config, log_level=args.log_level)  # does not return
     try:
         result = run_training(config)
     except (PreflightError, HiddenStateServiceError) as exc:
         print(f"error: {exc}")
         return 2
     state = result.state
+    if os.environ.get("RANK", "0") != "0":
+        return 0 if state.stopped_by is None else 1  # rank 0 reports for the run
+    if state.stopped_by is not None:
+        print(
+            f"stopped by {state.stopped_by} after {state.global_step} steps; checkpoint in "
+            f"{result.save_path}/latest (run the same command to resume)"
+        )
+        signum = getattr(signal.Signals, state.stopped_by, None)
+        return 128 + int(signum) if signum is not None else 1
     print(f"trained {state.global_step} steps over {state.epoch} epochs; checkpoints in {result.save_path}")
     if state.best_epoch is not None:
         print(
@@ -40,3 +62,19 @@ def run(args: argparse.Namespace) -> int:
             f"-> {result.save_path}/checkpoint_best"
         )
     return 0
+
+
+def relaunch_under_torchrun(config: TrainConfig, *, log_level: str) -> None:
+    """Replace this process with `torchrun --standalone --nproc-per-node N` running this command.
+
+    The validated config travels as a YAML file (flags, YAML and defaults already merged), so
+    every rank trains exactly what was asked. exec, not a child: signals reach torchrun directly.
+    """
+    with tempfile.NamedTemporaryFile("w", prefix="dflash-train-", suffix=".yaml", delete=False) as handle:
+        yaml.safe_dump(config.model_dump(mode="json", exclude_defaults=True), handle)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={config.nproc}",
+        "-m", "services.cli.main", "--log-level", log_level, "train", "--config", handle.name,
+    ]  # fmt: skip
+    print(f"relaunching under torchrun with {config.nproc} processes", flush=True)
+    os.execv(sys.executable, command)

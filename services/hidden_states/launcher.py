@@ -1,7 +1,7 @@
 """Start the hidden-state service as a child process and wait until it serves.
 
     with LocalService.start(ServeHiddenStatesConfig(model=..., port=0)) as service:
-        train(..., vllm_endpoint=[service.address])
+        train(..., hidden_states_endpoint=[service.address])
 
 `dflash demo` uses this to run the real service beside the trainer on 127.0.0.1; tests use it
 to kill and restart services mid-stream. The child is `python -m services.hidden_states.main`,

@@ -6,6 +6,10 @@ module decides WHEN and WHERE to save and what training state to carry:
     <save_path>/0/, 1/, ...   one per finished epoch (kept)
     <save_path>/step-<n>/     every --checkpoint-freq steps (only the newest is kept)
     latest -> newest of those; checkpoint_best -> the epoch with the lowest val loss
+
+Under FSDP every rank takes part in gathering the full tensors and rank 0 alone writes; the
+files are the same whatever the number of ranks, so a run resumes on another number of ranks
+as long as the global batch (ranks x --batch-size) is the same.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dflash_core.checkpoint import load_checkpoint, save_checkpoint, update_link
 from dflash_core.config import TrainConfig
 from dflash_core.model.config import DrafterConfig
 from dflash_core.rng_state import restore_rng_state
+from services.trainer.distributed import full_state, load_full_state
 
 if TYPE_CHECKING:
     from services.trainer.trainer import Trainer
@@ -30,14 +35,17 @@ STEP_PREFIX = "step-"
 
 
 class Checkpointer:
-    def __init__(self, *, root: Path, drafter_config: DrafterConfig, train_config: TrainConfig) -> None:
+    def __init__(
+        self, *, root: Path, drafter_config: DrafterConfig, train_config: TrainConfig, is_main: bool = True
+    ) -> None:
         self.root = Path(root)
         self.drafter_config = drafter_config
         self.train_config = train_config
+        self.is_main = is_main
 
     def save_epoch(self, trainer: Trainer, *, epoch: int, is_best: bool) -> Path:
         path = self._save(trainer, self.root / str(epoch))
-        if is_best:
+        if is_best and self.is_main:
             update_link(self.root, "checkpoint_best", path)
         self._drop_step_folders(keep=None)
         return path
@@ -48,20 +56,26 @@ class Checkpointer:
         return path
 
     def _save(self, trainer: Trainer, path: Path) -> Path:
-        save_checkpoint(
-            path,
-            drafter_state=trainer.drafter.state_dict(),
-            config=self.drafter_config,
-            optimizer_state=trainer.optimizer.state_dict(),
-            scheduler_state=trainer.scheduler.state_dict(),
-            training_state=training_state_of(trainer),
-        )
-        update_link(self.root, "latest", path)
-        logger.info("checkpoint %s (step %d)", path, trainer.state.global_step)
+        model_state, optimizer_state = full_state(trainer.drafter, trainer.optimizer)  # every rank
+        if trainer.dist.is_main:
+            save_checkpoint(
+                path,
+                drafter_state=model_state,
+                config=self.drafter_config,
+                optimizer_state=optimizer_state,
+                scheduler_state=trainer.scheduler.state_dict(),
+                training_state=training_state_of(trainer),
+            )
+            update_link(self.root, "latest", path)
+            logger.info("checkpoint %s (step %d)", path, trainer.state.global_step)
+        # Nobody moves on (or drops step folders) before the checkpoint is complete.
+        trainer.dist.barrier()
         return path
 
     def _drop_step_folders(self, *, keep: Path | None) -> None:
         """Step folders only serve resumes; once a newer checkpoint exists they are dead weight."""
+        if not self.is_main:
+            return
         for folder in self.root.glob(f"{STEP_PREFIX}*"):
             if folder != keep and folder.is_dir() and not folder.is_symlink():
                 shutil.rmtree(folder, ignore_errors=True)
@@ -82,29 +96,31 @@ def training_state_of(trainer: Trainer) -> dict:
             "num_train_rows": len(trainer.train_indices),
             "num_val_rows": len(trainer.val_indices),
             "total_seq_len": trainer.config.total_seq_len,
-            "batch_size": trainer.config.batch_size,
+            "global_batch_size": trainer.global_batch_size,
         },
+        # Informational: resuming on another number of ranks is fine (same global batch).
+        "world_size": trainer.dist.world_size,
     }
 
 
 def restore_training(trainer: Trainer, path: Path) -> None:
-    """Load weights, optimizer, scheduler and position from `path`; refuse a different data plan."""
-    loaded = load_checkpoint(path, map_location=trainer.device)
-    saved = loaded.training_state
-    data = saved.get("data", {})
-    current = training_state_of(trainer)["data"]
-    changed = {k: (data[k], current[k]) for k in current if k in data and data[k] != current[k]}
-    if changed:
-        detail = ", ".join(f"{k}: checkpoint {old} vs now {new}" for k, (old, new) in changed.items())
-        raise ValueError(
-            f"cannot resume from {path}: the data plan changed ({detail}); resuming would repeat or skip "
-            "samples. Restore the original settings, or pass --no-resume / a new --save-path"
-        )
-    trainer.drafter.load_state_dict(loaded.state_dict, strict=True)
-    if loaded.optimizer_state is not None:
-        trainer.optimizer.load_state_dict(loaded.optimizer_state)
-    if loaded.scheduler_state is not None:
-        trainer.scheduler.load_state_dict(loaded.scheduler_state)
+    """Load weights, optimizer, scheduler and position from `path`; refuse a different data plan.
+
+    Rank 0 reads the files; the other ranks receive the tensors and the state from it.
+    """
+    loaded = load_checkpoint(path, map_location="cpu") if trainer.dist.is_main else None
+    saved = trainer.dist.broadcast_object(loaded.training_state if loaded is not None else None)
+    check_same_data_plan(saved, training_state_of(trainer), path=path)
+    load_full_state(
+        trainer.drafter,
+        trainer.optimizer,
+        loaded.state_dict if loaded is not None else {},
+        loaded.optimizer_state if loaded is not None else None,
+        context=trainer.dist,
+    )
+    scheduler_state = trainer.dist.broadcast_object(loaded.scheduler_state if loaded is not None else None)
+    if scheduler_state is not None:
+        trainer.scheduler.load_state_dict(scheduler_state)
     state = trainer.state
     state.epoch = saved["epoch"]
     state.step_in_epoch = saved["step_in_epoch"]
@@ -115,3 +131,28 @@ def restore_training(trainer: Trainer, path: Path) -> None:
     state.history = saved.get("history", [])
     restore_rng_state(saved.get("rng"))
     logger.info("resumed from %s at epoch %d, step %d", path, state.epoch, state.global_step)
+
+
+def check_same_data_plan(saved: dict, current: dict, *, path: Path) -> None:
+    """The data plan is a pure function of `data`: any change would repeat or skip samples."""
+    data = dict(saved.get("data", {}))
+    if "batch_size" in data:  # written before data-parallel training: one rank
+        data["global_batch_size"] = data.pop("batch_size")
+    now = current["data"]
+    changed = {k: (data[k], now[k]) for k in now if k in data and data[k] != now[k]}
+    if not changed:
+        return
+    detail = ", ".join(f"{k}: checkpoint {old} vs now {new}" for k, (old, new) in changed.items())
+    hint = ""
+    if "global_batch_size" in changed:
+        ranks = current.get("world_size", 1)
+        per_rank = now["global_batch_size"] // ranks
+        hint = (
+            f" The global batch is ranks x --batch-size ({ranks} x {per_rank} now; the "
+            f"checkpoint was written by {saved.get('world_size', 1)} rank(s)): choose --batch-size so the "
+            "product matches."
+        )
+    raise ValueError(
+        f"cannot resume from {path}: the data plan changed ({detail}); resuming would repeat or skip "
+        f"samples.{hint} Restore the original settings, or pass --no-resume / a new --save-path"
+    )

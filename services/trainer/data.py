@@ -29,14 +29,18 @@ def split_indices(num_rows: int, *, val_fraction: float, seed: int) -> tuple[lis
     return sorted(order[num_val:]), sorted(order[:num_val])
 
 
-def anchor_generator(*, seed: int, epoch: int, step: int) -> torch.Generator:
-    """Anchors are resampled every epoch (DESIGN 2.3) but fixed for a given (epoch, step)."""
-    return _generator(seed, _ANCHOR_STREAM, epoch, step)
+def anchor_generator(*, seed: int, epoch: int, step: int, row: int) -> torch.Generator:
+    """Anchors are resampled every epoch (DESIGN 2.3) but fixed for a given (epoch, step, row).
+
+    `row` is the row's index in the global step, so the anchors do not depend on the number of
+    ranks the step is split over.
+    """
+    return _generator(seed, _ANCHOR_STREAM, epoch, step, row)
 
 
-def validation_anchor_generator(*, seed: int, batch_index: int) -> torch.Generator:
+def validation_anchor_generator(*, seed: int, batch_index: int, row: int) -> torch.Generator:
     """Validation uses the same anchors every time, so val metrics compare across epochs."""
-    return _generator(seed, _ANCHOR_STREAM, _VAL_ANCHOR_EPOCH, batch_index)
+    return _generator(seed, _ANCHOR_STREAM, _VAL_ANCHOR_EPOCH, batch_index, row)
 
 
 def _generator(seed: int, *stream: int) -> torch.Generator:

@@ -35,11 +35,13 @@ from services.trainer.batches import BatchBuilder, TokenRows
 from services.trainer.cache import CachingSource, HiddenStateCache
 from services.trainer.checkpointing import Checkpointer, restore_training
 from services.trainer.data import split_indices
+from services.trainer.distributed import DistContext, init_distributed, shard_drafter, shutdown_distributed
 from services.trainer.drafter_setup import build_drafter_config, init_reduced_vocab
 from services.trainer.grpc_source import GrpcSource
 from services.trainer.metrics import JsonlSink, LoggingSink, MetricSinks
 from services.trainer.preflight import check_data_matches_verifier
 from services.trainer.sources import HiddenStateSource, InProcessSource
+from services.trainer.stop_signals import StopSignals
 from services.trainer.trainer import Trainer, TrainState
 
 logger = logging.getLogger(__name__)
@@ -49,12 +51,6 @@ logger = logging.getLogger(__name__)
 class TrainResult:
     save_path: Path
     state: TrainState
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def resolve_autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
@@ -79,7 +75,7 @@ def build_source(
 ) -> CachingSource:
     """The verifier's hidden states behind the cache, as --on-missing/--on-generate say.
 
-    Misses are computed by the hidden-state service when --vllm-endpoint names one, else by the
+    Misses are computed by the hidden-state service when --hidden-states-endpoint names one, else by the
     verifier in this process. The cache is always consulted (`generate` means "compute what is
     not cached"); the computing side is only wired in when misses are computed, so
     `--on-missing raise` never needs a verifier or a service.
@@ -91,9 +87,9 @@ def build_source(
     )
     inner: HiddenStateSource | None = None
     if config.on_missing == "generate":
-        if config.vllm_endpoint:
+        if config.hidden_states_endpoint:
             inner = GrpcSource(
-                config.vllm_endpoint,
+                config.hidden_states_endpoint,
                 target_layer_ids=target_layer_ids,
                 expected=fingerprint,
                 inflight_bytes=config.inflight_bytes,
@@ -105,7 +101,9 @@ def build_source(
             inner = InProcessSource(model=model, fingerprint=fingerprint, target_layer_ids=target_layer_ids)
     logger.info(
         "hidden states: %s, cache %s, on missing %s, on generate %s",
-        f"service {', '.join(config.vllm_endpoint)}" if config.vllm_endpoint else "in-process verifier",
+        f"service {', '.join(config.hidden_states_endpoint)}"
+        if config.hidden_states_endpoint
+        else "in-process verifier",
         cache.folder,
         config.on_missing,
         config.on_generate,
@@ -119,7 +117,7 @@ def load_verifier_side(
     """(model or None, its config, tokenizer, heads). With a hidden-state service the decoder layers
     run there, so only the config, tokenizer and the three head tensors are loaded here."""
     name = config.verifier_name_or_path
-    if config.vllm_endpoint or config.on_missing != "generate":
+    if config.hidden_states_endpoint or config.on_missing != "generate":
         tokenizer = load_tokenizer(name)
         verifier_config = load_verifier_config(name)
         return None, verifier_config, tokenizer, load_verifier_heads(name, device=device, dtype=dtype)
@@ -128,10 +126,25 @@ def load_verifier_side(
 
 
 def run_training(config: TrainConfig, *, stop_after_steps: int | None = None) -> TrainResult:
-    """Train to the end of `config` (or for `stop_after_steps` more steps). Resumes from `latest`."""
-    device = resolve_device(config.device)
+    """Train to the end of `config` (or for `stop_after_steps` more steps). Resumes from `latest`.
+
+    Under torchrun every rank runs this; the process group lives for the call.
+    """
+    # A rank waits in a collective while another waits for the hidden-state service: allow that.
+    dist, device = init_distributed(config.device, timeout_s=max(600.0, 2 * config.service_timeout_s + 60))
+    try:
+        return _train(config, dist=dist, device=device, stop_after_steps=stop_after_steps)
+    finally:
+        shutdown_distributed()
+
+
+def _train(
+    config: TrainConfig, *, dist: DistContext, device: torch.device, stop_after_steps: int | None
+) -> TrainResult:
+    if not dist.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # one copy of the INFO lines, from rank 0
     autocast_dtype = resolve_autocast_dtype(config.dtype, device)
-    seed_everything(config.seed)
+    seed_everything(config.seed)  # the same initial weights on every rank, before sharding
 
     # --- data and verifier: refuse to start on any mismatch (DESIGN 2.1) ---
     dataset, data_meta = load_prepared(config.data_path)
@@ -157,6 +170,8 @@ def run_training(config: TrainConfig, *, stop_after_steps: int | None = None) ->
         drafter.load_state_dict(loaded.state_dict, strict=True)
         logger.info("initialised drafter weights from %s", config.from_pretrained)
     drafter.to(device)
+    if dist.is_distributed:
+        shard_drafter(drafter, compute_dtype=autocast_dtype if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(
         [p for p in drafter.parameters() if p.requires_grad],
         lr=config.lr,
@@ -166,8 +181,13 @@ def run_training(config: TrainConfig, *, stop_after_steps: int | None = None) ->
 
     rows = TokenRows(dataset, max_length=config.total_seq_len)
     train_indices, val_indices = split_indices(len(rows), val_fraction=config.val_fraction, seed=config.seed)
-    checkpointer = Checkpointer(root=config.save_path, drafter_config=drafter_config, train_config=config)
-    sinks = MetricSinks([JsonlSink(Path(config.save_path) / "metrics.jsonl"), LoggingSink()])
+    checkpointer = Checkpointer(
+        root=config.save_path, drafter_config=drafter_config, train_config=config, is_main=dist.is_main
+    )
+    sinks = MetricSinks(
+        [JsonlSink(Path(config.save_path) / "metrics.jsonl"), LoggingSink()] if dist.is_main else []
+    )
+    stop = StopSignals()
     trainer = Trainer(
         config=config,
         drafter=drafter,
@@ -180,22 +200,25 @@ def run_training(config: TrainConfig, *, stop_after_steps: int | None = None) ->
         sinks=sinks,
         state=TrainState(),
         autocast_dtype=autocast_dtype,
+        dist=dist,
+        stop=stop,
     )
-    resume_from = find_resume_point(config.save_path) if config.resume else None
+    resume_from = dist.broadcast_object(find_resume_point(config.save_path) if config.resume else None)
     if resume_from is not None:
         restore_training(trainer, resume_from)
     logger.info(
-        "training %s: %d train / %d val rows, %d steps/epoch, %d epochs, device %s%s",
+        "training %s: %d train / %d val rows, %d steps/epoch, %d epochs, %s%s",
         drafter_config.verifier_name_or_path,
         len(train_indices),
         len(val_indices),
         len(trainer.epoch_plan(0)),
         config.epochs,
-        device,
+        f"{dist.world_size} ranks (FSDP2), {device.type}" if dist.is_distributed else f"device {device}",
         f", resumed from {resume_from}" if resume_from else "",
     )
     try:
-        state = trainer.train(stop_after_steps=stop_after_steps)
+        with stop:
+            state = trainer.train(stop_after_steps=stop_after_steps)
         counters = source.counters
         sinks.log(counters.as_metrics(), state.global_step)
         logger.info(

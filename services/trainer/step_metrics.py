@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from services.trainer.distributed import DistContext
+
 
 @dataclass
 class SlotStats:
@@ -35,8 +37,11 @@ class SlotStats:
             grad_norm_sum=zero.clone(),
         )
 
-    def add(self, out, *, grad_norm: torch.Tensor | None, tokens: int, samples: int) -> None:
-        self.loss_sum += out.loss.detach().float()
+    def add(
+        self, out, *, loss: torch.Tensor, grad_norm: torch.Tensor | None, tokens: int, samples: int
+    ) -> None:
+        """`loss`: this rank's share of the step's loss (the whole loss on one rank)."""
+        self.loss_sum += loss.detach().float()
         self.correct_per_pos += out.correct_per_pos.float()
         self.total_per_pos += out.total_per_pos.float()
         self.eal_sum += out.eal_sum.float()
@@ -46,6 +51,35 @@ class SlotStats:
         self.steps += 1
         self.tokens += tokens
         self.samples += samples
+
+    def reduced(self, dist: DistContext) -> SlotStats:
+        """Sums over ranks (loss shares, counts, tokens); `steps` is per rank and stays as it is."""
+        if not dist.is_distributed:
+            return self
+        scalars = torch.stack(
+            [
+                self.loss_sum,
+                self.eal_sum,
+                self.eal_total,
+                self.grad_norm_sum,
+                torch.tensor(float(self.tokens), device=self.loss_sum.device),
+                torch.tensor(float(self.samples), device=self.loss_sum.device),
+            ]
+        )
+        packed = dist.sum_(torch.cat([scalars, self.correct_per_pos, self.total_per_pos]))
+        block = self.correct_per_pos.numel()
+        loss_sum, eal_sum, eal_total, grad_norm_sum, tokens, samples = packed[:6]
+        return SlotStats(
+            loss_sum=loss_sum,
+            correct_per_pos=packed[6 : 6 + block],
+            total_per_pos=packed[6 + block :],
+            eal_sum=eal_sum,
+            eal_total=eal_total,
+            grad_norm_sum=grad_norm_sum,
+            steps=self.steps,
+            tokens=int(tokens),
+            samples=int(samples),
+        )
 
     def summary(self, prefix: str) -> dict[str, float]:
         steps = max(self.steps, 1)

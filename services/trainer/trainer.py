@@ -7,6 +7,16 @@ is `dflash_core.checkpoint`'s. The loop reads as a list of steps:
         fetch hidden states -> sample anchors -> forward -> backward -> clip -> optimizer step
         log every --log-freq steps, checkpoint every --checkpoint-freq steps
     at each epoch end: validate, checkpoint into <save_path>/<epoch>, move latest / checkpoint_best
+
+Data parallel (torchrun, FSDP2): the plan is global, `--batch-size` rows per rank per step; rank r
+takes rows r, r + W, ... of each step. Anchors are drawn per row from a generator keyed by the
+row's place in the global step, and the loss is the mean over every rank's supervised slots, so
+W ranks compute what one rank would with W times the batch. A rank with no row in a step (the
+epoch's last, short step; samples dropped by --on-missing skip) runs a placeholder row with no
+supervised slot, because every rank must take part in FSDP's collectives.
+
+Between steps the ranks agree (one small all-reduce) on two things: a stop signal (SIGTERM /
+SIGINT: checkpoint, then return) and a hidden-state source that gave up (checkpoint, then raise).
 """
 
 from __future__ import annotations
@@ -22,16 +32,19 @@ from tqdm import tqdm
 from dflash_core.anchors import sample_anchors
 from dflash_core.batch import PackedBatch
 from dflash_core.config import TrainConfig
-from dflash_core.loss import LossConfig
+from dflash_core.loss import LOSS_EPS, LossConfig
 from dflash_core.model.drafter import DFlashDrafter
 from dflash_core.model.verifier_heads import VerifierHeads
-from dflash_core.objective import dflash_forward
+from dflash_core.objective import DFlashOutput, dflash_forward
 from services.trainer.batches import BatchBuilder
 from services.trainer.checkpointing import Checkpointer
 from services.trainer.data import EpochPlan, anchor_generator, plan_epoch, validation_anchor_generator
+from services.trainer.distributed import DistContext
+from services.trainer.grpc_source import HiddenStateServiceError
 from services.trainer.lr_schedule import warmup_cosine
 from services.trainer.metrics import MetricSinks
 from services.trainer.step_metrics import SlotStats
+from services.trainer.stop_signals import StopSignals
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +63,7 @@ class TrainState:
     best_val_loss: float = math.inf
     best_epoch: int | None = None
     history: list[dict] = field(default_factory=list)  # val metrics per epoch
+    stopped_by: str | None = None  # the signal that ended this call early, if one did (not saved)
 
 
 @dataclass
@@ -79,6 +93,8 @@ class Trainer:
         sinks: MetricSinks,
         state: TrainState,
         autocast_dtype: torch.dtype | None,
+        dist: DistContext | None = None,
+        stop: StopSignals | None = None,
     ) -> None:
         self.config = config
         self.drafter = drafter
@@ -92,6 +108,8 @@ class Trainer:
         self.sinks = sinks
         self.state = state
         self.autocast_dtype = autocast_dtype
+        self.dist = dist or DistContext()
+        self.stop = stop or StopSignals()
         self.device = batches.device
         self.loss_config = LossConfig(
             kind=config.loss,
@@ -120,8 +138,17 @@ class Trainer:
             epoch=epoch,
             seed=self.config.seed,
             total_seq_len=self.config.total_seq_len,
-            batch_size=self.config.batch_size,
+            batch_size=self.global_batch_size,
         )
+
+    @property
+    def global_batch_size(self) -> int:
+        """Packed rows per optimizer step over all ranks: what the data plan is made of."""
+        return self.config.batch_size * self.dist.world_size
+
+    def my_rows(self, step_rows: list[list[int]]) -> list[tuple[int, list[int]]]:
+        """This rank's rows of a global step, each with its index in the step."""
+        return list(enumerate(step_rows))[self.dist.rank :: self.dist.world_size]
 
     def total_steps(self) -> int:
         """Optimizer steps of the whole run; fixes the LR schedule's length.
@@ -133,7 +160,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train(self, *, stop_after_steps: int | None = None) -> TrainState:
-        """Run to the end (or `stop_after_steps` more steps, used to test resume). Returns the state."""
+        """Run to the end (or `stop_after_steps` more steps, used to test resume). Returns the state.
+
+        A stop signal ends the call early with a checkpoint (`state.stopped_by` says which); a
+        hidden-state source that gives up raises `HiddenStateServiceError`, also after a checkpoint.
+        """
         total_steps = self.total_steps()
         steps_this_call = 0
         if self.state.global_step == 0 and not self.state.history:
@@ -149,17 +180,18 @@ class Trainer:
                 unit="step",
                 dynamic_ncols=True,
                 leave=False,
-                disable=None,
+                disable=None if self.dist.is_main else True,
             )
             for step_index in range(self.state.step_in_epoch, len(plan.steps)):
-                step_rows = plan.steps[step_index]
                 if self.state.global_step >= total_steps:
                     break
                 if stop_after_steps is not None and steps_this_call >= stop_after_steps:
                     bar.close()
                     return self.state
-                self.batches.prefetch(plan.steps[step_index + 1 : step_index + 1 + PREFETCH_STEPS])
-                self.train_step(step_rows, window=window, times=times)
+                self._prefetch(plan.steps[step_index + 1 : step_index + 1 + PREFETCH_STEPS])
+                if not self.train_step(plan.steps[step_index], window=window, times=times):
+                    bar.close()
+                    return self.state  # stopped by a signal, checkpoint written
                 steps_this_call += 1
                 self.state.step_in_epoch += 1
                 self.state.global_step += 1
@@ -174,50 +206,111 @@ class Trainer:
                 self._end_epoch()
         return self.state
 
-    def train_step(self, step_rows: list[list[int]], *, window: SlotStats, times: StepTimes) -> None:
-        """One optimizer step over the packed rows of this step."""
+    def _prefetch(self, upcoming_steps: list[list[list[int]]]) -> None:
+        self.batches.prefetch([[row for _, row in self.my_rows(step)] for step in upcoming_steps])
+
+    def train_step(self, step_rows: list[list[int]], *, window: SlotStats, times: StepTimes) -> bool:
+        """One optimizer step over this rank's share of a global step's rows.
+
+        Returns False when a stop signal ended the run before the step (a checkpoint is written).
+        """
         self.drafter.train()
         # 1. fetch: hidden states from the source, packed into rows on the device
         t0 = time.perf_counter()
-        batch = self.batches.build(step_rows)
+        rows = self.my_rows(step_rows)
+        failure: HiddenStateServiceError | None = None
+        try:
+            batch = self.batches.build([row for _, row in rows]) if rows else None
+        except HiddenStateServiceError as exc:
+            batch, failure = None, exc
+        stop, failed = self.dist.any([self.stop.requested, failure is not None], device=self.device)
+        if failed:
+            self._save_before_failing(failure)
+        if stop:
+            received = self.stop.received
+            self.state.stopped_by = received.name if received else "a stop signal on another rank"
+            logger.warning("stopping at step %d (%s)", self.state.global_step, self.state.stopped_by)
+            self.checkpointer.save_step(self)
+            return False
         t1 = time.perf_counter()
         times.fetch += t1 - t0
-        if batch is None:
+        if batch is None and not self.dist.is_distributed:
             # Every sample was dropped (--on-missing skip|warn): the data position still advances
             # (the caller counts the step), but there is nothing to learn from.
             logger.debug("step %d: no sample has hidden states; skipped", self.state.global_step)
-            return
-        # 2. forward: anchors are resampled each epoch but fixed per (epoch, step) for exact resume
-        generator = anchor_generator(
-            seed=self.config.seed, epoch=self.state.epoch, step=self.state.step_in_epoch
-        )
-        out = self._forward(batch, generator)
+            return True
+        # 2. forward: anchors are resampled each epoch but fixed per (epoch, step, row) for exact resume
+        epoch, step, seed = self.state.epoch, self.state.step_in_epoch, self.config.seed
+        generators = [anchor_generator(seed=seed, epoch=epoch, step=step, row=i) for i, _ in rows]
+        out, loss = self._forward_and_loss(batch, generators)
         t2 = time.perf_counter()
-        # 3. backward
-        out.loss.backward()
+        # 3. backward. FSDP averages gradients over ranks; `loss` is this rank's share of the mean.
+        (loss * self.dist.world_size).backward()
         t3 = time.perf_counter()
         # 4. clip and step. clip_grad_norm_ returns a device tensor: no host sync here.
         grad_norm = torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), self.config.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP: the same global norm on every rank
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         t4 = time.perf_counter()
-        window.add(out, grad_norm=grad_norm.detach(), tokens=batch.num_tokens, samples=batch.num_documents)
+        window.add(
+            out,
+            loss=loss.detach(),
+            grad_norm=grad_norm.detach() / self.dist.world_size,  # summed over ranks when logged
+            tokens=batch.num_tokens if batch is not None else 0,
+            samples=batch.num_documents if batch is not None else 0,
+        )
         times.forward += t2 - t1
         times.backward += t3 - t2
         times.optimizer += t4 - t3
+        return True
 
-    def _forward(self, batch: PackedBatch, generator: torch.Generator):
-        # Anchors are drawn on the host from a CPU generator, so they do not depend on the device.
-        # The compiled flex path wants one shape every step (else it recompiles): pad to max_anchors.
-        anchors, anchor_valid = sample_anchors(
-            batch.loss_mask.cpu(),
-            batch.document_ids.cpu(),
-            block_size=self.config.block_size,
-            max_anchors=self.config.max_anchors,
-            generator=generator,
-            pad_to_max=self.attention == "flex",
+    def _save_before_failing(self, failure: HiddenStateServiceError | None) -> None:
+        """Some rank's hidden-state source gave up: keep what was learned, then raise on every rank."""
+        logger.error("no hidden states at step %d; writing a checkpoint first", self.state.global_step)
+        path = self.checkpointer.save_step(self)
+        if failure is None:
+            failure = HiddenStateServiceError("another rank's hidden-state source gave up (see its log)")
+        raise HiddenStateServiceError(f"{failure} (progress saved in {path}; rerun the command to resume)")
+
+    def _forward_and_loss(
+        self, batch: PackedBatch | None, generators: list[torch.Generator]
+    ) -> tuple[DFlashOutput, torch.Tensor]:
+        """The objective on `batch` (a placeholder row when None) and this rank's share of the loss.
+
+        One rank: the batch's own weighted mean. Several: the sum over this rank's slots divided by
+        every rank's slot count, so the shares add up to the mean over the global batch.
+        """
+        if batch is None:
+            batch, generators = self._placeholder_batch(), [torch.Generator().manual_seed(0)]
+        out = self._forward(batch, generators)
+        if not self.dist.is_distributed:
+            return out, out.loss
+        total = self.dist.sum_(out.loss_count.clone())
+        return out, out.loss * (out.loss_count + LOSS_EPS) / (total + LOSS_EPS)
+
+    def _placeholder_batch(self) -> PackedBatch:
+        """One padding row with no supervised slot: takes part in the collectives, adds nothing."""
+        config, T = self.drafter.config, self.config.total_seq_len
+        dtype, device = self.autocast_dtype or torch.float32, self.device
+        zeros = torch.zeros(1, T, dtype=torch.long, device=device)
+        return PackedBatch(
+            input_ids=zeros,
+            loss_mask=zeros.bool(),
+            document_ids=zeros - 1,
+            position_ids=zeros,
+            aux_hidden_states=torch.zeros(
+                1, T, config.num_aux_layers * config.verifier_hidden_size, dtype=dtype, device=device
+            ),
+            last_hidden_states=torch.zeros(1, T, config.verifier_hidden_size, dtype=dtype, device=device),
+            num_tokens=0,
+            num_documents=0,
         )
+
+    def _forward(self, batch: PackedBatch, generators: list[torch.Generator]) -> DFlashOutput:
+        anchors, anchor_valid = self._sample_anchors(batch, generators)
         with torch.autocast(
             device_type=self.device.type,
             dtype=self.autocast_dtype or torch.float32,
@@ -233,6 +326,34 @@ class Trainer:
                 attention=self.attention,
             )
 
+    def _sample_anchors(
+        self, batch: PackedBatch, generators: list[torch.Generator]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's anchors from its own generator, so they do not depend on how rows are split.
+
+        Drawn on the host from CPU generators (device-independent). The compiled flex path wants
+        one shape every step (else it recompiles): it keeps `max_anchors` columns; SDPA trims to
+        the most anchors any row has.
+        """
+        loss_mask, document_ids = batch.loss_mask.cpu(), batch.document_ids.cpu()
+        picks = [
+            sample_anchors(
+                loss_mask[b : b + 1],
+                document_ids[b : b + 1],
+                block_size=self.config.block_size,
+                max_anchors=self.config.max_anchors,
+                generator=generator,
+                pad_to_max=True,
+            )
+            for b, generator in enumerate(generators)
+        ]
+        anchors = torch.cat([a for a, _ in picks])
+        valid = torch.cat([v for _, v in picks])
+        if self.attention != "flex":
+            keep = max(1, int(valid.sum(dim=1).max()))  # valid picks come first in each row
+            anchors, valid = anchors[:, :keep], valid[:, :keep]
+        return anchors, valid
+
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -245,18 +366,29 @@ class Trainer:
             epoch=0,
             seed=self.config.seed,
             total_seq_len=self.config.total_seq_len,
-            batch_size=self.config.batch_size,
+            batch_size=self.global_batch_size,
             shuffle=False,
         )
         stats = SlotStats.empty(self.config.block_size, self.device)
         for index, step_rows in enumerate(plan.steps):
-            self.batches.prefetch(plan.steps[index + 1 : index + 1 + PREFETCH_STEPS])
-            batch = self.batches.build(step_rows)
-            if batch is None:  # every sample dropped (--on-missing skip|warn)
+            self._prefetch(plan.steps[index + 1 : index + 1 + PREFETCH_STEPS])
+            rows = self.my_rows(step_rows)
+            batch = self.batches.build([row for _, row in rows]) if rows else None
+            if batch is None and not self.dist.is_distributed:
                 logger.debug("validation batch %d: no sample has hidden states; skipped", index)
                 continue
-            out = self._forward(batch, validation_anchor_generator(seed=self.config.seed, batch_index=index))
-            stats.add(out, grad_norm=None, tokens=batch.num_tokens, samples=batch.num_documents)
+            generators = [
+                validation_anchor_generator(seed=self.config.seed, batch_index=index, row=i) for i, _ in rows
+            ]
+            out, loss = self._forward_and_loss(batch, generators)
+            stats.add(
+                out,
+                loss=loss,
+                grad_norm=None,
+                tokens=batch.num_tokens if batch is not None else 0,
+                samples=batch.num_documents if batch is not None else 0,
+            )
+        stats = stats.reduced(self.dist)
         # No batch at all would summarise to a fake loss of 0.0 and win checkpoint_best.
         return stats.summary(prefix="val/") if stats.steps else {}
 
@@ -283,6 +415,7 @@ class Trainer:
         self.checkpointer.save_epoch(self, epoch=finished_epoch, is_best=is_best and self.config.save_best)
 
     def _log_window(self, window: SlotStats, times: StepTimes, bar: tqdm) -> None:
+        window = window.reduced(self.dist)  # every rank takes part; only rank 0's sinks write
         if not window.steps:
             return  # every step of the window was skipped: nothing measured, log nothing
         metrics = window.summary(prefix="train/")  # host sync: once per --log-freq steps

@@ -35,10 +35,11 @@ def test_each_epoch_uses_every_sample_exactly_once_within_row_budget():
     assert again.steps == plans[1].steps
 
 
-def test_anchor_streams_differ_by_step_and_repeat_exactly():
+def test_anchor_streams_differ_by_step_and_row_and_repeat_exactly():
     def draw(**kw) -> int:
         return int(torch.randint(0, 2**31, (1,), generator=anchor_generator(**kw)))
 
-    assert draw(seed=0, epoch=0, step=1) == draw(seed=0, epoch=0, step=1)
-    assert draw(seed=0, epoch=0, step=1) != draw(seed=0, epoch=0, step=2)
-    assert draw(seed=0, epoch=1, step=1) != draw(seed=0, epoch=0, step=1)
+    assert draw(seed=0, epoch=0, step=1, row=0) == draw(seed=0, epoch=0, step=1, row=0)
+    assert draw(seed=0, epoch=0, step=1, row=0) != draw(seed=0, epoch=0, step=2, row=0)
+    assert draw(seed=0, epoch=1, step=1, row=0) != draw(seed=0, epoch=0, step=1, row=0)
+    assert draw(seed=0, epoch=0, step=1, row=1) != draw(seed=0, epoch=0, step=1, row=0)

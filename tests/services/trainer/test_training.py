@@ -11,54 +11,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from dflash_core.checkpoint import find_resume_point
-from dflash_core.config import PrepareDataConfig, TrainConfig
+from dflash_core.config import PrepareDataConfig
 from dflash_core.data.prepare import prepare_data
 from dflash_core.verifier import tokenizer_fingerprint
 from services.trainer.main import run_training
 from services.trainer.preflight import PreflightError
 from tests.factories.chats import write_chats
 from tests.factories.tokenizers import make_chat_tokenizer
-from tests.factories.verifiers import make_tiny_verifier
+from tests.factories.training import final_weights, make_training_workspace, train_config
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("training")
-    tiny = make_tiny_verifier(root / "verifier", arch="qwen3", num_layers=4)
-    chats = write_chats(root / "chats.jsonl", count=120)
-    data = root / "data"
-    config = PrepareDataConfig(model=str(tiny.path), data=[str(chats)], output=data, seq_length=96)
-    prepare_data(
-        config, tokenizer=tiny.tokenizer, tokenizer_fingerprint=tokenizer_fingerprint(tiny.tokenizer)
-    )
-    return {"root": root, "verifier": tiny.path, "data": data}
-
-
-def train_config(workspace: dict[str, Path], save: str, **overrides) -> TrainConfig:
-    values = dict(
-        verifier_name_or_path=str(workspace["verifier"]),
-        data_path=workspace["data"],
-        save_path=workspace["root"] / save,
-        block_size=4,
-        max_anchors=12,
-        num_layers=1,
-        epochs=2,
-        lr=2e-3,
-        warmup_steps=3,
-        total_seq_len=192,
-        log_freq=5,
-        val_fraction=0.1,
-        device="cpu",
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
-def final_weights(save_path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(save_path) / "latest" / "model.safetensors"))
+    return make_training_workspace(tmp_path_factory.mktemp("training"))
 
 
 def test_training_lowers_val_loss_and_raises_acceptance(workspace):
