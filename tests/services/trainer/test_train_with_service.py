@@ -1,12 +1,21 @@
-"""`dflash train --vllm-endpoint` end to end: a real service on 127.0.0.1 feeds the trainer.
+"""`dflash train --hidden-states-endpoint` end to end: a real service on 127.0.0.1 feeds the trainer.
 
 The trainer loads no decoder layers in this mode (only config, tokenizer and the three head
 tensors); the hidden states come over gRPC, can be kept in the cache, and a later run trains
-from that cache with no service at all. `dflash generate-offline` fills the same cache.
+from that cache with no service at all. `dflash generate-offline` fills the same cache. A
+service killed mid-epoch and restarted costs nothing; one gone for good ends the run after
+--service-timeout-s with a checkpoint. The tutorial's train commands (single process and
+torchrun) run as written against the service, with only the model, paths and sizes scaled down.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,9 +24,12 @@ from dflash_core.config import PrepareDataConfig, TrainConfig
 from dflash_core.data.prepare import prepare_data
 from dflash_core.verifier import tokenizer_fingerprint
 from services.cli.main import main as dflash
+from services.trainer.data import split_indices
+from services.trainer.grpc_source import HiddenStateServiceError
 from services.trainer.main import run_training
 from tests.factories.chats import write_chats
-from tests.factories.services import running_service
+from tests.factories.services import running_service, start_service_process
+from tests.factories.training import ROOT, final_weights
 from tests.factories.verifiers import make_tiny_verifier
 
 LAYERS = [1, 2]
@@ -110,3 +122,136 @@ def test_train_refuses_a_service_serving_other_layers(setup, capsys):
     out = capsys.readouterr().out
     assert "does not serve [1, 2]; it serves [3, 4]" in out
     assert not (setup["root"] / "ckpt-refused" / "latest").exists()
+
+
+def metrics_rows(save_path: Path) -> list[dict]:
+    path = save_path / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def kill_after_first_step(save_path: Path, service, then=None) -> threading.Thread:
+    """A thread that SIGKILLs `service` once the run has logged a training step, then calls `then`."""
+
+    def run() -> None:
+        deadline = time.monotonic() + 300
+        while not any("train/loss" in row for row in metrics_rows(save_path)):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+        service.kill()  # no goodbye on the wire, requests in flight
+        if then is not None:
+            time.sleep(2.0)
+            then()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_service_killed_mid_epoch_and_restarted_costs_no_sample(setup):
+    services = [start_service_process(setup["verifier"], LAYERS)]
+    port = services[0].port
+    config = train_config(
+        setup, "ckpt-restart", hidden_states_endpoint=[services[0].address], epochs=2, log_freq=1,
+        service_timeout_s=120,
+    )  # fmt: skip
+    restart = lambda: services.append(start_service_process(setup["verifier"], LAYERS, port=port))  # noqa: E731
+    killer = kill_after_first_step(Path(config.save_path), services[0], then=restart)
+    try:
+        result = run_training(config)
+    finally:
+        killer.join(timeout=60)
+        for service in services:
+            service.stop()
+    assert len(services) == 2, "the service was not restarted during the run"
+    assert result.state.epoch == 2
+    # Every sample reached the trainer exactly once per use: the train rows once per epoch, the
+    # val rows once per validation (before training and after each epoch); none dropped.
+    train, val = split_indices(40, val_fraction=config.val_fraction, seed=config.seed)
+    counters = next(
+        row for row in reversed(metrics_rows(Path(config.save_path))) if "hidden_states/generated" in row
+    )
+    assert counters["hidden_states/generated"] == 2 * len(train) + 3 * len(val)
+    assert counters["hidden_states/dropped"] == 0
+
+
+def test_a_service_gone_for_good_ends_the_run_after_the_deadline_with_a_checkpoint(setup):
+    service = start_service_process(setup["verifier"], LAYERS)
+    config = train_config(
+        setup,
+        "ckpt-gone",
+        hidden_states_endpoint=[service.address],
+        epochs=2,
+        log_freq=1,
+        service_timeout_s=4,
+    )
+    killer = kill_after_first_step(Path(config.save_path), service)
+    try:
+        with pytest.raises(
+            HiddenStateServiceError, match=r"no hidden states arrived for 4 s.*progress saved in"
+        ):
+            run_training(config)
+    finally:
+        killer.join(timeout=60)
+        service.stop()
+    saved = json.loads((Path(config.save_path) / "latest" / "training_state.json").read_text())
+    assert saved["global_step"] >= 1
+
+
+def tutorial_train_flags(setup: dict, address: str, save: str) -> list[str]:
+    """The tutorial's `scripts/train.py` flags, word for word; model, paths and sizes scaled down."""
+    return [
+        "--verifier-name-or-path", str(setup["verifier"]),
+        "--data-path", str(setup["data"]),
+        "--vllm-endpoint", f"http://{address}/v1",
+        "--save-path", str(setup["root"] / save),
+        "--speculator-type", "dflash",
+        "--block-size", "8",
+        "--max-anchors", "24",
+        "--num-layers", "1",
+        "--draft-vocab-size", "64",
+        "--target-layer-ids", *map(str, LAYERS),
+        "--epochs", "1",
+        "--lr", "3e-4",
+        "--total-seq-len", "192",
+        "--on-missing", "generate",
+        "--on-generate", "delete",
+    ]  # fmt: skip
+
+
+def test_the_tutorials_train_commands_run_as_written_against_the_service(setup):
+    torchrun = shutil.which("torchrun") or shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun, "torchrun comes with torch"
+    service = start_service_process(setup["verifier"], LAYERS)
+    try:
+        commands = {
+            # python scripts/train.py ...            (Single-GPU Training)
+            "tutorial-single": [sys.executable, "-m", "services.cli.main", "train"],
+            # torchrun --standalone --nproc_per_node 2 scripts/train.py ...   (Multi-GPU Training)
+            "tutorial-fsdp": [
+                torchrun,
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                "-m",
+                "services.cli.main",
+                "train",
+            ],
+        }
+        for save, command in commands.items():
+            done = subprocess.run(
+                [*command, *tutorial_train_flags(setup, service.address, save)],
+                cwd=ROOT, capture_output=True, text=True, timeout=600,
+            )  # fmt: skip
+            output = done.stdout + done.stderr
+            assert done.returncode == 0, output[-6000:]
+            assert "--vllm-endpoint" in output and "taken as --hidden-states-endpoint" in output
+            assert (setup["root"] / save / "checkpoint_best" / "model.safetensors").exists()
+    finally:
+        service.stop()
+    # Two complete drafters in the same layout, reduced vocab included (2 ranks = a global batch of 2).
+    single, fsdp = (
+        final_weights(setup["root"] / "tutorial-single"),
+        final_weights(setup["root"] / "tutorial-fsdp"),
+    )
+    assert single.keys() == fsdp.keys() and "d2t" in single
