@@ -91,6 +91,9 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--intermediate", type=int, default=12288)
     parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument(
+        "--compile-layers", action="store_true", help="torch.compile each draft layer (the trainer's default)"
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument(
@@ -137,6 +140,21 @@ def main() -> None:
     flops = model_flops(config, queries=queries, rows=args.rows, visible_pairs=visible_pairs)
     loss_config = LossConfig(gamma=7.0 if args.block_size == 16 else 4.0)
 
+    @torch.no_grad()
+    def forward_loss() -> float:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = dflash_forward(
+                drafter, heads, batch, anchors=anchors, anchor_valid=valid,
+                loss_config=loss_config, attention=args.attention,
+            )  # fmt: skip
+        return float(out.loss)
+
+    checks = {}
+    if args.compile_layers:  # the compiled layers must compute what the eager ones do
+        eager = forward_loss()
+        drafter.compile_layers()
+        checks["compiled_vs_eager_loss_rel_diff"] = (abs(forward_loss() - eager) / abs(eager), "relative")
+
     def step() -> dict[str, float]:
         events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
         events[0].record()
@@ -168,8 +186,8 @@ def main() -> None:
     params = sum(p.numel() for p in drafter.parameters() if p.requires_grad)
     config_text = (
         f"drafter hidden {args.hidden} vocab {args.vocab}, {args.layers} layers ({params / 1e9:.3f} B "
-        f"trainable), block {args.block_size} x {args.anchors} anchors, row {args.rows}, {args.attention}, "
-        "bf16 autocast, fused AdamW"
+        f"trainable), block {args.block_size} x {args.anchors} anchors, row {args.rows}, {args.attention}"
+        f"{', compiled layers' if args.compile_layers else ''}, bf16 autocast, fused AdamW"
     )
     results = {
         "step_time_ms": (step_ms, "ms"),
@@ -182,6 +200,7 @@ def main() -> None:
         "mfu": (tflops / PEAK_BF16_TFLOPS, "fraction of 790 TFLOP/s"),
         "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2**30, "GiB"),
         "warmup_and_compile_s": (compile_s, "s"),
+        **checks,
     }
     device_name = torch.cuda.get_device_name()
     date = dt.date.today().isoformat()

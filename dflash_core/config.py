@@ -201,6 +201,11 @@ class TrainConfig(JobConfig):
         default="auto",
         description="`auto`, `cpu`, `cuda` or `cuda:N`; under torchrun each rank takes `cuda:<LOCAL_RANK>`.",
     )
+    compile: bool = Field(
+        default=True,
+        description="On CUDA, torch.compile each draft layer (fused norms, RoPE, casts; compiles once per "
+        "process, a few minutes at 8B shapes); CPU runs stay eager.",
+    )
     nproc: int = Field(
         default=1,
         gt=0,
@@ -294,6 +299,14 @@ class ServeHiddenStatesConfig(JobConfig):
     )
     host: str = Field(default="127.0.0.1", description="Address to bind; 0.0.0.0 serves other hosts.")
     port: int = Field(default=8000, ge=0, lt=65536, description="gRPC port (0 = pick a free one).")
+    payload_port: int | None = Field(
+        default=None,
+        ge=0,
+        lt=65536,
+        description="TCP port on --host for the payload side channel (hidden-state bytes off gRPC, "
+        "negotiated per Extract stream; GetInfo advertises it). Default: a free port picked at start; "
+        "0 = off (every frame travels on gRPC).",
+    )
     device: str = Field(default="auto", description="transformers backend: `auto`, `cpu`, `cuda`, `cuda:N`.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto",

@@ -156,6 +156,16 @@ class DFlashDrafter(nn.Module):
                 layer_outputs.append(x)
         return DrafterOutput(hidden=self.norm(x), context=context, layer_outputs=layer_outputs)
 
+    def compile_layers(self) -> None:
+        """torch.compile each decoder layer's forward, in place (CUDA training).
+
+        Fuses the norms, RoPE, SiLU-gating and dtype casts around the matmuls and the flex kernel.
+        Only `forward` is compiled: module hooks (FSDP's gathers) stay outside the graph, and
+        parameter names (the checkpoint format) are unchanged.
+        """
+        for layer in self.layers:
+            layer.forward = torch.compile(layer.forward)
+
     def compute_logits(self, hidden: torch.Tensor, *, verifier_lm_head: nn.Module) -> torch.Tensor:
         """[B, Q, H] -> [B, Q, D]: own frozen head with a reduced vocab, else the verifier's [.., V]."""
         head = self.lm_head if self.lm_head is not None else verifier_lm_head

@@ -57,7 +57,11 @@ def add_config_arguments(
             kwargs["action"] = argparse.BooleanOptionalAction
         elif origin is list:
             (item,) = typing.get_args(annotation)
-            kwargs.update(nargs="+", type=item)
+            if typing.get_origin(item) is Literal:  # a list of choices (--report-to jsonl tensorboard)
+                choices = typing.get_args(item)
+                kwargs.update(nargs="+", choices=choices, type=type(choices[0]))
+            else:
+                kwargs.update(nargs="+", type=item)
         elif origin is Literal:
             choices = typing.get_args(annotation)
             kwargs.update(choices=choices, type=type(choices[0]))

@@ -38,7 +38,7 @@ from services.trainer.data import split_indices
 from services.trainer.distributed import DistContext, init_distributed, shard_drafter, shutdown_distributed
 from services.trainer.drafter_setup import build_drafter_config, init_reduced_vocab
 from services.trainer.grpc_source import GrpcSource
-from services.trainer.metrics import JsonlSink, LoggingSink, MetricSinks
+from services.trainer.metrics import build_metric_sinks, check_backends_installed
 from services.trainer.preflight import check_data_matches_verifier
 from services.trainer.sources import HiddenStateSource, InProcessSource
 from services.trainer.stop_signals import StopSignals
@@ -130,6 +130,7 @@ def run_training(config: TrainConfig, *, stop_after_steps: int | None = None) ->
 
     Under torchrun every rank runs this; the process group lives for the call.
     """
+    check_backends_installed(list(config.report_to))  # before anything heavy is loaded
     # A rank waits in a collective while another waits for the hidden-state service: allow that.
     dist, device = init_distributed(config.device, timeout_s=max(600.0, 2 * config.service_timeout_s + 60))
     try:
@@ -170,6 +171,8 @@ def _train(
         drafter.load_state_dict(loaded.state_dict, strict=True)
         logger.info("initialised drafter weights from %s", config.from_pretrained)
     drafter.to(device)
+    if config.compile and device.type == "cuda":
+        drafter.compile_layers()
     if dist.is_distributed:
         shard_drafter(drafter, compute_dtype=autocast_dtype if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(
@@ -184,9 +187,7 @@ def _train(
     checkpointer = Checkpointer(
         root=config.save_path, drafter_config=drafter_config, train_config=config, is_main=dist.is_main
     )
-    sinks = MetricSinks(
-        [JsonlSink(Path(config.save_path) / "metrics.jsonl"), LoggingSink()] if dist.is_main else []
-    )
+    sinks = build_metric_sinks(config, rank=dist.rank)
     stop = StopSignals()
     trainer = Trainer(
         config=config,

@@ -1,72 +1,96 @@
-"""Metric sinks behind one interface: `log(metrics, step)`.
+"""Metric sinks behind one interface, `log(metrics, step)`, and `build_metric_sinks` to pick them.
 
 Metric names use a `train/` or `val/` prefix; per-slot accuracy is `train/acc_slot_{k}` for
 k = 1..B-1 and the acceptance length is `train/eal` (1 + leading run of correct slots, vLLM's
 convention).
+
+Where they go (--report-to, rank 0 only): the log always; `jsonl` <save_path>/metrics.jsonl;
+`tensorboard` <save_path>/tensorboard; `wandb`, `trackio`, `mlflow` when asked for and installed;
+and the control plane when --control-plane-url and --job-id are set. The sinks themselves live in
+`services.trainer.metric_sinks`, one module per backend.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import math
-import time
+import importlib.util
 from pathlib import Path
-from typing import Protocol
 
-logger = logging.getLogger(__name__)
+from dflash_core.config import TrainConfig
+from services.trainer.metric_sinks.base import MetricSink, MetricSinks
+from services.trainer.metric_sinks.control_plane import ControlPlaneSink, read_token
+from services.trainer.metric_sinks.jsonl import JsonlSink
+from services.trainer.metric_sinks.log_line import LoggingSink
+from services.trainer.metric_sinks.mlflow import MlflowSink
+from services.trainer.metric_sinks.tensorboard import TensorBoardSink
+from services.trainer.metric_sinks.trackio import TrackioSink
+from services.trainer.metric_sinks.wandb import WandbSink
 
+__all__ = [
+    "ControlPlaneSink",
+    "JsonlSink",
+    "LoggingSink",
+    "MetricBackendMissing",
+    "MetricSink",
+    "MetricSinks",
+    "MlflowSink",
+    "TensorBoardSink",
+    "TrackioSink",
+    "WandbSink",
+    "build_metric_sinks",
+    "check_backends_installed",
+]
 
-class MetricSink(Protocol):
-    def log(self, metrics: dict[str, float], step: int) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class JsonlSink:
-    """One JSON object per line: {"step", "time", ...metrics}. Appends, so a resumed run continues it."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._file = path.open("a", encoding="utf-8")
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        row = {"step": step, "time": round(time.time(), 3)}
-        # JSON has no NaN/Inf; write them as null rather than producing an unreadable file.
-        row.update({k: (v if math.isfinite(v) else None) for k, v in metrics.items()})
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-
-class LoggingSink:
-    """A compact line in the log for the metrics people watch."""
-
-    KEYS = ("loss", "acc", "eal", "lr", "grad_norm", "tokens_per_s", "data_wait_frac")
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        shown = [
-            f"{name}={value:.4g}" for name, value in metrics.items() if name.split("/", 1)[-1] in self.KEYS
-        ]
-        logger.info("step %d %s", step, " ".join(shown))
-
-    def close(self) -> None:
-        pass
+# --report-to value -> the module it imports, which is also the pip package that provides it.
+BACKEND_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
 
 
-class MetricSinks:
-    """Fans one `log` call out to every sink."""
+class MetricBackendMissing(ImportError):
+    """--report-to names a tracker whose package is not installed."""
 
-    def __init__(self, sinks: list[MetricSink]) -> None:
-        self.sinks = sinks
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        for sink in self.sinks:
-            sink.log(metrics, step)
+def check_backends_installed(report_to: list[str]) -> None:
+    """Fail now, naming the pip package, rather than at the first metric row of a long run."""
+    missing = [
+        BACKEND_PACKAGES[name]
+        for name in dict.fromkeys(report_to)
+        if name in BACKEND_PACKAGES and importlib.util.find_spec(BACKEND_PACKAGES[name]) is None
+    ]
+    if missing:
+        raise MetricBackendMissing(
+            f"--report-to {' '.join(report_to)} needs {', '.join(missing)}, which is not installed: "
+            f"pip install {' '.join(missing)} (or leave {', '.join(missing)} out of --report-to)"
+        )
 
-    def close(self) -> None:
-        for sink in self.sinks:
-            sink.close()
+
+def build_metric_sinks(config: TrainConfig, *, rank: int) -> MetricSinks:
+    """The sinks `config` asks for. Rank 0 gets them (and the log line always); other ranks get none.
+
+    Every rank checks the packages and the token file, so a missing one stops all ranks at
+    start-up instead of leaving the others waiting in a collective.
+    """
+    check_backends_installed(list(config.report_to))
+    token = read_token(config.control_plane_token_file) if config.control_plane_url else None
+    if rank != 0:
+        return MetricSinks([])
+    save_path = Path(config.save_path)
+    run_name = config.run_name or config.job_id
+    run_config = config.model_dump(mode="json")
+    sinks: list[MetricSink] = [LoggingSink()]
+    try:
+        for backend in dict.fromkeys(config.report_to):
+            if backend == "jsonl":
+                sinks.append(JsonlSink(save_path / "metrics.jsonl"))
+            elif backend == "tensorboard":
+                sinks.append(TensorBoardSink(save_path / "tensorboard"))
+            elif backend == "wandb":
+                sinks.append(WandbSink(run_name=run_name, run_config=run_config, directory=save_path))
+            elif backend == "trackio":
+                sinks.append(TrackioSink(run_name=run_name, run_config=run_config))
+            elif backend == "mlflow":
+                sinks.append(MlflowSink(run_name=run_name, run_config=run_config))
+        if config.control_plane_url and config.job_id:
+            sinks.append(ControlPlaneSink(url=config.control_plane_url, job_id=config.job_id, token=token))
+    except BaseException:
+        MetricSinks(sinks).close()  # a tracker that failed to start must not leave the others open
+        raise
+    return MetricSinks(sinks)

@@ -36,7 +36,8 @@ def test_training_lowers_val_loss_and_raises_acceptance(workspace):
     assert after["val/eal"] > before["val/eal"] + 0.1
     assert after["val/acc"] > before["val/acc"]
     save = result.save_path
-    assert sorted(p.name for p in save.iterdir() if p.is_dir() and not p.is_symlink()) == ["0", "1", "2"]
+    folders = sorted(p.name for p in save.iterdir() if p.is_dir() and not p.is_symlink())
+    assert folders == ["0", "1", "2", "tensorboard"]
     assert (save / "latest").resolve() == (save / "2").resolve()
     best = min((row for row in result.state.history if row["epoch"] >= 0), key=lambda r: r["val/loss"])
     assert (save / "checkpoint_best").resolve().name == str(best["epoch"])
