@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from dflash_core.model.config import DrafterConfig
 from dflash_core.model.drafter import DFlashDrafter
 from dflash_core.model.verifier_heads import VerifierHeads
 from dflash_core.objective import dflash_forward
+from services.trainer.distributed import shard_drafter
 
 PEAK_BF16_TFLOPS = 790.0  # measured dense bf16 GEMM on the H200 of this workplace (DESIGN 6)
 
@@ -94,6 +96,9 @@ def main() -> None:
     parser.add_argument(
         "--compile-layers", action="store_true", help="torch.compile each draft layer (the trainer's default)"
     )
+    parser.add_argument(
+        "--fsdp", action="store_true", help="shard with FSDP2 as `dflash train` does under torchrun (1 rank)"
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument(
@@ -107,6 +112,11 @@ def main() -> None:
     config = drafter_config(args)
     drafter = DFlashDrafter(config).to(device)
     drafter.reset_parameters()
+    if args.fsdp:  # a 1-rank process group: the FSDP2 code path (bf16 params, fp32 reduce) on one GPU
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29512")
+        torch.distributed.init_process_group("nccl", rank=0, world_size=1, device_id=device)
+        shard_drafter(drafter, compute_dtype=torch.bfloat16)
     heads = VerifierHeads(vocab_size=config.vocab_size, hidden_size=config.hidden_size, eps=1e-6)
     with torch.no_grad():
         for p in heads.parameters():
@@ -187,7 +197,8 @@ def main() -> None:
     config_text = (
         f"drafter hidden {args.hidden} vocab {args.vocab}, {args.layers} layers ({params / 1e9:.3f} B "
         f"trainable), block {args.block_size} x {args.anchors} anchors, row {args.rows}, {args.attention}"
-        f"{', compiled layers' if args.compile_layers else ''}, bf16 autocast, fused AdamW"
+        f"{', compiled layers' if args.compile_layers else ''}{', FSDP2 (1 rank)' if args.fsdp else ''}, "
+        "bf16 autocast, fused AdamW"
     )
     results = {
         "step_time_ms": (step_ms, "ms"),

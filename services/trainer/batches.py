@@ -7,6 +7,8 @@ Samples the source drops (no cached hidden states under `--on-missing skip|warn`
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from dflash_core.batch import PackedBatch, SamplePiece, collate
@@ -31,11 +33,22 @@ class TokenRows:
 
 
 class BatchBuilder:
-    def __init__(self, *, rows: TokenRows, source: HiddenStateSource, total_seq_len: int, device) -> None:
+    def __init__(
+        self,
+        *,
+        rows: TokenRows,
+        source: HiddenStateSource,
+        total_seq_len: int,
+        device,
+        hidden_dtype: torch.dtype | None = None,
+    ) -> None:
+        """`hidden_dtype`: what the drafter reads hidden states in. The service sends bf16 by default;
+        a float32 run (CPU, no autocast) would otherwise feed bf16 into float32 weights."""
         self.rows = rows
         self.source = source
         self.total_seq_len = total_seq_len
         self.device = device
+        self.hidden_dtype = hidden_dtype
 
     def prefetch(self, upcoming_steps: list[list[list[int]]]) -> None:
         """Tell the source which samples the next steps need, so a remote one can fetch ahead."""
@@ -69,4 +82,11 @@ class BatchBuilder:
         packed_rows = [row for row in packed_rows if row]
         if not packed_rows:
             return None
-        return collate(packed_rows, total_seq_len=self.total_seq_len).to(self.device)
+        batch = collate(packed_rows, total_seq_len=self.total_seq_len).to(self.device)
+        if self.hidden_dtype is not None and batch.aux_hidden_states.dtype != self.hidden_dtype:
+            batch = dataclasses.replace(
+                batch,
+                aux_hidden_states=batch.aux_hidden_states.to(self.hidden_dtype),
+                last_hidden_states=batch.last_hidden_states.to(self.hidden_dtype),
+            )
+        return batch

@@ -95,6 +95,13 @@ def test_trains_from_the_service_then_offline_from_the_cache_it_filled(setup):
     assert offline.state.global_step == online.state.global_step
 
 
+def test_a_float32_trainer_reads_a_bf16_service(setup):
+    """The service's default wire dtype is bf16; a CPU run trains in float32 and casts on arrival."""
+    with running_service(setup["verifier"], target_layer_ids=LAYERS, dtype="bfloat16") as server:
+        result = run_training(train_config(setup, "ckpt-bf16-wire", hidden_states_endpoint=[server.address]))
+    assert result.state.global_step > 0
+
+
 def test_generate_offline_fills_the_cache_and_resumes(setup, capsys):
     cache: Path = setup["root"] / "cache-offline"
     with running_service(setup["verifier"], target_layer_ids=LAYERS) as server:
