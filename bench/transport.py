@@ -1,7 +1,7 @@
-"""Hidden-state bytes/s landed in a client's memory over gRPC, vs a plain TCP socket on loopback.
+"""Hidden-state bytes/s landed in a client's memory over our service, vs a plain TCP socket on loopback.
 
     python bench/transport.py            # Qwen3-8B-like samples: 2048 tokens x 4 planes x 4096 bf16
-    python bench/transport.py --quick    # 512-token samples, fewer configs, ~20 s
+    python bench/transport.py --quick    # 512-token samples, fewer configs, ~30 s
 
 gRPC: the real service (`HiddenStateServer` around `SyntheticBackend`, which hands out
 precomputed bf16 tensors) runs in its own process on 127.0.0.1, as in production. This process
@@ -13,6 +13,11 @@ channel), and for comparison one stream with a fresh buffer per sample and one t
 generated stub (protobuf messages instead of `parse_frame`).
 Each config is checked: token digests of every sample, and the first (warm-up) and the last
 sample of every stream byte for byte against the tensor the backend sent.
+
+Through the trainer's client: `GrpcSource` itself (prefetch bounded by bytes, every sample
+checked: digest, shape, layer ids, dtype, finite and non-zero) over the payload side channel
+(`payload_*`, 1 and several streams; every timed sample must have come off gRPC) and, to compare,
+with `payload_transport="grpc"` (`source_inband_*`, frames on the gRPC stream).
 
 Socket: the same bytes between two processes, `sendall` of a preallocated sample-sized buffer
 and `recv_into` a preallocated one, over 1 and several connections: what loopback can carry.
@@ -62,6 +67,8 @@ from dflash_core.wire.codec import (  # noqa: E402
 from dflash_core.wire.pb import hidden_states_pb2 as pb  # noqa: E402
 from dflash_core.wire.pb import hidden_states_pb2_grpc as pb_grpc  # noqa: E402
 from services.hidden_states import endpoints  # noqa: E402
+from services.trainer.grpc_source import GrpcSource  # noqa: E402
+from services.trainer.sources import SampleHiddenStates, SampleRequest  # noqa: E402
 
 EXTRACT_METHOD = f"/{pb.DESCRIPTOR.services_by_name['HiddenStates'].full_name}/Extract"
 MiB = 1 << 20
@@ -89,6 +96,30 @@ class GrpcConfig:
             f"{self.streams} stream(s) on {self.channels} channel(s), {self.frame_mib} MiB frames, "
             f"{path}, {memory}"
         )
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """`GrpcSource`, the trainer's client, with `streams` Extract streams on one endpoint."""
+
+    streams: int
+    transport: str  # GrpcSource's payload_transport: "auto" (the side channel) or "grpc" (in-band)
+    frame_mib: int  # the service's frame size; only in-band frames use it
+
+    @property
+    def name(self) -> str:
+        streams = f"{self.streams}stream{'s' if self.streams > 1 else ''}"
+        if self.transport == "auto":
+            return f"payload_{streams}"
+        return f"source_inband_{streams}_{self.frame_mib}MiB"
+
+    def describe(self) -> str:
+        path = (
+            "payload side channel (one TCP connection per stream, recv_into SampleBuffers)"
+            if self.transport == "auto"
+            else f"in-band gRPC frames of {self.frame_mib} MiB"
+        )
+        return f"GrpcSource, {self.streams} stream(s), {path}, every sample validated"
 
 
 @dataclass
@@ -285,6 +316,71 @@ def run_streams(
             raise result.error
 
 
+def source_run(
+    service: Service,
+    config: SourceConfig,
+    *,
+    shape: SyntheticShape,
+    reference: torch.Tensor,
+    samples: int,
+    call_index: int,
+) -> Run:
+    """`samples` samples through one `GrpcSource`: all prefetched, consumed one by one in order."""
+    base = call_index * 1_000_000  # distinct ids per run: a sample delivered twice would show
+    warm_ids = list(range(base, base + 2 * config.streams))
+    ids = list(range(base + len(warm_ids), base + len(warm_ids) + samples))
+    requests = {i: SampleRequest(sample_id=i, input_ids=sample_token_ids(i, shape)) for i in warm_ids + ids}
+    source = GrpcSource(
+        [service.address],
+        target_layer_ids=shape.layer_ids[:-1],
+        # Four samples in flight per stream: enough to keep both ends busy, as a trainer would.
+        inflight_bytes=4 * config.streams * shape.sample_bytes,
+        streams_per_endpoint=config.streams,
+        timeout_s=120.0,
+        payload_transport=config.transport,  # type: ignore[arg-type]
+    )
+    try:
+        # Warm-up: every stream connected (and its side channel bound), pool buffers allocated.
+        warm = source.extract([requests[i] for i in warm_ids])
+        check_source_bytes(warm[0], reference=reference, shape=shape)
+        del warm
+        endpoint = source._endpoints[0]
+        on_payload = endpoint.delivered_on_payload_channel
+        server_cpu, client_cpu = service.cpu_seconds(), own_cpu_seconds()
+        started = time.perf_counter()
+        source.prefetch([requests[i] for i in ids])
+        total = 0
+        last = None
+        for i in ids:
+            (last,) = source.extract([requests[i]])
+            total += (last.aux.numel() + last.last.numel()) * last.last.element_size()
+        elapsed = time.perf_counter() - started
+        server_cpu, client_cpu = service.cpu_seconds() - server_cpu, own_cpu_seconds() - client_cpu
+        check_source_bytes(last, reference=reference, shape=shape)
+        came_off_grpc = endpoint.delivered_on_payload_channel - on_payload
+        if config.transport == "auto" and came_off_grpc != samples:
+            raise RuntimeError(f"{config.name}: {samples - came_off_grpc} of {samples} samples came in-band")
+        if config.transport == "grpc" and came_off_grpc:
+            raise RuntimeError(f"{config.name}: {came_off_grpc} samples came on the side channel")
+    finally:
+        source.close()
+    if total != samples * shape.sample_bytes:
+        raise RuntimeError(f"{config.name}: {total} bytes arrived, {samples * shape.sample_bytes} expected")
+    return Run(total / elapsed, client_cpu / (total / 1e9), server_cpu / (total / 1e9))
+
+
+def check_source_bytes(
+    states: SampleHiddenStates | None, *, reference: torch.Tensor, shape: SyntheticShape
+) -> None:
+    """`GrpcSource`'s split of the sample (aux layers flattened, then N) is what the backend sent."""
+    if states is None:
+        raise RuntimeError("no sample arrived")
+    expected = expected_planes(reference, sample_token_ids(states.sample_id, shape))
+    aux, last = expected[:, :-1].flatten(1), expected[:, -1]
+    if not (torch.equal(states.aux, aux) and torch.equal(states.last, last)):
+        raise RuntimeError(f"sample {states.sample_id}: received tensor differs from the one sent")
+
+
 # -------------------------------------------------------------------------------------- socket
 
 
@@ -391,7 +487,7 @@ def main() -> int:
         "--grpc-option", type=parse_option, action="append", default=[], metavar="NAME=INT",
         help="extra gRPC channel/server option on both ends, to try one without editing code",
     )  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="512-token samples, fewer configs (~20 s)")
+    parser.add_argument("--quick", action="store_true", help="512-token samples, fewer configs (~30 s)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.quick:
@@ -436,6 +532,16 @@ def main() -> int:
                 ),
             )  # fmt: skip
 
+        def source_measure(config: SourceConfig) -> Run:
+            return measure(
+                config.name,
+                config.describe(),
+                lambda: source_run(
+                    services[config.frame_mib], config, shape=shape, reference=reference,
+                    samples=samples, call_index=next(calls),
+                ),
+            )  # fmt: skip
+
         sweep = {frame: grpc_measure(GrpcConfig(frame_mib=frame)) for frame in args.frames}
         best_frame = max(sweep, key=lambda frame: sweep[frame].bytes_per_s)
         grpc_measure(GrpcConfig(frame_mib=best_frame, pooled=False))
@@ -443,6 +549,9 @@ def main() -> int:
         for streams in args.streams:
             grpc_measure(GrpcConfig(frame_mib=best_frame, streams=streams, channels=streams))
             grpc_measure(GrpcConfig(frame_mib=best_frame, streams=streams, channels=1))
+        source_measure(SourceConfig(streams=1, transport="grpc", frame_mib=best_frame))
+        for streams in (1, *args.streams):
+            source_measure(SourceConfig(streams=streams, transport="auto", frame_mib=best_frame))
     finally:
         for service in services.values():
             service.stop()
@@ -459,6 +568,7 @@ def main() -> int:
     best_grpc = max((n for n in rate if n.startswith("grpc")), key=rate.__getitem__)
     best_socket = max((n for n in rate if n.startswith("socket")), key=rate.__getitem__)
     best_one_stream = max((n for n in rate if n.startswith("grpc_1stream")), key=rate.__getitem__)
+    best_payload = max((n for n in rate if n.startswith("payload")), key=rate.__getitem__)
     device, today = describe_device(), date.today().isoformat()
     rows = [
         {"metric": f"{name}_bytes_per_s", "value": round(run.bytes_per_s), "unit": "bytes/s",
@@ -472,9 +582,13 @@ def main() -> int:
         for name, (run, describe) in results.items()
         for end, value in (("client", run.client_cpu_s_per_gb), ("server", run.server_cpu_s_per_gb))
     ]  # fmt: skip
+    # In-band frames (the first two), then the payload side channel through GrpcSource (the
+    # service's path to the trainer when the side channel is on, as it is by default).
     for metric, grpc_name, socket_name in (
         ("grpc_vs_socket_ratio", best_grpc, best_socket),
         ("grpc_vs_socket_ratio_one_stream", best_one_stream, "socket_1connection"),
+        ("grpc_vs_socket_ratio_payload_channel", best_payload, best_socket),
+        ("grpc_vs_socket_ratio_payload_channel_one_stream", "payload_1stream", "socket_1connection"),
     ):
         rows.append(
             {"metric": metric, "value": round(rate[grpc_name] / rate[socket_name], 3), "unit": "ratio",

@@ -9,6 +9,9 @@ checked, and a malformed stream raises `WireError` naming the sample.
 Fast path (both ends, same bytes on the wire): the service sends `encode_sample_frames` (payload
 copied once), a client deserializes with `parse_frame` (payload stays a view of the received
 bytes) and gives its assemblers one `SampleBuffers`, so samples land in reused memory.
+
+The payload side channel (`payload_channel.py`) sends the same `TensorHeader` and the same raw
+bytes without frames; `check_header` and `decoded_sample` are shared with it.
 """
 
 from __future__ import annotations
@@ -57,6 +60,25 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.view(torch.uint8).numpy()).cast("B")
 
 
+def tensor_header(
+    sample_id: int,
+    tensor: torch.Tensor,
+    *,
+    token_ids: Sequence[int] | torch.Tensor,
+    layer_ids: Sequence[int],
+) -> pb.TensorHeader:
+    """What a receiver needs to rebuild `tensor` from its raw bytes, and what it was computed for."""
+    if tensor.dtype not in DTYPE_NAMES:
+        raise WireError(f"sample {sample_id}: dtype {tensor.dtype} has no wire name")
+    return pb.TensorHeader(
+        dtype=DTYPE_NAMES[tensor.dtype],
+        shape=list(tensor.shape),
+        layer_ids=list(layer_ids),
+        token_ids_sha256=token_ids_digest(token_ids),
+        num_bytes=tensor.numel() * tensor.element_size(),
+    )
+
+
 def encode_sample_frames(
     sample_id: int,
     tensor: torch.Tensor,
@@ -73,18 +95,10 @@ def encode_sample_frames(
     capped the service at ~0.5 GB/s; this is ordinary protobuf wire format (fields in number
     order), so any client parses it.
     """
-    if tensor.dtype not in DTYPE_NAMES:
-        raise WireError(f"sample {sample_id}: dtype {tensor.dtype} has no wire name")
+    header = tensor_header(sample_id, tensor, token_ids=token_ids, layer_ids=layer_ids)
     data = tensor_bytes(tensor) if tensor.numel() else memoryview(b"")
     num_bytes = len(data)
     num_frames = max(1, -(-num_bytes // max_frame_bytes))
-    header = pb.TensorHeader(
-        dtype=DTYPE_NAMES[tensor.dtype],
-        shape=list(tensor.shape),
-        layer_ids=list(layer_ids),
-        token_ids_sha256=token_ids_digest(token_ids),
-        num_bytes=num_bytes,
-    )
     for index in range(num_frames):
         chunk = data[index * max_frame_bytes : (index + 1) * max_frame_bytes]
         head = pb.ExtractResponse(
@@ -333,28 +347,11 @@ class FrameAssembler:
                 f"sample {sample_id}: {partial.received_bytes} bytes received, "
                 f"{partial.buffer.numel()} announced"
             )
-        header = partial.header
-        tensor = partial.buffer.view(WIRE_DTYPES[header.dtype]).view(*[int(s) for s in header.shape])
-        return DecodedSample(
-            sample_id=sample_id,
-            tensor=tensor,
-            layer_ids=[int(i) for i in header.layer_ids],
-            token_ids_sha256=bytes(header.token_ids_sha256),
-        )
+        return decoded_sample(sample_id, partial.header, partial.buffer)
 
     def _start(self, sample_id: int, response: pb.ExtractResponse | Frame) -> _Partial:
         header = response.header
-        if header.dtype not in WIRE_DTYPES:
-            raise WireError(f"sample {sample_id}: unknown dtype {header.dtype!r}")
-        itemsize = torch.empty((), dtype=WIRE_DTYPES[header.dtype]).element_size()
-        numel = 1
-        for size in header.shape:
-            numel *= int(size)
-        if numel * itemsize != header.num_bytes:
-            raise WireError(
-                f"sample {sample_id}: shape {list(header.shape)} of {header.dtype} is "
-                f"{numel * itemsize} bytes, header says {header.num_bytes}"
-            )
+        check_header(sample_id, header)
         if response.num_frames < 1:
             raise WireError(f"sample {sample_id}: num_frames is {response.num_frames}")
         partial = _Partial(
@@ -368,6 +365,33 @@ class FrameAssembler:
         )
         self._partial[sample_id] = partial
         return partial
+
+
+def check_header(sample_id: int, header: pb.TensorHeader) -> int:
+    """The payload bytes `header` announces; raises `WireError` unless dtype and shape agree with it."""
+    if header.dtype not in WIRE_DTYPES:
+        raise WireError(f"sample {sample_id}: unknown dtype {header.dtype!r}")
+    itemsize = torch.empty((), dtype=WIRE_DTYPES[header.dtype]).element_size()
+    numel = 1
+    for size in header.shape:
+        numel *= int(size)
+    if numel * itemsize != header.num_bytes:
+        raise WireError(
+            f"sample {sample_id}: shape {list(header.shape)} of {header.dtype} is "
+            f"{numel * itemsize} bytes, header says {header.num_bytes}"
+        )
+    return int(header.num_bytes)
+
+
+def decoded_sample(sample_id: int, header: pb.TensorHeader, buffer: torch.Tensor) -> DecodedSample:
+    """The sample whose raw bytes fill the uint8 [num_bytes] `buffer` (a view, no copy)."""
+    tensor = buffer.view(WIRE_DTYPES[header.dtype]).view(*[int(s) for s in header.shape])
+    return DecodedSample(
+        sample_id=sample_id,
+        tensor=tensor,
+        layer_ids=[int(i) for i in header.layer_ids],
+        token_ids_sha256=bytes(header.token_ids_sha256),
+    )
 
 
 def check_finite_nonzero(tensor: torch.Tensor, *, what: str) -> str | None:

@@ -4,7 +4,8 @@
     dflash serve-hidden-states MODEL --target-layer-ids 2 18 33 [--backend vllm] [-- <engine args>]
 
 Prints one line `hidden-state service ready on HOST:PORT` once it accepts calls (scripts and
-tests wait for it; with `--port 0` it names the port picked).
+tests wait for it; with `--port 0` it names the port picked). The payload side channel's port
+(`--payload-port`, a free one by default) is logged and advertised by GetInfo.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def serve(config: ServeHiddenStatesConfig) -> int:
         max_frame_bytes=config.max_frame_bytes,
         max_streams=config.max_streams,
         max_pending_per_stream=config.max_pending_per_stream,
+        payload_port=config.payload_port,
     ).start()
     stopping = threading.Event()
 

@@ -6,6 +6,10 @@
 
 Health reports SERVING for "" and "dflash.v1.HiddenStates" once the backend is loaded, and
 NOT_SERVING while the server drains on shutdown, so load balancers stop sending first.
+
+Beside the gRPC port the server listens on a payload port (`payload_port`: None = a free port
+picked now, 0 = none) on the same host: trainers move hidden-state bytes over it off gRPC
+(`payload_listener.py`, DESIGN 2.4's frames without gRPC's copies; docs/benchmarks.md, Transport).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from dflash_core.wire.pb import hidden_states_pb2 as pb
 from services.hidden_states.backends.base import Backend
 from services.hidden_states.endpoints import CHANNEL_OPTIONS
+from services.hidden_states.payload_listener import PayloadListener
 from services.hidden_states.scheduler import Scheduler
 from services.hidden_states.servicer import HiddenStatesServicer, register
 
@@ -38,6 +43,7 @@ class HiddenStateServer:
         max_frame_bytes: int = 8 << 20,
         max_streams: int = 64,
         max_pending_per_stream: int = 64,
+        payload_port: int | None = None,
     ) -> None:
         self.backend = backend
         self.scheduler = Scheduler(backend)
@@ -49,11 +55,15 @@ class HiddenStateServer:
             options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=max_streams + spare,
         )
+        self.payload_listener = (
+            PayloadListener(host, payload_port or 0) if payload_port != 0 else None
+        )  # bound now, so a port in use fails here, like the gRPC port
         self.servicer = HiddenStatesServicer(
             self.scheduler,
             max_frame_bytes=max_frame_bytes,
             max_pending_per_stream=max_pending_per_stream,
             max_streams=max_streams,
+            payload_listener=self.payload_listener,
         )
         register(self.servicer, self._server)
         self._health = health.HealthServicer()
@@ -68,6 +78,8 @@ class HiddenStateServer:
         )
         bound = self._server.add_insecure_port(f"{host}:{port}")
         if bound == 0:
+            if self.payload_listener is not None:
+                self.payload_listener.stop()
             raise OSError(f"cannot bind the hidden-state service to {host}:{port} (in use?)")
         self.host, self.port = host, bound
 
@@ -75,18 +87,26 @@ class HiddenStateServer:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def payload_port(self) -> int:
+        """The side channel's port on `host`; 0 when it is off."""
+        return self.payload_listener.port if self.payload_listener is not None else 0
+
     def start(self) -> HiddenStateServer:
         self.scheduler.start()
+        if self.payload_listener is not None:
+            self.payload_listener.start()
         self._server.start()
         for name in ("", SERVICE_NAME):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         info = self.backend.info
         logger.info(
-            "hidden-state service (%s backend, %s, layer ids %s) listening on %s",
+            "hidden-state service (%s backend, %s, layer ids %s) listening on %s, payload port %s",
             info.name,
             info.fingerprint.name_or_path,
             list(info.layer_ids),
             self.address,
+            self.payload_port or "off",
         )
         return self
 
@@ -96,5 +116,7 @@ class HiddenStateServer:
     def stop(self, grace: float = 5.0) -> None:
         self._health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
+        if self.payload_listener is not None:
+            self.payload_listener.stop()
         self.scheduler.stop()
         self.backend.close()

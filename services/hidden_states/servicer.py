@@ -4,13 +4,21 @@ Extract: a reader thread pulls requests off the stream, validates each one and q
 RPC's own thread encodes computed samples into frames as they finish. A bad request gets an
 `ExtractResponse.error` (INVALID_ARGUMENT, naming the problem) and the stream carries on; a
 client that expects another verifier is refused with FAILED_PRECONDITION before anything runs.
+
+A call that offers a payload token (`PAYLOAD_TOKEN_KEY`) and reaches a service with a payload
+port gets that port in its initial metadata; once the client's connection is bound (see
+`payload_listener.py`), the call's samples go on it as records, while errors and the end of the
+call stay on the stream. A connection that breaks ends the call with UNAVAILABLE, so the client
+asks again for what it did not get.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
+import socket
 import threading
 from collections.abc import Iterator
 
@@ -21,9 +29,17 @@ from pydantic import ValidationError
 from dflash_core.verifier import VerifierFingerprint
 from dflash_core.wire.codec import DTYPE_NAMES, encode_sample_frames, error_response
 from dflash_core.wire.identity import EXPECT_VERIFIER_KEY
+from dflash_core.wire.payload_channel import (
+    PAYLOAD_PORT_KEY,
+    PAYLOAD_TOKEN_KEY,
+    send_end,
+    send_sample,
+    token_from_metadata,
+)
 from dflash_core.wire.pb import hidden_states_pb2 as pb
 from dflash_core.wire.pb import hidden_states_pb2_grpc as pb_grpc
 from services.hidden_states.backends.base import BackendInfo, GenerationParams
+from services.hidden_states.payload_listener import PayloadBinding, PayloadListener
 from services.hidden_states.scheduler import ComputedSample, ExtractJob, Scheduler, StreamOutbox
 
 logger = logging.getLogger(__name__)
@@ -33,9 +49,18 @@ SERVER_VERSION = "dflash-hidden-states/1"
 
 class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
     def __init__(
-        self, scheduler: Scheduler, *, max_frame_bytes: int, max_pending_per_stream: int, max_streams: int
+        self,
+        scheduler: Scheduler,
+        *,
+        max_frame_bytes: int,
+        max_pending_per_stream: int,
+        max_streams: int,
+        payload_listener: PayloadListener | None = None,
     ) -> None:
         self.scheduler = scheduler
+        self.payload_listener = payload_listener
+        self.samples_on_payload_channel = 0  # how many went off gRPC (tests and the bench read it)
+        self._count_lock = threading.Lock()
         # gRPC's maximum_concurrent_rpcs counts every call; this bounds Extract streams alone, so
         # GetInfo, Generate and health keep answering while every stream slot is taken.
         self._stream_slots = threading.BoundedSemaphore(max_streams)
@@ -47,7 +72,8 @@ class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
 
     # ------------------------------------------------------------------ GetInfo
     def GetInfo(self, request: pb.GetInfoRequest, context: grpc.ServicerContext) -> pb.ServiceInfo:
-        return service_info(self.info, max_frame_bytes=self.max_frame_bytes)
+        port = self.payload_listener.port if self.payload_listener is not None else 0
+        return service_info(self.info, max_frame_bytes=self.max_frame_bytes, payload_port=port)
 
     # ------------------------------------------------------------------ Extract
     def Extract(self, request_iterator, context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -58,14 +84,42 @@ class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
                 f"this service already serves {self.max_streams} Extract streams (--max-streams); "
                 "try another endpoint or later",
             )
+        binding = None
         try:
-            yield from self._serve_stream(request_iterator, context)
+            binding = self._offer_payload_channel(context)
+            yield from self._serve_stream(request_iterator, context, binding)
         finally:
+            if binding is not None and self.payload_listener is not None:
+                self.payload_listener.release(binding)
             self._stream_slots.release()
 
-    def _serve_stream(self, request_iterator, context: grpc.ServicerContext) -> Iterator[bytes]:
+    def _offer_payload_channel(self, context: grpc.ServicerContext) -> PayloadBinding | None:
+        """Register the call's payload token and tell the client where to connect. The initial
+        metadata goes out at once either way: a client that offered a token waits for it."""
+        text = dict(context.invocation_metadata()).get(PAYLOAD_TOKEN_KEY)
+        if text is None:
+            return None
+        try:
+            token = token_from_metadata(text)
+        except ValueError as exc:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{PAYLOAD_TOKEN_KEY} metadata is malformed: {exc}"
+            )
+        listener = self.payload_listener
+        binding = listener.expect(token) if listener is not None else None
+        if listener is None or binding is None:  # no payload port, or a token already announced
+            context.send_initial_metadata(())
+            return None
+        context.send_initial_metadata(((PAYLOAD_PORT_KEY, str(listener.port)),))
+        return binding
+
+    def _serve_stream(
+        self, request_iterator, context: grpc.ServicerContext, binding: PayloadBinding | None
+    ) -> Iterator[bytes]:
         outbox = StreamOutbox(self.max_pending_per_stream)
         context.add_callback(outbox.cancelled.set)
+        if binding is not None:
+            context.add_callback(binding.close)  # wakes a send blocked on a client that went away
         reader = threading.Thread(
             target=self._read_requests, args=(request_iterator, outbox), name="extract-reader", daemon=True
         )
@@ -78,14 +132,40 @@ class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
                     if outbox.cancelled.is_set():
                         return  # the client went away: free this pool thread
                     continue
+                sock = binding.socket if binding is not None else None
                 if sample is None:
+                    if sock is not None:
+                        self._send_end(sock)
                     return
                 try:
-                    yield from self._encode(sample)
+                    if sock is not None and sample.tensor is not None:
+                        self._send_on_payload_channel(sock, sample, outbox, context)
+                    else:  # errors always, and samples computed before the connection was bound
+                        yield from self._encode(sample)
                 finally:
                     outbox.release()
         finally:
             outbox.cancelled.set()
+
+    def _send_on_payload_channel(
+        self, sock: socket.socket, sample: ComputedSample, outbox: StreamOutbox, context: grpc.ServicerContext
+    ) -> None:
+        try:
+            send_sample(
+                sock, sample.sample_id, sample.tensor, token_ids=sample.token_ids, layer_ids=sample.layer_ids
+            )
+        except OSError as exc:
+            if outbox.cancelled.is_set():
+                return  # the call is over anyway; the closed connection is why the send failed
+            # The sample may be half-written: the whole call fails and the client asks again.
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"the payload connection broke: {exc}")
+        with self._count_lock:
+            self.samples_on_payload_channel += 1
+
+    @staticmethod
+    def _send_end(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # the client is gone; the stream's own end still goes
+            send_end(sock)
 
     def _read_requests(self, request_iterator, outbox: StreamOutbox) -> None:
         try:
@@ -246,7 +326,7 @@ class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
         )
 
 
-def service_info(info: BackendInfo, *, max_frame_bytes: int) -> pb.ServiceInfo:
+def service_info(info: BackendInfo, *, max_frame_bytes: int, payload_port: int = 0) -> pb.ServiceInfo:
     fp = info.fingerprint
     return pb.ServiceInfo(
         verifier_name_or_path=fp.name_or_path,
@@ -262,6 +342,7 @@ def service_info(info: BackendInfo, *, max_frame_bytes: int) -> pb.ServiceInfo:
         max_frame_bytes=max_frame_bytes,
         max_batch_tokens=info.max_batch_tokens,
         server_version=SERVER_VERSION,
+        payload_port=payload_port,
     )
 
 

@@ -95,6 +95,7 @@ def build_source(
                 inflight_bytes=config.inflight_bytes,
                 streams_per_endpoint=config.streams_per_endpoint,
                 timeout_s=config.service_timeout_s,
+                payload_transport=config.payload_transport,
             )
         else:
             assert model is not None, "computing hidden states in-process needs the verifier"

@@ -75,6 +75,7 @@ def fill_cache(config: GenerateOfflineConfig) -> FillReport:
         expected=fingerprint,
         inflight_bytes=config.inflight_bytes,
         streams_per_endpoint=config.streams_per_endpoint,
+        payload_transport=config.payload_transport,
     )
     try:
         requests = [SampleRequest(sample_id=i, input_ids=rows.get(i)[0]) for i in todo]

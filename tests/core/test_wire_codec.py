@@ -19,9 +19,12 @@ from dflash_core.wire.codec import (
     SampleBuffers,
     WireError,
     check_finite_nonzero,
+    check_header,
+    decoded_sample,
     encode_sample,
     encode_sample_frames,
     parse_frame,
+    tensor_header,
     token_ids_digest,
 )
 from dflash_core.wire.pb import hidden_states_pb2 as pb
@@ -312,3 +315,19 @@ def test_assembler_with_a_pool_reassembles_the_same_tensor():
     ):
         done = assembler.add(parse_frame(frame)) or done
     assert done is not None and torch.equal(done.tensor, tensor)
+
+
+def test_the_side_channels_header_is_frame_zeros_header_and_rebuilds_the_tensor():
+    # The payload side channel sends `tensor_header` and the raw bytes without frames; what it
+    # rebuilds must be what the frames give (same header, same dtype, shape and bits).
+    tensor = sample_tensor(17, torch.bfloat16, seed=3)
+    header = tensor_header(5, tensor, token_ids=range(5, 22), layer_ids=LAYER_IDS)  # as frames_of
+    assert header == frames_of(5, tensor)[0].header
+    assert check_header(5, header) == tensor.numel() * 2
+    raw = torch.frombuffer(bytearray(tensor.view(torch.uint8).flatten().numpy().tobytes()), dtype=torch.uint8)
+    sample = decoded_sample(5, header, raw)
+    assert torch.equal(sample.tensor, tensor) and sample.tensor.dtype == torch.bfloat16
+    assert sample.layer_ids == LAYER_IDS and sample.token_ids_sha256 == token_ids_digest(range(5, 22))
+    header.num_bytes += 2
+    with pytest.raises(WireError, match="sample 5: shape"):
+        check_header(5, header)

@@ -66,6 +66,14 @@ class HiddenStatesServicer:
         one sample arrive in order (frame_index 0..num_frames-1). A bad sample gets a response with
         `error` set and the stream carries on. A client may send its verifier fingerprint as JSON in
         the `dflash-expect-verifier` metadata key: a mismatch ends the call with FAILED_PRECONDITION.
+
+        Payload side channel (ServiceInfo.payload_port != 0): a client sends a random 16-byte token,
+        hex, in the `dflash-payload-token` metadata key; the service answers with initial metadata
+        `dflash-payload-port` (the port to dial on the host the client dialled) and waits for a TCP
+        connection that presents the same token (dflash_core/wire/payload_channel.py). Once bound,
+        every computed sample of the call travels on that connection as one record (an
+        ExtractResponse header, then the raw bytes) instead of `data` frames; per-sample errors and
+        the end of the call stay on this stream. Samples sent before the binding travel in-band.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

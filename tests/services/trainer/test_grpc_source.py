@@ -3,11 +3,15 @@
 What must hold: the tensors equal an in-process forward; prefetching is bounded by bytes; two
 endpoints share the load and one dying loses nothing; a service killed mid-stream and restarted
 delivers every sample exactly once; a service that serves other layers or another verifier is
-refused before anything runs, naming both sides.
+refused before anything runs, naming both sides. The payload side channel (on by default):
+its samples equal in-band ones byte for byte; an unreachable payload port means in-band with one
+warning; a connection dropped mid-stream, like a service killed and restarted on another payload
+port, loses nothing and is bound again.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -141,6 +145,8 @@ def test_a_service_killed_mid_stream_and_restarted_loses_nothing(verifier_path, 
             [services[0].address], target_layer_ids=LAYERS, inflight_bytes=1 << 20, timeout_s=120
         )
         requests = make_requests(60, seed=1)
+        endpoint = source._endpoints[0]
+        wait_until(lambda: endpoint.payload_connections == 2)  # both streams on the side channel
         source.prefetch(requests)
         first = source.extract(requests[:10])
         services[0].kill()  # SIGKILL with requests in flight: no goodbye on the wire
@@ -152,12 +158,15 @@ def test_a_service_killed_mid_stream_and_restarted_loses_nothing(verifier_path, 
         rest = source.extract(requests[10:])
         restart.join()
         fingerprint = source.fingerprint
+        connections = endpoint.payload_connections
     finally:
         if source is not None:
             source.close()
         for service in services:
             service.stop()
     assert_matches_reference(first + rest, requests, reference, fingerprint)
+    # The restarted service has another payload port: the side channel was negotiated again.
+    assert connections >= 3
 
 
 def test_two_endpoints_share_the_load_and_survive_one_dying(verifier_path, reference):
@@ -180,6 +189,93 @@ def test_two_endpoints_share_the_load_and_survive_one_dying(verifier_path, refer
         second.stop()
     assert all(count > 0 for count in delivered.values()), delivered
     assert_matches_reference(head + tail, requests, reference, fingerprint)
+
+
+# ---------------------------------------------------------------------------- payload side channel
+
+
+def wait_until(condition, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+def test_side_channel_samples_equal_in_band_samples_byte_for_byte(verifier_path):
+    requests = make_requests(30, seed=3)
+    results, counts = {}, {}
+    # One sample per forward, so batch composition (which changes float rounding) cannot differ
+    # between the two runs: only the transport does.
+    with running_service(verifier_path, target_layer_ids=LAYERS, max_batch_tokens=1) as server:
+        for transport in ("auto", "grpc"):
+            source = GrpcSource(
+                [server.address], target_layer_ids=LAYERS, streams_per_endpoint=2, payload_transport=transport
+            )
+            try:
+                if transport == "auto":  # both streams bound before anything is asked for
+                    wait_until(lambda: server.payload_listener.bound == 2)
+                results[transport] = source.extract(requests)
+                endpoint = source._endpoints[0]
+                counts[transport] = (endpoint.delivered, endpoint.delivered_on_payload_channel)
+            finally:
+                source.close()
+    assert counts == {"auto": (30, 30), "grpc": (30, 0)}
+    for side, framed in zip(results["auto"], results["grpc"], strict=True):
+        assert side.sample_id == framed.sample_id
+        for name in ("aux", "last"):
+            a, b = getattr(side, name), getattr(framed, name)
+            assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape
+            assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def test_an_unreachable_payload_port_falls_back_to_in_band_with_one_warning(verifier_path, reference, caplog):
+    with running_service(verifier_path, target_layer_ids=LAYERS) as server:
+        port = server.payload_port
+        server.payload_listener.stop()  # GetInfo still advertises the port; nobody listens on it
+        source = GrpcSource([server.address], target_layer_ids=LAYERS, streams_per_endpoint=2)
+        try:
+            assert source.service_info.payload_port == port
+            with caplog.at_level(logging.WARNING, logger="services.trainer.grpc_source"):
+                requests = make_requests(20, seed=4)
+                results = source.extract(requests)
+            endpoint = source._endpoints[0]
+            assert (endpoint.delivered, endpoint.delivered_on_payload_channel) == (20, 0)
+            assert endpoint.payload_connections == 0
+            fingerprint = source.fingerprint
+        finally:
+            source.close()
+    assert_matches_reference(results, requests, reference, fingerprint)
+    warnings = [r.getMessage() for r in caplog.records if "payload side channel" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # two streams, one reason: one warning
+    assert server.address in warnings[0] and f"127.0.0.1:{port}" in warnings[0]
+    assert "refused" in warnings[0].lower()
+
+
+def test_a_payload_connection_dropped_mid_stream_loses_nothing(verifier_path, reference):
+    with running_service(verifier_path, target_layer_ids=LAYERS) as server:
+        source = GrpcSource(
+            [server.address], target_layer_ids=LAYERS, inflight_bytes=1 << 20, streams_per_endpoint=1
+        )
+        try:
+            wait_until(lambda: server.payload_listener.bound == 1)
+            requests = make_requests(60, seed=5)
+            source.prefetch(requests)
+            first = source.extract(requests[:10])
+            assert server.payload_listener.drop_connections() == 1  # samples in flight on it
+            rest = source.extract(requests[10:])
+            endpoint = source._endpoints[0]
+            on_side_channel, connections = endpoint.delivered_on_payload_channel, endpoint.payload_connections
+            fingerprint = source.fingerprint
+        finally:
+            source.close()
+    assert_matches_reference(first + rest, requests, reference, fingerprint)
+    assert connections >= 2  # the stream reconnected and bound a new connection
+    assert on_side_channel >= 10
+
+
+def test_payload_transport_must_be_auto_or_grpc():
+    with pytest.raises(ValueError, match="payload_transport must be 'auto' or 'grpc'"):
+        GrpcSource(["127.0.0.1:1"], target_layer_ids=LAYERS, payload_transport="tcp")  # type: ignore[arg-type]
 
 
 def test_circuit_breaker_opens_after_repeated_failures_and_half_opens_after_cooldown():
