@@ -115,7 +115,7 @@ def main() -> None:
     if args.fsdp:  # a 1-rank process group: the FSDP2 code path (bf16 params, fp32 reduce) on one GPU
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29512")
-        torch.distributed.init_process_group("nccl", rank=0, world_size=1, device_id=device)
+        torch.distributed.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
         shard_drafter(drafter, compute_dtype=torch.bfloat16)
     heads = VerifierHeads(vocab_size=config.vocab_size, hidden_size=config.hidden_size, eps=1e-6)
     with torch.no_grad():
