@@ -30,6 +30,7 @@ from services.trainer.main import run_training
 from tests.factories.chats import write_chats
 from tests.factories.services import running_service, start_service_process
 from tests.factories.training import ROOT, final_weights
+from tests.factories.training import train_config as workspace_train_config
 from tests.factories.verifiers import make_tiny_verifier
 
 LAYERS = [1, 2]
@@ -54,21 +55,10 @@ def setup(tmp_path_factory) -> dict:
 
 
 def train_config(setup: dict, save: str, **overrides) -> TrainConfig:
-    values = dict(
-        verifier_name_or_path=str(setup["verifier"]),
-        data_path=setup["data"],
-        save_path=setup["root"] / save,
-        block_size=4,
-        max_anchors=8,
-        num_layers=1,
-        epochs=1,
-        total_seq_len=192,
-        target_layer_ids=LAYERS,
-        device="cpu",
-        val_fraction=0.1,
+    """The tiny CPU run of tests/factories/training.py, on the layers the services here serve."""
+    return workspace_train_config(
+        setup, save, **{"max_anchors": 8, "epochs": 1, "target_layer_ids": LAYERS, **overrides}
     )
-    values.update(overrides)
-    return TrainConfig(**values)
 
 
 def test_trains_from_the_service_then_offline_from_the_cache_it_filled(setup):
