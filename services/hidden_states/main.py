@@ -77,6 +77,7 @@ def serve(config: ServeHiddenStatesConfig) -> int:
     print(f"{READY_LINE} {server.address}", flush=True)  # noqa: T201 - the line scripts wait for
     stopping.wait()
     server.stop()
+    logger.info("stopped after serving %d samples", server.scheduler.samples_served)
     return 0
 
 

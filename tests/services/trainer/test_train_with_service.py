@@ -29,7 +29,7 @@ from services.trainer.grpc_source import HiddenStateServiceError
 from services.trainer.main import run_training
 from tests.factories.chats import write_chats
 from tests.factories.services import running_service, start_service_process
-from tests.factories.training import ROOT, final_weights
+from tests.factories.training import ROOT, final_weights, run_train_command
 from tests.factories.training import train_config as workspace_train_config
 from tests.factories.verifiers import make_tiny_verifier
 
@@ -252,3 +252,25 @@ def test_the_tutorials_train_commands_run_as_written_against_the_service(setup):
         final_weights(setup["root"] / "tutorial-fsdp"),
     )
     assert single.keys() == fsdp.keys() and "d2t" in single
+
+
+def test_the_four_gpu_layout_scaled_to_cpu_two_replicas_feed_two_fsdp_ranks(setup):
+    """The tutorial's layout (2 service replicas, a 2-rank FSDP trainer pulling from both), on CPU."""
+    replicas = [start_service_process(setup["verifier"], LAYERS) for _ in range(2)]
+    config = train_config(setup, "ckpt-layout", hidden_states_endpoint=[r.address for r in replicas])
+    try:
+        run_train_command(config, nproc=2)
+    finally:
+        for replica in replicas:
+            replica.stop()
+    served = [
+        int(line.split("stopped after serving ")[1].split()[0])
+        for replica in replicas
+        for line in replica.output
+        if "stopped after serving" in line
+    ]
+    train, val = split_indices(40, val_fraction=config.val_fraction, seed=config.seed)
+    # Both replicas worked, and between them every use of a sample was computed exactly once:
+    # the train rows once, the val rows before training and after the epoch.
+    assert len(served) == 2 and min(served) > 0, served
+    assert sum(served) == len(train) + 2 * len(val)
