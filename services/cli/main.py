@@ -25,7 +25,10 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("serve-hidden-states", "serve_hidden_states", "Serve the verifier's hidden states over gRPC."),
     ("generate-offline", "generate_offline", "Fill the hidden-state cache from the service."),
     ("train", "train", "Train a DFlash drafter against a verifier."),
+    ("eval", "eval", "Measure a drafter's acceptance length and speed by real speculative decoding."),
+    ("export", "export", "Write a checkpoint in the z-lab/SGLang layout, or import one into ours."),
     ("demo", "demo", "Run the whole pipeline on the embedded default (SmolLM2, shipped chats, CPU)."),
+    ("control-plane", "control_plane", "Serve the REST API that runs and tracks training jobs."),
 ]
 
 

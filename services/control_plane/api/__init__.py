@@ -1,0 +1,1 @@
+"""The HTTP layer: dependencies (deps.py) and thin route modules (routes/)."""

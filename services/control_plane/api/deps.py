@@ -1,0 +1,46 @@
+"""Annotated dependencies: what a route needs, named in its signature (and overridable in tests).
+
+Everything hangs off `app.state.control_plane`, built once by create_app().
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from services.control_plane.auth import check_bearer
+from services.control_plane.prometheus import RequestMetrics
+from services.control_plane.scheduler import Scheduler
+from services.control_plane.service import JobService
+from services.control_plane.settings import ControlPlaneSettings
+
+
+@dataclass
+class ControlPlane:
+    """The parts of one running control plane."""
+
+    settings: ControlPlaneSettings
+    service: JobService
+    scheduler: Scheduler
+    request_metrics: RequestMetrics
+
+
+def get_control_plane(request: Request) -> ControlPlane:
+    return request.app.state.control_plane
+
+
+def get_service(request: Request) -> JobService:
+    return get_control_plane(request).service
+
+
+def require_token(request: Request) -> None:
+    """401/403 unless the request carries the bearer token (when one is configured)."""
+    check_bearer(request, get_control_plane(request).settings.token_value)
+
+
+ControlPlaneDep = Annotated[ControlPlane, Depends(get_control_plane)]
+ServiceDep = Annotated[JobService, Depends(get_service)]
+# For `dependencies=[Authorized]` on mutating routes.
+Authorized = Depends(require_token)

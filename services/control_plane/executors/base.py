@@ -1,0 +1,51 @@
+"""The executor protocol: what the scheduler needs from whatever runs trainers.
+
+The scheduler owns the job states and the GPU assignment (both in the store); an executor only
+starts, signals and watches processes. Every method is called from the scheduler's one thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from services.control_plane.schemas import JobRecord
+
+
+@dataclass(frozen=True)
+class ProcessExit:
+    """A job's trainer ended. `exit_code` is 128+N for signal N; None when nobody knows it."""
+
+    job_id: str
+    exit_code: int | None
+
+
+class ExecutorError(RuntimeError):
+    """A trainer could not be started (the job fails with this message)."""
+
+
+class Executor(Protocol):
+    name: str
+
+    def start(self, job: JobRecord) -> int:
+        """Start `job`'s trainer on `job.gpus` (already assigned); returns the pid the job is
+        tracked by. Raises ExecutorError when it cannot."""
+        ...
+
+    def cancel(self, job: JobRecord) -> None:
+        """Ask the trainer to stop after a checkpoint (SIGTERM). Safe to call again: only the
+        first request reaches the trainer (a second SIGTERM would kill it without one)."""
+        ...
+
+    def kill(self, job: JobRecord) -> None:
+        """Stop the trainer now (SIGKILL to everything it started): the cancel's grace ran out."""
+        ...
+
+    def poll(self) -> list[ProcessExit]:
+        """Trainers that ended since the last call."""
+        ...
+
+    def attach(self, job: JobRecord) -> bool:
+        """After a control-plane restart: watch `job`'s process again if it is alive and is this
+        job's trainer; False when it is gone."""
+        ...

@@ -1,0 +1,158 @@
+"""`create_app(settings)`: the control plane's FastAPI app, ready for uvicorn.
+
+    uvicorn.run(create_app(ControlPlaneSettings(db="jobs.db")), host="127.0.0.1", port=8600)
+    dflash control-plane --db jobs.db ...            (services/cli/control_plane.py does this)
+
+The store is opened and migrated here, so a bad database fails at once; the lifespan settles
+jobs left over from a previous run (re-attach or fail, see JobService.recover) and runs the
+scheduler. Stopping the app leaves running trainers alone: the next start re-attaches them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from services.control_plane.api.deps import ControlPlane
+from services.control_plane.api.routes import checkpoints, jobs, logs, metrics, system
+from services.control_plane.checkpoints import CheckpointNotFound
+from services.control_plane.events import JobEvents
+from services.control_plane.executors.local import LocalExecutor
+from services.control_plane.gpus import detect_gpus
+from services.control_plane.limits import BodySizeLimit, route_limits
+from services.control_plane.paths import Roots
+from services.control_plane.prometheus import RequestMetrics, RequestMetricsMiddleware
+from services.control_plane.scheduler import Scheduler
+from services.control_plane.service import JobConflict, JobNotFound, JobRejected, JobService
+from services.control_plane.settings import ControlPlaneSettings
+from services.control_plane.states import IllegalTransition
+from services.control_plane.store import JobStore
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = """\
+Submit DFlash training jobs, watch them live, cancel, resume, and download their checkpoints.
+
+A job is a `dflash train` config (the same fields, defaults and checks) plus `name` and `gpus`.
+States: `queued → starting → running → succeeded | failed | cancelled`; `resume` re-queues a
+failed or cancelled job, which continues from its last checkpoint.
+
+When the control plane has a token, every POST and DELETE and every checkpoint download needs
+`Authorization: Bearer <token>`.
+"""
+
+
+def _errors(loc_prefix: tuple[str, ...], errors: list[tuple[tuple, str]]) -> list[dict]:
+    return [{"loc": [*loc_prefix, *loc], "msg": msg, "type": "value_error"} for loc, msg in errors]
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(JobNotFound)
+    async def _not_found(_request: Request, exc: JobNotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(CheckpointNotFound)
+    async def _no_checkpoint(_request: Request, exc: CheckpointNotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(IllegalTransition)
+    async def _illegal(_request: Request, exc: IllegalTransition) -> JSONResponse:
+        return JSONResponse(
+            {"detail": str(exc), "state": exc.state.value, "action": exc.action}, status_code=409
+        )
+
+    @app.exception_handler(JobConflict)
+    async def _conflict(_request: Request, exc: JobConflict) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(JobRejected)
+    async def _rejected(_request: Request, exc: JobRejected) -> JSONResponse:
+        return JSONResponse({"detail": _errors(("body",), exc.errors)}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own shape, minus `input`: the offending value is not echoed back (it could
+        # be large, or something secret pasted into the wrong field).
+        detail = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+
+def create_app(settings: ControlPlaneSettings) -> FastAPI:
+    store = JobStore(settings.database_url)
+    jobs_dir = settings.resolved_jobs_dir
+    jobs_dir.mkdir(parents=True, exist_ok=True)
+    roots = Roots.of(data=settings.data_root, checkpoints=settings.checkpoint_root)
+    roots.checkpoints.mkdir(parents=True, exist_ok=True)
+    all_gpus = settings.gpus if settings.gpus is not None else detect_gpus()
+    events = JobEvents()
+    executor = LocalExecutor(
+        jobs_dir=jobs_dir,
+        python=settings.python,
+        control_plane_url=settings.own_url,
+        token=settings.token_value,
+    )
+    service = JobService(
+        store=store,
+        executor=executor,
+        roots=roots,
+        all_gpus=all_gpus,
+        jobs_dir=jobs_dir,
+        events=events,
+        cancel_grace_s=settings.cancel_grace_s,
+    )
+    scheduler = Scheduler(
+        service=service,
+        executor=executor,
+        max_concurrent_jobs=settings.max_concurrent_jobs,
+        cancel_grace_s=settings.cancel_grace_s,
+        poll_interval_s=settings.poll_interval_s,
+        max_log_bytes=settings.max_log_bytes,
+    )
+    service.wake_scheduler = scheduler.wake
+    request_metrics = RequestMetrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        events.bind(asyncio.get_running_loop())
+        await asyncio.to_thread(service.recover)
+        task = asyncio.create_task(scheduler.run(), name="scheduler")
+        logger.info(
+            "control plane on %s: store %s (schema v%d), jobs dir %s, GPUs %s, auth %s",
+            settings.own_url,
+            store.engine.url.render_as_string(hide_password=True),
+            store.schema_version,
+            jobs_dir,
+            all_gpus or "none",
+            "on" if settings.token is not None else "off",
+        )
+        try:
+            yield
+        finally:
+            scheduler.stop()
+            await task
+            store.close()
+
+    app = FastAPI(title="dflash control plane", version="1", description=DESCRIPTION, lifespan=lifespan)
+    app.state.control_plane = ControlPlane(
+        settings=settings, service=service, scheduler=scheduler, request_metrics=request_metrics
+    )
+    for module in (jobs, metrics, logs, checkpoints, system):
+        app.include_router(module.router)
+    add_error_handlers(app)
+    # Added last = outermost: the size limit applies before anything reads the body, and the
+    # request metrics time everything, 413s included.
+    app.add_middleware(
+        BodySizeLimit,
+        limit_for=route_limits(default=settings.max_body_bytes, metrics=settings.max_metrics_body_bytes),
+    )
+    app.add_middleware(RequestMetricsMiddleware, metrics=request_metrics)
+    return app

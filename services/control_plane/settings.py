@@ -1,0 +1,173 @@
+"""Runtime settings of the control plane: where it listens, where it keeps state, what it may touch.
+
+Job configs are `TrainConfig` (dflash_core.config); these are the service's own knobs. Each comes
+from a `dflash control-plane` flag, else a `DFLASH_CONTROL_PLANE_<NAME>` environment variable,
+else the default below. The token is never a flag (it would show in `ps`): `--token-file F` or
+`$DFLASH_CONTROL_PLANE_TOKEN`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1 << 20
+
+
+class ControlPlaneSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DFLASH_CONTROL_PLANE_", extra="forbid")
+
+    host: str = Field(default="127.0.0.1", description="Address to bind; 0.0.0.0 serves other hosts.")
+    port: int = Field(default=8600, ge=1, lt=65536, description="HTTP port.")
+    db: str = Field(
+        default="dflash-control-plane.db",
+        description="Job store: a SQLite file path, or any SQLAlchemy URL (postgresql://...).",
+    )
+    data_root: Path = Field(
+        default=Path("output"),
+        description="Jobs may read and write data (data_path, hidden_states_cache) only under this folder.",
+    )
+    checkpoint_root: Path = Field(
+        default=Path("output/checkpoints"),
+        description="Jobs write checkpoints (save_path) only under this folder; a job without a "
+        "save_path gets <checkpoint-root>/<job id>.",
+    )
+    jobs_dir: Path | None = Field(
+        default=None,
+        description="Per-job files (trainer config, log, exit status). Default: `<db>.jobs/` beside "
+        "a SQLite file, else ./dflash-control-plane-jobs.",
+    )
+    token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token for mutating routes and checkpoint downloads "
+        "($DFLASH_CONTROL_PLANE_TOKEN).",
+    )
+    token_file: Path | None = Field(default=None, description="File holding the bearer token.")
+    max_concurrent_jobs: int = Field(
+        default=1, ge=0, description="Jobs starting or running at once; 0 holds every job queued."
+    )
+    gpus: list[int] | None = Field(
+        default=None,
+        description="GPU indices jobs may use (`0,1,2`); default: every GPU nvidia-smi lists (none on "
+        "a CPU-only host).",
+    )
+    executor: Literal["local"] = Field(
+        default="local", description="How trainers run: `local` subprocesses of this service."
+    )
+    public_url: str | None = Field(
+        default=None,
+        description="URL trainers post metrics to; default http://<host>:<port> (127.0.0.1 for 0.0.0.0).",
+    )
+    python: str = Field(default=sys.executable, description="Interpreter that runs `dflash train`.")
+    cancel_grace_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="After a cancel's SIGTERM, seconds the trainer gets to checkpoint before SIGKILL.",
+    )
+    poll_interval_s: float = Field(
+        default=1.0, gt=0, description="Scheduler period: start queued jobs, collect exits."
+    )
+    max_body_bytes: int = Field(default=MIB, gt=0, description="Largest request body (413 beyond).")
+    max_metrics_body_bytes: int = Field(
+        default=16 * MIB,
+        gt=0,
+        description="Largest metric POST: the trainer sends up to 500 buffered rows at once after an "
+        "outage, and it gives up on a 413 for good.",
+    )
+    max_log_bytes: int = Field(
+        default=64 * MIB,
+        ge=64 * 1024,
+        description="A job log beyond this keeps its newest half (older lines are dropped, with a marker).",
+    )
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _gpus_from_text(cls, value: Any) -> Any:
+        """`0,1,2` (flag or variable) as well as a JSON list; an empty string means no GPU."""
+        if isinstance(value, str):
+            text = value.strip().strip("[]")
+            return [int(part) for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus_distinct(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (len(set(value)) != len(value) or any(g < 0 for g in value)):
+            raise ValueError(f"--gpus must be distinct indices >= 0, got {value}")
+        return value
+
+    @field_validator("db")
+    @classmethod
+    def _db_is_path_or_url(cls, value: str) -> str:
+        if "://" in value:
+            # Imported here: `dflash --help` reads these fields and should not load SQLAlchemy.
+            from sqlalchemy.engine import make_url
+            from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+            try:
+                make_url(value).get_dialect()  # parses, and knows the database kind
+            except (ArgumentError, NoSuchModuleError, ValueError) as exc:
+                # The URL is not repeated: it may hold a password.
+                raise ValueError(f"--db is not a usable SQLAlchemy URL: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _token_from_file(self) -> ControlPlaneSettings:
+        # The file wins over the variable, as for the trainer's --control-plane-token-file.
+        if self.token_file is not None:
+            try:
+                text = self.token_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(f"--token-file {self.token_file}: cannot read it ({exc})") from None
+            if not text:
+                raise ValueError(f"--token-file {self.token_file} is empty")
+            self.token = SecretStr(text)
+        elif self.token is not None and not self.token.get_secret_value().strip():
+            self.token = None  # an empty variable means "no token", not "the empty token"
+        return self
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def database_url(self) -> str:
+        """`db` as a SQLAlchemy URL (a plain path is a SQLite file)."""
+        if "://" in self.db:
+            return self.db
+        return f"sqlite:///{Path(self.db).expanduser().resolve()}"
+
+    @property
+    def sqlite_file(self) -> Path | None:
+        """The SQLite database file, given as a path or a sqlite:/// URL; None for other stores."""
+        if "://" not in self.db:
+            return Path(self.db).expanduser().resolve()
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.db)
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            return Path(url.database).expanduser().resolve()
+        return None
+
+    @property
+    def resolved_jobs_dir(self) -> Path:
+        if self.jobs_dir is not None:
+            return self.jobs_dir.expanduser().resolve()
+        db = self.sqlite_file
+        if db is not None:
+            return db.with_name(db.name + ".jobs")
+        return Path("dflash-control-plane-jobs").resolve()
+
+    @property
+    def own_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    @property
+    def token_value(self) -> str | None:
+        return self.token.get_secret_value() if self.token is not None else None

@@ -1,0 +1,289 @@
+"""The persistent job store: every SQL statement of the control plane lives here.
+
+SQLAlchemy Core over SQLite by default (a file; WAL so readers never wait for the writer) or any
+URL (PostgreSQL for a shared deployment). The tables are created by `migrations.py`; the Table
+objects below mirror the newest schema (a test checks they agree).
+
+State changes are compare-and-set: `transition()` updates a job only while it is still in one of
+the expected states, so a scheduler claiming a queued job and a user cancelling it cannot both
+win, with one process or several sharing the database.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Engine,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine import RowMapping
+
+from services.control_plane.migrations import migrate
+from services.control_plane.schemas import JobRecord, MetricRowIn, MetricRowPublic
+from services.control_plane.states import ACTIVE_STATES, JobState
+
+metadata = MetaData()
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("name", String(200)),
+    Column("state", String(16), nullable=False),
+    Column("reason", Text),
+    Column("config", Text, nullable=False),
+    Column("gpus_requested", Integer, nullable=False),
+    Column("gpus", Text, nullable=False),
+    Column("executor", String(32), nullable=False),
+    Column("pid", Integer),
+    Column("exit_code", Integer),
+    Column("attempt", Integer, nullable=False),
+    Column("step", Integer),
+    Column("total_steps", Integer),
+    Column("epoch", Float),
+    Column("cancel_requested_at", Float),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+)
+
+metric_rows = Table(
+    "metric_rows",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", String(64), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("time", Float, nullable=False),
+    Column("metrics", Text, nullable=False),
+)
+
+# Fields callers may set through transition()/update(); JSON columns are encoded here.
+_JSON_FIELDS = {"config", "gpus"}
+_WRITABLE = {c.name for c in jobs.columns} - {"seq", "id", "created_at"}
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        # Threads of one process share the engine; 30 s busy timeout rides out a concurrent writer.
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _record(row: RowMapping) -> JobRecord:
+    return JobRecord(
+        id=row["id"],
+        seq=row["seq"],
+        name=row["name"],
+        state=JobState(row["state"]),
+        reason=row["reason"],
+        config=json.loads(row["config"]),
+        gpus_requested=row["gpus_requested"],
+        gpus=json.loads(row["gpus"]),
+        executor=row["executor"],
+        pid=row["pid"],
+        exit_code=row["exit_code"],
+        attempt=row["attempt"],
+        step=row["step"],
+        total_steps=row["total_steps"],
+        epoch=row["epoch"],
+        cancel_requested_at=row["cancel_requested_at"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+    )
+
+
+def _encode(values: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(values) - _WRITABLE
+    if unknown:
+        raise KeyError(f"not writable job fields: {sorted(unknown)}")
+    out = {k: (json.dumps(v) if k in _JSON_FIELDS else v) for k, v in values.items()}
+    out = {k: (v.value if isinstance(v, JobState) else v) for k, v in out.items()}
+    out["updated_at"] = time.time()
+    return out
+
+
+class JobStore:
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        self.schema_version = migrate(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------ jobs
+    def insert_job(
+        self,
+        *,
+        job_id: str,
+        name: str | None,
+        config: dict[str, Any],
+        gpus_requested: int,
+        executor: str,
+    ) -> JobRecord:
+        now = time.time()
+        with self.engine.begin() as conn:
+            conn.execute(
+                jobs.insert().values(
+                    id=job_id,
+                    name=name,
+                    state=JobState.QUEUED.value,
+                    config=json.dumps(config, sort_keys=True),
+                    gpus_requested=gpus_requested,
+                    gpus="[]",
+                    executor=executor,
+                    attempt=1,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+        job = self.get_job(job_id)
+        assert job is not None
+        return job
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
+        return _record(row) if row is not None else None
+
+    def list_jobs(
+        self,
+        *,
+        states: Sequence[JobState] | None = None,
+        limit: int,
+        before_seq: int | None = None,
+        offset: int = 0,
+    ) -> tuple[list[JobRecord], int]:
+        """(newest-first page, count of all jobs matching `states`)."""
+        where = [jobs.c.state.in_([s.value for s in states])] if states else []
+        query = select(jobs).where(*where)
+        if before_seq is not None:
+            query = query.where(jobs.c.seq < before_seq)
+        query = query.order_by(jobs.c.seq.desc()).limit(limit).offset(offset)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+            count = conn.execute(select(func.count()).select_from(jobs).where(*where)).scalar_one()
+        return [_record(r) for r in rows], int(count)
+
+    def jobs_in(self, states: Iterable[JobState]) -> list[JobRecord]:
+        """Jobs in `states`, oldest first (the order queued jobs are started in)."""
+        query = select(jobs).where(jobs.c.state.in_([s.value for s in states])).order_by(jobs.c.seq)
+        with self.engine.connect() as conn:
+            return [_record(r) for r in conn.execute(query).mappings().all()]
+
+    def transition(
+        self, job_id: str, *, expect: Iterable[JobState], to: JobState | None = None, **values: Any
+    ) -> JobRecord | None:
+        """Set `values` (and the state to `to`) only while the job is in one of `expect`.
+
+        Returns the updated job, or None when it was not in those states (someone else moved it
+        first) or does not exist.
+        """
+        if to is not None:
+            values["state"] = to
+        query = (
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.state.in_([s.value for s in expect]))
+            .values(**_encode(values))
+        )
+        with self.engine.begin() as conn:
+            changed = conn.execute(query).rowcount
+        return self.get_job(job_id) if changed else None
+
+    def delete_job(self, job_id: str, *, expect: Iterable[JobState]) -> bool:
+        """Delete the job and its metric rows while it is in one of `expect`."""
+        # Rows first (the foreign key points at the job); the whole thing is undone when the job
+        # has moved out of `expect` in the meantime.
+        with self.engine.connect() as conn, conn.begin() as transaction:
+            conn.execute(delete(metric_rows).where(metric_rows.c.job_id == job_id))
+            deleted = conn.execute(
+                delete(jobs).where(jobs.c.id == job_id, jobs.c.state.in_([s.value for s in expect]))
+            ).rowcount
+            if not deleted:
+                transaction.rollback()
+        return bool(deleted)
+
+    def count_by_state(self) -> dict[JobState, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).all()
+        counts = dict.fromkeys(JobState, 0)
+        counts.update({JobState(state): int(n) for state, n in rows})
+        return counts
+
+    def assigned_gpus(self) -> set[int]:
+        """GPUs held by jobs that may have a live process."""
+        return {gpu for job in self.jobs_in(ACTIVE_STATES) for gpu in job.gpus}
+
+    # ------------------------------------------------------------------ metric rows
+    def add_metric_rows(self, job_id: str, *, attempt: int, rows: Sequence[MetricRowIn]) -> None:
+        if not rows:
+            return
+        values = [
+            {
+                "job_id": job_id,
+                "attempt": attempt,
+                "step": row.step,
+                "time": row.time,
+                "metrics": json.dumps(row.metrics),
+            }
+            for row in rows
+        ]
+        with self.engine.begin() as conn:
+            conn.execute(metric_rows.insert(), values)
+
+    def metric_rows(
+        self, job_id: str, *, since_step: int | None = None, after_id: int | None = None, limit: int
+    ) -> list[MetricRowPublic]:
+        """Rows in arrival order: with step >= since_step and id > after_id, at most `limit`."""
+        query = select(metric_rows).where(metric_rows.c.job_id == job_id)
+        if since_step is not None:
+            query = query.where(metric_rows.c.step >= since_step)
+        if after_id is not None:
+            query = query.where(metric_rows.c.id > after_id)
+        query = query.order_by(metric_rows.c.id).limit(limit)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [
+            MetricRowPublic(
+                id=r["id"],
+                attempt=r["attempt"],
+                step=r["step"],
+                time=r["time"],
+                metrics=json.loads(r["metrics"]),
+            )
+            for r in rows
+        ]
+
+    def metric_row_count(self, job_id: str) -> int:
+        query = select(func.count()).select_from(metric_rows).where(metric_rows.c.job_id == job_id)
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
