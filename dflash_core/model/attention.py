@@ -167,17 +167,40 @@ class DFlashAttention(nn.Module):
 
         block_rope / context_rope: (cos, sin) [B, Q, D] / [B, T, D]. Returns [B, Q, H].
         """
-        q = apply_rope(self.q_norm(self._heads(self.q_proj(x), self.num_heads)), *block_rope)  # [B, Hq, Q, D]
+        k_ctx, v_ctx = self.context_kv(context, context_rope=context_rope)
+        return self.forward_cached(x, context_k=k_ctx, context_v=v_ctx, block_rope=block_rope, mask=mask)
+
+    def context_kv(
+        self, context: torch.Tensor, *, context_rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of context rows: rope(k_norm(k_proj(c))), v_proj(c), each [B, Hkv, T, D].
+
+        A context row's key/value depend only on its own features and position, never on the
+        block, so inference computes them once per committed position and caches them
+        (`dflash_core.spec_decode`); training computes them here inside `forward`.
+        """
         k_ctx = apply_rope(self.k_norm(self._heads(self.k_proj(context), self.num_kv_heads)), *context_rope)
+        v_ctx = self._heads(self.v_proj(context), self.num_kv_heads)
+        return k_ctx, v_ctx
+
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        *,
+        context_k: torch.Tensor,
+        context_v: torch.Tensor,
+        block_rope: tuple[torch.Tensor, torch.Tensor],
+        mask: AttentionMask | None,
+    ) -> torch.Tensor:
+        """Attention of block slots x [B, Q, H] over precomputed context keys/values [B, Hkv, T, D].
+
+        mask: as in `forward` ([B, Q, T+Q] dense or a BlockMask), or None = every query sees
+        every context row and every slot (a bidirectional block over its whole context).
+        """
+        q = apply_rope(self.q_norm(self._heads(self.q_proj(x), self.num_heads)), *block_rope)  # [B, Hq, Q, D]
         k_blk = apply_rope(self.k_norm(self._heads(self.k_proj(x), self.num_kv_heads)), *block_rope)
-        k = torch.cat((k_ctx, k_blk), dim=2)  # [B, Hkv, T+Q, D]: context columns first, then block slots
-        v = torch.cat(
-            (
-                self._heads(self.v_proj(context), self.num_kv_heads),
-                self._heads(self.v_proj(x), self.num_kv_heads),
-            ),
-            dim=2,
-        )
+        k = torch.cat((context_k, k_blk), dim=2)  # [B, Hkv, T+Q, D]: context columns first, then block slots
+        v = torch.cat((context_v, self._heads(self.v_proj(x), self.num_kv_heads)), dim=2)
         # The norms' fp32 gains promote q/k under autocast; both kernels want one dtype.
         q, k = q.to(v.dtype), k.to(v.dtype)
         if isinstance(mask, BlockMask):
@@ -186,5 +209,6 @@ class DFlashAttention(nn.Module):
             groups = self.num_heads // self.num_kv_heads
             # Query head i reads KV head i // groups: repeat_interleave, not repeat (a silent mix-up).
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), scale=self.scale)
+            attn_mask = None if mask is None else mask.unsqueeze(1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).flatten(2))  # [B, Q, H]

@@ -77,6 +77,25 @@ class DFlashDecoderLayer(nn.Module):
         )
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        *,
+        context_k: torch.Tensor,
+        context_v: torch.Tensor,
+        block_rope: tuple[torch.Tensor, torch.Tensor],
+        mask: AttentionMask | None,
+    ) -> torch.Tensor:
+        """`forward` with this layer's context keys/values already computed (inference)."""
+        x = x + self.self_attn.forward_cached(
+            self.input_layernorm(x),
+            context_k=context_k,
+            context_v=context_v,
+            block_rope=block_rope,
+            mask=mask,
+        )
+        return x + self.mlp(self.post_attention_layernorm(x))
+
 
 @dataclass
 class DrafterOutput:
@@ -155,6 +174,57 @@ class DFlashDrafter(nn.Module):
             if return_layer_outputs:
                 layer_outputs.append(x)
         return DrafterOutput(hidden=self.norm(x), context=context, layer_outputs=layer_outputs)
+
+    # ----------------------------------------------------------------- inference (cached context)
+    def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [B, L, head_dim] float32 for integer positions [B, L], as `forward` uses them."""
+        inv_freq = rope_inv_freq(
+            head_dim=self.config.head_dim,
+            theta=self.config.rope_theta,
+            scaling=self.config.rope_scaling,
+            device=position_ids.device,
+        )
+        return rope_cos_sin(position_ids, inv_freq)
+
+    def context_kv(
+        self, aux_hidden_states: torch.Tensor, *, context_position_ids: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the keys and values [B, Hkv, T, D] of context rows aux [B, T, K*Hv] at positions [B, T].
+
+        What `forward` computes inside every layer for the context, split out so speculative
+        decoding computes it ONCE per committed position and appends it to a cache: a row's
+        key/value depend only on its own aux states and position (fc, hidden_norm, k_norm and
+        RoPE are per row), never on the block or on later rows.
+        """
+        context = self.context_features(aux_hidden_states)  # [B, T, H]
+        context_rope = self.rope(context_position_ids)
+        return [layer.self_attn.context_kv(context, context_rope=context_rope) for layer in self.layers]
+
+    def forward_cached(
+        self,
+        *,
+        block_embeds: torch.Tensor,
+        block_position_ids: torch.Tensor,
+        context_kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        masks: Sequence[AttentionMask | None],
+    ) -> torch.Tensor:
+        """The drafting pass over cached context keys/values: norm(x) after the last layer [B, Q, H].
+
+        block_embeds [B, Q, H]; block_position_ids [B, Q]; context_kv: one (K, V) per layer from
+        `context_kv` (concatenated along T as positions are committed); masks: one per layer over
+        [context ; block] columns ([B, Q, T+Q] dense bool) or None (see DFlashAttention.forward_cached).
+        Computes what `forward` computes for the same blocks and context rows.
+        """
+        if len(context_kv) != len(self.layers) or len(masks) != len(self.layers):
+            raise ValueError(
+                f"got {len(context_kv)} context k/v pairs and {len(masks)} masks for "
+                f"{len(self.layers)} layers (one each per layer)"
+            )
+        block_rope = self.rope(block_position_ids)
+        x = block_embeds
+        for layer, (k, v), mask in zip(self.layers, context_kv, masks, strict=True):
+            x = layer.forward_cached(x, context_k=k, context_v=v, block_rope=block_rope, mask=mask)
+        return self.norm(x)
 
     def compile_layers(self) -> None:
         """torch.compile each decoder layer's forward, in place (CUDA training).
