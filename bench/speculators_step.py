@@ -80,8 +80,6 @@ path); where it is not installed a placeholder module stands in for it so the im
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import math
 import sys
 import time
@@ -89,6 +87,8 @@ import types
 from pathlib import Path
 
 import torch
+
+from bench.rows import emit_rows
 
 PEAK_BF16_TFLOPS = 790.0  # measured dense bf16 GEMM on the H200 of this workplace (DESIGN 6)
 TARGET_LAYER_IDS = [2, 18, 33]  # what bench/trainer_step.py uses (Qwen3-8B: 36 layers)
@@ -449,24 +449,7 @@ def main() -> None:
     if not all(math.isfinite(x) for x in losses):
         raise RuntimeError(f"non-finite loss: {losses}")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    date = dt.date.today().isoformat()
-    rows = [
-        {
-            "metric": m,
-            "value": round(v, 4),
-            "unit": u,
-            "config": config_text,
-            "device": device_name,
-            "date": date,
-        }
-        for m, (v, u) in results.items()
-    ]
-    for row in rows:
-        print(json.dumps(row))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        earlier = json.loads(args.out.read_text()) if args.out.exists() else []
-        args.out.write_text(json.dumps(earlier + rows, indent=1) + "\n")
+    emit_rows(results, config=config_text, device=device_name, out=args.out)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,13 @@ FLOPs are counted as DESIGN 6 prescribes so figures compare with the peer's:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
 import time
 from pathlib import Path
 
 import torch
 
+from bench.rows import emit_rows
 from dflash_core.anchors import sample_anchors
 from dflash_core.batch import PackedBatch
 from dflash_core.loss import LossConfig
@@ -214,24 +213,7 @@ def main() -> None:
         **checks,
     }
     device_name = torch.cuda.get_device_name()
-    date = dt.date.today().isoformat()
-    rows = [
-        {
-            "metric": m,
-            "value": round(v, 4),
-            "unit": u,
-            "config": config_text,
-            "device": device_name,
-            "date": date,
-        }
-        for m, (v, u) in results.items()
-    ]
-    for row in rows:
-        print(json.dumps(row))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        earlier = json.loads(args.out.read_text()) if args.out.exists() else []
-        args.out.write_text(json.dumps(earlier + rows, indent=1) + "\n")
+    emit_rows(results, config=config_text, device=device_name, out=args.out)
 
 
 if __name__ == "__main__":
