@@ -13,11 +13,8 @@ trainers alone; the next start re-attaches them (docs/control_plane.md).
 from __future__ import annotations
 
 import argparse
-import typing
-from pathlib import Path
-from typing import Any
 
-from services.cli.args import strip_optional
+from services.cli.settings_args import add_settings_arguments, settings_from_args
 
 # The settings field that is never a flag.
 SECRET_FIELDS = {"token"}
@@ -27,43 +24,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Settings are imported here only for their field list (pydantic-settings, no heavy imports).
     from services.control_plane.settings import ControlPlaneSettings
 
-    group = parser.add_argument_group("control plane")
-    for name, field in ControlPlaneSettings.model_fields.items():
-        if name in SECRET_FIELDS:
-            continue
-        annotation = strip_optional(field.annotation)
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
-        default = field.get_default(call_default_factory=True)
-        kwargs["help"] = f"{field.description} (default: {default})"
-        if typing.get_origin(annotation) is typing.Literal:
-            kwargs["choices"] = typing.get_args(annotation)
-        elif annotation in (int, float, Path):
-            kwargs["type"] = annotation
-        # str, and `--gpus 0,1,2` (parsed by the settings' validator)
-        group.add_argument("--" + name.replace("_", "-"), **kwargs)
+    add_settings_arguments(parser, ControlPlaneSettings, title="control plane", secret=SECRET_FIELDS)
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
-    from pydantic import ValidationError
     from sqlalchemy.exc import SQLAlchemyError
 
-    from services.cli.args import format_validation_error
     from services.control_plane.main import create_app
     from services.control_plane.migrations import SchemaTooNew
     from services.control_plane.settings import ControlPlaneSettings
 
-    given = {
-        name: getattr(args, name)
-        for name in ControlPlaneSettings.model_fields
-        if name not in SECRET_FIELDS and name in vars(args)
-    }
-    try:
-        settings = ControlPlaneSettings(**given)  # flags > DFLASH_CONTROL_PLANE_* > defaults
-        app = create_app(settings)
-    except ValidationError as exc:
-        print(format_validation_error(exc))
+    settings = settings_from_args(ControlPlaneSettings, args, secret=SECRET_FIELDS)
+    if isinstance(settings, str):
+        print(settings)
         return 2
+    try:
+        app = create_app(settings)
     except (SchemaTooNew, SQLAlchemyError, OSError) as exc:
         print(f"error: {exc}")
         return 2

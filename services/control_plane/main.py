@@ -19,10 +19,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from services.control_plane.agents import AgentNotFound, AgentRegistry
 from services.control_plane.api.deps import ControlPlane
+from services.control_plane.api.routes import agents as agent_routes
 from services.control_plane.api.routes import checkpoints, jobs, logs, metrics, system
 from services.control_plane.checkpoints import CheckpointNotFound
 from services.control_plane.events import JobEvents
+from services.control_plane.executors.agent import AgentExecutor
+from services.control_plane.executors.base import Executor
 from services.control_plane.executors.local import LocalExecutor
 from services.control_plane.gpus import detect_gpus
 from services.control_plane.limits import BodySizeLimit, route_limits
@@ -55,6 +59,10 @@ def _errors(loc_prefix: tuple[str, ...], errors: list[tuple[tuple, str]]) -> lis
 def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(JobNotFound)
     async def _not_found(_request: Request, exc: JobNotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(AgentNotFound)
+    async def _no_agent(_request: Request, exc: AgentNotFound) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=404)
 
     @app.exception_handler(CheckpointNotFound)
@@ -94,12 +102,16 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
     roots.checkpoints.mkdir(parents=True, exist_ok=True)
     all_gpus = settings.gpus if settings.gpus is not None else detect_gpus()
     events = JobEvents()
-    executor = LocalExecutor(
-        jobs_dir=jobs_dir,
-        python=settings.python,
-        control_plane_url=settings.own_url,
-        token=settings.token_value,
-    )
+    executor: Executor
+    if settings.executor == "agent":
+        executor = AgentExecutor()
+    else:
+        executor = LocalExecutor(
+            jobs_dir=jobs_dir,
+            python=settings.python,
+            control_plane_url=settings.own_url,
+            token=settings.token_value,
+        )
     service = JobService(
         store=store,
         executor=executor,
@@ -109,7 +121,17 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         events=events,
         cancel_grace_s=settings.cancel_grace_s,
     )
+    agents = None
+    if settings.executor == "agent":
+        agents = AgentRegistry(
+            service=service,
+            heartbeat_interval_s=settings.agent_heartbeat_interval_s,
+            lost_after_s=settings.agent_lost_after_s,
+            max_concurrent_jobs=settings.max_concurrent_jobs,
+        )
+        service.agents_have_gpus = agents.any_live_with_gpus
     scheduler = Scheduler(
+        agents=agents,
         service=service,
         executor=executor,
         max_concurrent_jobs=settings.max_concurrent_jobs,
@@ -126,12 +148,12 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         await asyncio.to_thread(service.recover)
         task = asyncio.create_task(scheduler.run(), name="scheduler")
         logger.info(
-            "control plane on %s: store %s (schema v%d), jobs dir %s, GPUs %s, auth %s",
+            "control plane on %s: store %s (schema v%d), jobs dir %s, %s, auth %s",
             settings.own_url,
             store.engine.url.render_as_string(hide_password=True),
             store.schema_version,
             jobs_dir,
-            all_gpus or "none",
+            f"GPUs {all_gpus or 'none'}" if agents is None else "trainers run by agents",
             "on" if settings.token is not None else "off",
         )
         try:
@@ -143,9 +165,13 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
 
     app = FastAPI(title="dflash control plane", version="1", description=DESCRIPTION, lifespan=lifespan)
     app.state.control_plane = ControlPlane(
-        settings=settings, service=service, scheduler=scheduler, request_metrics=request_metrics
+        settings=settings,
+        service=service,
+        scheduler=scheduler,
+        request_metrics=request_metrics,
+        agents=agents,
     )
-    for module in (jobs, metrics, logs, checkpoints, system):
+    for module in (jobs, metrics, logs, checkpoints, agent_routes, system):
         app.include_router(module.router)
     from services.control_plane.dashboard import mount_dashboard  # the web UI at / (static files)
 

@@ -28,6 +28,7 @@ from sqlalchemy import (
     Text,
     inspect,
     select,
+    text,
 )
 from sqlalchemy.engine import Connection
 
@@ -94,8 +95,31 @@ def _v1_jobs_and_metrics(conn: Connection) -> None:
     metadata.create_all(conn)
 
 
+def _v2_agents(conn: Connection) -> None:
+    metadata = MetaData()
+    Table(
+        "agents",
+        metadata,
+        # id is derived from the agent's name: an agent that restarts keeps its identity (and
+        # re-adopts the trainers it left running).
+        Column("id", String(64), primary_key=True, autoincrement=False),
+        Column("name", String(200), nullable=False),
+        Column("host", String(200), nullable=False),
+        Column("gpus", Text, nullable=False),  # JSON list of the agent's GPU indices
+        Column("max_jobs", Integer, nullable=False),
+        Column("state", String(16), nullable=False),  # live | lost | gone
+        Column("registered_at", Float, nullable=False),
+        Column("last_seen_at", Float, nullable=False),
+    )
+    metadata.create_all(conn)
+    # Which agent runs a job (null for the local executor). Plain DDL: SQLite and PostgreSQL
+    # both add a nullable column in place.
+    conn.execute(text("ALTER TABLE jobs ADD COLUMN agent_id VARCHAR(64)"))
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "jobs and metric rows", _v1_jobs_and_metrics),
+    Migration(2, "trainer agents; jobs.agent_id", _v2_agents),
 ]
 LATEST_VERSION = MIGRATIONS[-1].version
 

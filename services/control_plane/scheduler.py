@@ -2,12 +2,15 @@
 
 Each pass (every --poll-interval-s, or at once when a route wakes it):
 1. exits: jobs whose trainer ended get their end state (service.finished);
-2. cancels: a cancel-requested job's trainer gets SIGTERM, and SIGKILL once --cancel-grace-s
+2. lost agents (agent executor): agents silent too long lose their jobs (agents.py);
+3. cancels: a cancel-requested job's trainer gets SIGTERM, and SIGKILL once --cancel-grace-s
    has passed since the request (the request time is stored, so a restart keeps the deadline);
-3. logs: an active job's log past --max-log-bytes keeps its newest half;
-4. starts: queued jobs, oldest first, while fewer than --max-concurrent-jobs are active and the
-   job's GPU count is free. A job that does not fit is passed over for a later one that does
-   (a big job can wait behind a stream of small ones; first come first served would idle GPUs).
+   agents get these orders in their heartbeat's answer instead;
+4. logs: an active job's log past --max-log-bytes keeps its newest half;
+5. starts (local executor; agents claim jobs themselves): queued jobs, oldest first, while fewer
+   than --max-concurrent-jobs are active and the job's GPU count is free. A job that does not
+   fit is passed over for a later one that does (a big job can wait behind a stream of small
+   ones; first come first served would idle GPUs).
 
 GPUs are assigned from the store (GPUs of starting/running jobs are busy) and the claim is a
 compare-and-set queued → starting, so no GPU is ever given to two jobs.
@@ -20,6 +23,7 @@ import contextlib
 import logging
 import time
 
+from services.control_plane.agents import AgentRegistry
 from services.control_plane.executors.base import Executor, ExecutorError
 from services.control_plane.gpus import pick_gpus
 from services.control_plane.job_logs import trim
@@ -39,6 +43,7 @@ class Scheduler:
         cancel_grace_s: float,
         poll_interval_s: float,
         max_log_bytes: int,
+        agents: AgentRegistry | None = None,
     ) -> None:
         self.service = service
         self.store = service.store
@@ -47,6 +52,7 @@ class Scheduler:
         self.cancel_grace_s = cancel_grace_s
         self.poll_interval_s = poll_interval_s
         self.max_log_bytes = max_log_bytes
+        self.agents = agents
         self.ticks = 0
         self._killed: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -58,6 +64,8 @@ class Scheduler:
         for ended in self.executor.poll():
             self._killed.discard(ended.job_id)
             self.service.finished(ended.job_id, ended.exit_code)
+        if self.agents is not None:
+            self.agents.settle_lost()
         active = self.store.jobs_in(ACTIVE_STATES)
         now = time.time()
         for job in active:
@@ -67,7 +75,8 @@ class Scheduler:
                     self._killed.add(job.id)
                     self.executor.kill(job)
             trim(self.service.files(job.id).log, self.max_log_bytes)
-        self._start_queued(len(active))
+        if self.executor.pushes_jobs:  # else agents claim queued jobs themselves
+            self._start_queued(len(active))
         self.ticks += 1
 
     def _start_queued(self, active: int) -> None:

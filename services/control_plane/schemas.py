@@ -4,6 +4,7 @@
     JobRecord      a row of the jobs table, as the service and executors see it
     JobPublic      one job as the API returns it; JobsPublic a page of them
     MetricsIn      the trainer's metric POST (services/trainer/metric_sinks/control_plane.py)
+    Agent...       the trainer agents' protocol (register, heartbeat, claim; services/agent/)
     ...Public      everything else the API returns
 
 The job spec IS `dflash_core.config.TrainConfig` (STYLE rule 2): the same fields, defaults and
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -81,6 +83,7 @@ class JobRecord:
     updated_at: float
     started_at: float | None
     finished_at: float | None
+    agent_id: str | None = None  # the agent running it (agent executor); None for local jobs
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -108,6 +111,9 @@ class JobPublic(BaseModel):
         description="GPU indices assigned while it starts or runs (CUDA_VISIBLE_DEVICES)."
     )
     executor: str
+    agent_id: str | None = Field(
+        default=None, description="The trainer agent running it (agent executor); null for local jobs."
+    )
     pid: int | None = Field(description="The job's process (its process group leader) while active.")
     exit_code: int | None = Field(description="The trainer's exit status; 143 = stopped by SIGTERM.")
     attempt: int = Field(description="1, plus one per resume.")
@@ -133,6 +139,7 @@ class JobPublic(BaseModel):
             gpus_requested=job.gpus_requested,
             gpus=job.gpus,
             executor=job.executor,
+            agent_id=job.agent_id,
             pid=job.pid,
             exit_code=job.exit_code,
             attempt=job.attempt,
@@ -220,6 +227,98 @@ class HealthPublic(BaseModel):
     gpus: list[int]
     gpus_free: list[int]
     auth: bool = Field(description="Whether a bearer token is required on mutating routes.")
+
+
+# ---------------------------------------------------------------------- trainer agents
+class AgentState(str, Enum):
+    LIVE = "live"  # heartbeating
+    LOST = "lost"  # silent past --agent-timeout-s: its jobs were failed (resumable elsewhere)
+    GONE = "gone"  # said goodbye on a clean shutdown
+
+
+@dataclass
+class AgentRecord:
+    """A row of the agents table."""
+
+    id: str
+    name: str
+    host: str
+    gpus: list[int]
+    max_jobs: int
+    state: AgentState
+    registered_at: float
+    last_seen_at: float
+
+
+class AgentRegister(BaseModel):
+    """`dflash trainer-agent` introducing itself (again, after a restart: same name, same id)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._-]+$", description="Unique per agent (hostname)."
+    )
+    host: str = Field(default="", max_length=200, description="Where it runs, for people.")
+    gpus: list[int] = Field(default_factory=list, max_length=1024, description="GPU indices on its host.")
+    max_jobs: int = Field(default=1, ge=1, le=1024, description="Jobs it runs at once.")
+
+    @field_validator("gpus")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value) or any(g < 0 for g in value):
+            raise ValueError(f"GPU indices must be distinct and >= 0, got {value}")
+        return value
+
+
+class AgentPublic(BaseModel):
+    id: str
+    name: str
+    host: str
+    gpus: list[int]
+    gpus_busy: list[int] = Field(description="GPUs held by its starting or running jobs.")
+    max_jobs: int
+    state: AgentState
+    jobs: list[str] = Field(description="Its starting or running jobs.")
+    registered_at: datetime
+    last_seen_at: datetime
+    heartbeat_interval_s: float = Field(description="How often it should heartbeat.")
+    lost_after_s: float = Field(description="Silence after which it is lost and its jobs fail.")
+
+
+class AgentExit(BaseModel):
+    job_id: str
+    exit_code: int | None = Field(description="128+N for signal N; null when unknown.")
+    note: str | None = Field(default=None, max_length=2000, description="Why, when the agent knows.")
+
+
+class AgentHeartbeat(BaseModel):
+    """What an agent runs now (job id → pid) and which of its trainers ended since it last said."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    running: dict[str, int] = Field(default_factory=dict, max_length=1024)
+    exits: list[AgentExit] = Field(default_factory=list, max_length=1024)
+
+
+class AgentOrders(BaseModel):
+    """The answer to a heartbeat: jobs to stop. `cancel`: SIGTERM once (the trainer checkpoints);
+    `kill`: SIGKILL now (the cancel's grace ran out, or the job is no longer this agent's)."""
+
+    cancel: list[str] = Field(default_factory=list)
+    kill: list[str] = Field(default_factory=list)
+
+
+class AgentJob(BaseModel):
+    """A job an agent claimed: everything it needs to start the trainer."""
+
+    id: str
+    attempt: int
+    gpus: list[int] = Field(description="Indices on the agent's host (CUDA_VISIBLE_DEVICES).")
+    config: dict[str, Any] = Field(description="The TrainConfig, as stored.")
+    pid: int | None = None
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig.model_validate(self.config)
 
 
 def config_json(config: TrainConfig) -> str:

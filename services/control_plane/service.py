@@ -85,6 +85,7 @@ class JobService:
         events: JobEvents,
         cancel_grace_s: float,
         wake_scheduler: Callable[[], None] = lambda: None,
+        agents_have_gpus: Callable[[], bool] = lambda: False,
     ) -> None:
         self.store = store
         self.executor = executor
@@ -94,6 +95,7 @@ class JobService:
         self.events = events
         self.cancel_grace_s = cancel_grace_s
         self.wake_scheduler = wake_scheduler
+        self.agents_have_gpus = agents_have_gpus  # agent executor: does any live agent have a GPU
 
     def files(self, job_id: str) -> JobFiles:
         return JobFiles.of(self.jobs_dir, job_id)
@@ -145,13 +147,14 @@ class JobService:
     def _gpus_for(self, body: JobCreate, fields: dict) -> int:
         """How many GPUs the job gets; one trainer process (`nproc`) per GPU."""
         nproc_given = "nproc" in body.model_fields_set
+        pooled = self.executor.pushes_jobs  # else the GPUs are the agents', known as they register
         if body.gpus is not None:
             gpus = body.gpus
-        elif self.all_gpus:
+        elif self.all_gpus if pooled else self.agents_have_gpus():
             gpus = body.nproc if nproc_given else 1
         else:
             gpus = 0
-        if gpus > len(self.all_gpus):
+        if pooled and gpus > len(self.all_gpus):
             have = f"GPUs {self.all_gpus}" if self.all_gpus else "no GPUs"
             raise JobRejected.field("gpus", f"asks for {gpus} GPUs; this control plane has {have} (--gpus)")
         if gpus > 0:
@@ -342,8 +345,15 @@ class JobService:
         """At start: adopt live trainers of starting/running jobs, settle the rest. Queued jobs
         need nothing: the scheduler starts them as usual."""
         for job in self.store.jobs_in(ACTIVE_STATES):
-            if job.pid is None:
-                self._fail_on_restart(job, "control plane restarted before the trainer process was started")
+            if job.agent_id is not None:
+                # Its agent's next heartbeat settles it (still running, ended, or never started),
+                # or the agent stays silent and is declared lost.
+                append_line(
+                    self.files(job.id).log,
+                    f"control plane restarted: waiting for agent {job.agent_id} to report on it",
+                )
+            elif job.pid is None:
+                self.fail(job.id, "control plane restarted before the trainer process was started")
             elif self.executor.attach(job):
                 append_line(
                     self.files(job.id).log, f"control plane restarted: re-attached to process {job.pid}"
@@ -354,15 +364,19 @@ class JobService:
                 if code is not None:  # it ended while we were away, and said how
                     self.finished(job.id, code, note="; ended while the control plane was away")
                 else:
-                    self._fail_on_restart(
-                        job, f"control plane restarted; trainer process {job.pid} not found"
-                    )
+                    self.fail(job.id, f"control plane restarted; trainer process {job.pid} not found")
 
-    def _fail_on_restart(self, job: JobRecord, reason: str) -> None:
-        append_line(self.files(job.id).log, reason)
+    def fail(self, job_id: str, reason: str) -> None:
+        """End an active job whose trainer's fate is unknown: failed (resumable from its last
+        checkpoint), or cancelled when a cancel was already asked for."""
+        job = self.store.get_job(job_id)
+        if job is None or job.state not in ACTIVE_STATES:
+            return
+        state = JobState.CANCELLED if job.cancel_requested_at is not None else JobState.FAILED
+        append_line(self.files(job_id).log, f"{reason}: job {state.value}")
         done = self.store.transition(
-            job.id, expect=ACTIVE_STATES, to=JobState.FAILED, reason=reason, finished_at=time.time()
+            job_id, expect=ACTIVE_STATES, to=state, reason=reason, finished_at=time.time()
         )
         if done is not None:
-            logger.warning("job %s: %s", job.id, reason)
+            logger.warning("job %s: %s", job_id, reason)
             self._changed(done)

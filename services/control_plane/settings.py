@@ -55,8 +55,18 @@ class ControlPlaneSettings(BaseSettings):
         description="GPU indices jobs may use (`0,1,2`); default: every GPU nvidia-smi lists (none on "
         "a CPU-only host).",
     )
-    executor: Literal["local"] = Field(
-        default="local", description="How trainers run: `local` subprocesses of this service."
+    executor: Literal["local", "agent"] = Field(
+        default="local",
+        description="How trainers run: `local` subprocesses of this service, or `agent`: "
+        "`dflash trainer-agent`s on trainer hosts claim jobs over HTTP.",
+    )
+    agent_heartbeat_interval_s: float = Field(
+        default=5.0, gt=0, description="How often trainer agents heartbeat (they are told at registration)."
+    )
+    agent_lost_after_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A trainer agent silent this long is lost: its jobs fail, resumable on another agent.",
     )
     public_url: str | None = Field(
         default=None,

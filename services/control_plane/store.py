@@ -35,7 +35,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import RowMapping
 
 from services.control_plane.migrations import migrate
-from services.control_plane.schemas import JobRecord, MetricRowIn, MetricRowPublic
+from services.control_plane.schemas import AgentRecord, AgentState, JobRecord, MetricRowIn, MetricRowPublic
 from services.control_plane.states import ACTIVE_STATES, JobState
 
 metadata = MetaData()
@@ -63,6 +63,20 @@ jobs = Table(
     Column("updated_at", Float, nullable=False),
     Column("started_at", Float),
     Column("finished_at", Float),
+    Column("agent_id", String(64)),
+)
+
+agents = Table(
+    "agents",
+    metadata,
+    Column("id", String(64), primary_key=True, autoincrement=False),
+    Column("name", String(200), nullable=False),
+    Column("host", String(200), nullable=False),
+    Column("gpus", Text, nullable=False),
+    Column("max_jobs", Integer, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("registered_at", Float, nullable=False),
+    Column("last_seen_at", Float, nullable=False),
 )
 
 metric_rows = Table(
@@ -119,6 +133,20 @@ def _record(row: RowMapping) -> JobRecord:
         updated_at=row["updated_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
+        agent_id=row["agent_id"],
+    )
+
+
+def _agent(row: RowMapping) -> AgentRecord:
+    return AgentRecord(
+        id=row["id"],
+        name=row["name"],
+        host=row["host"],
+        gpus=json.loads(row["gpus"]),
+        max_jobs=row["max_jobs"],
+        state=AgentState(row["state"]),
+        registered_at=row["registered_at"],
+        last_seen_at=row["last_seen_at"],
     )
 
 
@@ -239,9 +267,51 @@ class JobStore:
         counts.update({JobState(state): int(n) for state, n in rows})
         return counts
 
-    def assigned_gpus(self) -> set[int]:
-        """GPUs held by jobs that may have a live process."""
-        return {gpu for job in self.jobs_in(ACTIVE_STATES) for gpu in job.gpus}
+    def assigned_gpus(self, *, agent_id: str | None = None) -> set[int]:
+        """GPUs held by jobs that may have a live process: on this host (agent_id None, the local
+        executor) or on one agent's host (GPU indices are per host)."""
+        return {gpu for job in self.jobs_in(ACTIVE_STATES) if job.agent_id == agent_id for gpu in job.gpus}
+
+    # ------------------------------------------------------------------ agents
+    def upsert_agent(
+        self, *, agent_id: str, name: str, host: str, gpus: list[int], max_jobs: int
+    ) -> AgentRecord:
+        """Register an agent, or re-register one that restarted (same id): live, seen now."""
+        now = time.time()
+        values = {
+            "name": name,
+            "host": host,
+            "gpus": json.dumps(gpus),
+            "max_jobs": max_jobs,
+            "state": AgentState.LIVE.value,
+            "last_seen_at": now,
+        }
+        with self.engine.begin() as conn:
+            changed = conn.execute(update(agents).where(agents.c.id == agent_id).values(**values)).rowcount
+            if not changed:
+                conn.execute(agents.insert().values(id=agent_id, registered_at=now, **values))
+        agent = self.get_agent(agent_id)
+        assert agent is not None
+        return agent
+
+    def get_agent(self, agent_id: str) -> AgentRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(agents).where(agents.c.id == agent_id)).mappings().first()
+        return _agent(row) if row is not None else None
+
+    def list_agents(self) -> list[AgentRecord]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(agents).order_by(agents.c.name)).mappings().all()
+        return [_agent(r) for r in rows]
+
+    def set_agent(self, agent_id: str, *, expect: Iterable[AgentState] | None = None, **values: Any) -> bool:
+        """Update an agent (state, last_seen_at) while it is in one of `expect` (any when None)."""
+        values = {k: (v.value if isinstance(v, AgentState) else v) for k, v in values.items()}
+        query = update(agents).where(agents.c.id == agent_id)
+        if expect is not None:
+            query = query.where(agents.c.state.in_([s.value for s in expect]))
+        with self.engine.begin() as conn:
+            return bool(conn.execute(query.values(**values)).rowcount)
 
     # ------------------------------------------------------------------ metric rows
     def add_metric_rows(self, job_id: str, *, attempt: int, rows: Sequence[MetricRowIn]) -> None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request, status
 
+from services.control_plane.agents import AgentRegistry
 from services.control_plane.auth import check_bearer
 from services.control_plane.prometheus import RequestMetrics
 from services.control_plane.scheduler import Scheduler
@@ -25,6 +26,7 @@ class ControlPlane:
     service: JobService
     scheduler: Scheduler
     request_metrics: RequestMetrics
+    agents: AgentRegistry | None = None  # the agent executor's; None for the local executor
 
 
 def get_control_plane(request: Request) -> ControlPlane:
@@ -35,6 +37,16 @@ def get_service(request: Request) -> JobService:
     return get_control_plane(request).service
 
 
+def get_agents(request: Request) -> AgentRegistry:
+    agents = get_control_plane(request).agents
+    if agents is None:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            "this control plane runs trainers itself (--executor local): it has no agents",
+        )
+    return agents
+
+
 def require_token(request: Request) -> None:
     """401/403 unless the request carries the bearer token (when one is configured)."""
     check_bearer(request, get_control_plane(request).settings.token_value)
@@ -42,5 +54,6 @@ def require_token(request: Request) -> None:
 
 ControlPlaneDep = Annotated[ControlPlane, Depends(get_control_plane)]
 ServiceDep = Annotated[JobService, Depends(get_service)]
+AgentsDep = Annotated[AgentRegistry, Depends(get_agents)]
 # For `dependencies=[Authorized]` on mutating routes.
 Authorized = Depends(require_token)

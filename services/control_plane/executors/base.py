@@ -9,7 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from dflash_core.config import TrainConfig
 from services.control_plane.schemas import JobRecord
+
+
+class TrainerJob(Protocol):
+    """What starting a trainer needs to know of a job: a JobRecord, or the AgentJob an agent got."""
+
+    id: str
+    attempt: int
+    gpus: list[int]
+    pid: int | None
+
+    def train_config(self) -> TrainConfig: ...
 
 
 @dataclass(frozen=True)
@@ -26,6 +38,9 @@ class ExecutorError(RuntimeError):
 
 class Executor(Protocol):
     name: str
+    # True: the scheduler starts queued jobs through start(). False: trainers are started by
+    # whoever claims the job (trainer agents), and stop orders travel on their heartbeats.
+    pushes_jobs: bool
 
     def start(self, job: JobRecord) -> int:
         """Start `job`'s trainer on `job.gpus` (already assigned); returns the pid the job is

@@ -25,10 +25,9 @@ from pathlib import Path
 import yaml
 
 from dflash_core.config import TrainConfig
-from services.control_plane.executors.base import ExecutorError, ProcessExit
+from services.control_plane.executors.base import ExecutorError, ProcessExit, TrainerJob
 from services.control_plane.executors.launcher import exit_status
 from services.control_plane.job_logs import JobFiles, append_line
-from services.control_plane.schemas import JobRecord
 from services.trainer.metric_sinks.control_plane import TOKEN_ENV
 
 logger = logging.getLogger(__name__)
@@ -68,6 +67,7 @@ def is_our_trainer(pid: int, job_id: str) -> bool:
 
 class LocalExecutor:
     name = "local"
+    pushes_jobs = True
 
     def __init__(self, *, jobs_dir: Path, python: str, control_plane_url: str, token: str | None) -> None:
         self.jobs_dir = jobs_dir
@@ -79,7 +79,7 @@ class LocalExecutor:
         self._cancelled: set[str] = set()
 
     # ------------------------------------------------------------------ start
-    def command(self, job: JobRecord, files: JobFiles) -> list[str]:
+    def command(self, job: TrainerJob, files: JobFiles) -> list[str]:
         train = [
             self.python, "-m", "services.cli.main", "train", "--config", str(files.trainer_config),
             "--control-plane-url", self.control_plane_url, "--job-id", job.id,
@@ -88,7 +88,7 @@ class LocalExecutor:
             train += ["--nproc", str(len(job.gpus))]
         return [self.python, "-m", LAUNCHER_MODULE, "--exit-file", str(files.exit_status), "--", *train]
 
-    def environment(self, job: JobRecord) -> dict[str, str]:
+    def environment(self, job: TrainerJob) -> dict[str, str]:
         env = dict(os.environ)
         env.pop(TOKEN_ENV, None)
         if self._token is not None:
@@ -99,7 +99,7 @@ class LocalExecutor:
         env["TQDM_MININTERVAL"] = "10"  # a log file is not a terminal: a bar update every 10 s is plenty
         return env
 
-    def write_trainer_config(self, job: JobRecord, files: JobFiles) -> None:
+    def write_trainer_config(self, job: TrainerJob, files: JobFiles) -> None:
         config = job.train_config()
         if job.attempt > 1:
             # A resume continues from <save_path>/latest, whatever the first attempt asked for.
@@ -109,7 +109,7 @@ class LocalExecutor:
             fields["nproc"] = len(job.gpus)  # one rank per assigned GPU
         files.trainer_config.write_text(yaml.safe_dump(fields, sort_keys=True))
 
-    def start(self, job: JobRecord) -> int:
+    def start(self, job: TrainerJob) -> int:
         files = JobFiles.of(self.jobs_dir, job.id)
         files.folder.mkdir(parents=True, exist_ok=True)
         files.exit_status.unlink(missing_ok=True)  # a previous attempt's
@@ -139,7 +139,7 @@ class LocalExecutor:
         return process.pid
 
     # ------------------------------------------------------------------ stop
-    def cancel(self, job: JobRecord) -> None:
+    def cancel(self, job: TrainerJob) -> None:
         if job.pid is None or job.id in self._cancelled or not self._is_tracked(job):
             return
         self._cancelled.add(job.id)
@@ -150,14 +150,14 @@ class LocalExecutor:
             "cancel: SIGTERM sent (the trainer checkpoints, then exits)",
         )
 
-    def kill(self, job: JobRecord) -> None:
+    def kill(self, job: TrainerJob) -> None:
         if job.pid is None or not self._is_tracked(job):
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(job.pid, signal.SIGKILL)  # the launcher leads the group: torchrun and ranks too
         append_line(JobFiles.of(self.jobs_dir, job.id).log, "cancel: grace period over, SIGKILL sent")
 
-    def _is_tracked(self, job: JobRecord) -> bool:
+    def _is_tracked(self, job: TrainerJob) -> bool:
         """Only signal a pid we started or verified: never a stranger that reused the number."""
         child = self._children.get(job.id)
         if child is not None:
@@ -181,7 +181,7 @@ class LocalExecutor:
                 exits.append(ProcessExit(job_id, JobFiles.of(self.jobs_dir, job_id).read_exit_status()))
         return exits
 
-    def attach(self, job: JobRecord) -> bool:
+    def attach(self, job: TrainerJob) -> bool:
         if job.id in self._children:
             return True
         if job.pid is None or not is_our_trainer(job.pid, job.id):

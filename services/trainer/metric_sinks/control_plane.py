@@ -39,15 +39,15 @@ TOKEN_ENV = "DFLASH_CONTROL_PLANE_TOKEN"
 Outcome = Literal["sent", "retry", "refused"]
 
 
-def read_token(token_file: Path | None) -> str | None:
+def read_token(token_file: Path | None, *, flag: str = "--control-plane-token-file") -> str | None:
     """The bearer token: the contents of `token_file` when given, else $DFLASH_CONTROL_PLANE_TOKEN."""
     if token_file is not None:
         try:
             token = token_file.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise ValueError(f"--control-plane-token-file {token_file}: cannot read it ({exc})") from None
+            raise ValueError(f"{flag} {token_file}: cannot read it ({exc})") from None
         if not token:
-            raise ValueError(f"--control-plane-token-file {token_file} is empty")
+            raise ValueError(f"{flag} {token_file} is empty")
         return token
     return os.environ.get(TOKEN_ENV, "").strip() or None
 

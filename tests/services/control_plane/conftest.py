@@ -28,6 +28,8 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., ControlPlaneServer]]:
 
     yield start
     for server in servers:
+        if server.client.is_closed:  # stopped by the test itself
+            continue
         pids = server.active_pids()
         server.stop()
         kill_groups(pids)
