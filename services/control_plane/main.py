@@ -22,13 +22,14 @@ from fastapi.responses import JSONResponse
 from services.control_plane.agents import AgentNotFound, AgentRegistry
 from services.control_plane.api.deps import ControlPlane
 from services.control_plane.api.routes import agents as agent_routes
-from services.control_plane.api.routes import checkpoints, jobs, logs, metrics, system
+from services.control_plane.api.routes import checkpoints, hidden_states, jobs, logs, metrics, system
 from services.control_plane.checkpoints import CheckpointNotFound
 from services.control_plane.events import JobEvents
 from services.control_plane.executors.agent import AgentExecutor
 from services.control_plane.executors.base import Executor
 from services.control_plane.executors.local import LocalExecutor
 from services.control_plane.gpus import detect_gpus
+from services.control_plane.hidden_state_services import HiddenStateServices
 from services.control_plane.limits import BodySizeLimit, route_limits
 from services.control_plane.paths import Roots
 from services.control_plane.prometheus import RequestMetrics, RequestMetricsMiddleware
@@ -169,9 +170,10 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         service=service,
         scheduler=scheduler,
         request_metrics=request_metrics,
+        hidden_state_services=HiddenStateServices(configured=settings.hidden_states_endpoint_list),
         agents=agents,
     )
-    for module in (jobs, metrics, logs, checkpoints, agent_routes, system):
+    for module in (jobs, metrics, logs, checkpoints, agent_routes, hidden_states, system):
         app.include_router(module.router)
     from services.control_plane.dashboard import mount_dashboard  # the web UI at / (static files)
 

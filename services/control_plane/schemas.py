@@ -321,5 +321,32 @@ class AgentJob(BaseModel):
         return TrainConfig.model_validate(self.config)
 
 
+# ---------------------------------------------------------------------- hidden-state services
+class ServiceInfoPublic(BaseModel):
+    """What a hidden-state service serves (its GetInfo)."""
+
+    verifier: str
+    backend: str
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    layer_ids: list[int] = Field(description="Layer ids it serves (the targets and the last layer).")
+    dtype: str
+    max_length: int
+    server_version: str
+
+
+class HiddenStateServicePublic(BaseModel):
+    endpoint: str = Field(description="host:port of its gRPC server.")
+    configured: bool = Field(description="Named by --hidden-states-endpoints (else only by jobs).")
+    jobs: list[str] = Field(description="Queued, starting or running jobs that read from it.")
+    status: Literal["serving", "not_serving", "unreachable", "error"] = Field(
+        description="gRPC health of its HiddenStates service; `unreachable`: no connection."
+    )
+    detail: str | None = Field(description="Why it is not serving, when it says or we know.")
+    info: ServiceInfoPublic | None = Field(description="Its GetInfo, when it answered.")
+    checked_at: float = Field(description="Unix time of the check (answers are cached ~2 s).")
+
+
 def config_json(config: TrainConfig) -> str:
     return json.dumps(config.model_dump(mode="json"), sort_keys=True)

@@ -60,6 +60,11 @@ class ControlPlaneSettings(BaseSettings):
         description="How trainers run: `local` subprocesses of this service, or `agent`: "
         "`dflash trainer-agent`s on trainer hosts claim jobs over HTTP.",
     )
+    hidden_states_endpoints: str = Field(
+        default="",
+        description="Hidden-state services to list and health-check (`host:port,host:port`), besides "
+        "those the jobs name.",
+    )
     agent_heartbeat_interval_s: float = Field(
         default=5.0, gt=0, description="How often trainer agents heartbeat (they are told at registration)."
     )
@@ -108,6 +113,16 @@ class ControlPlaneSettings(BaseSettings):
     def _gpus_distinct(cls, value: list[int] | None) -> list[int] | None:
         if value is not None and (len(set(value)) != len(value) or any(g < 0 for g in value)):
             raise ValueError(f"--gpus must be distinct indices >= 0, got {value}")
+        return value
+
+    @field_validator("hidden_states_endpoints")
+    @classmethod
+    def _endpoints_parse(cls, value: str) -> str:
+        from services.hidden_states.endpoints import parse_endpoint  # grpc: not for `--help`
+
+        for endpoint in value.split(","):
+            if endpoint.strip():
+                parse_endpoint(endpoint)  # ValueError names the bad one
         return value
 
     @field_validator("db")
@@ -177,6 +192,10 @@ class ControlPlaneSettings(BaseSettings):
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self.port}"
+
+    @property
+    def hidden_states_endpoint_list(self) -> list[str]:
+        return [e.strip() for e in self.hidden_states_endpoints.split(",") if e.strip()]
 
     @property
     def token_value(self) -> str | None:

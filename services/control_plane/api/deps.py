@@ -12,6 +12,7 @@ from fastapi import Depends, HTTPException, Request, status
 
 from services.control_plane.agents import AgentRegistry
 from services.control_plane.auth import check_bearer
+from services.control_plane.hidden_state_services import HiddenStateServices
 from services.control_plane.prometheus import RequestMetrics
 from services.control_plane.scheduler import Scheduler
 from services.control_plane.service import JobService
@@ -26,6 +27,7 @@ class ControlPlane:
     service: JobService
     scheduler: Scheduler
     request_metrics: RequestMetrics
+    hidden_state_services: HiddenStateServices
     agents: AgentRegistry | None = None  # the agent executor's; None for the local executor
 
 

@@ -1,0 +1,20 @@
+"""The hidden-state services jobs read from, with their gRPC health (hidden_state_services.py)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from services.control_plane.api.deps import ControlPlaneDep
+from services.control_plane.schemas import HiddenStateServicePublic
+from services.control_plane.states import ACTIVE_STATES, JobState
+
+router = APIRouter(prefix="/v1/hidden-state-services", tags=["hidden-state services"])
+
+
+@router.get("")
+def list_hidden_state_services(control_plane: ControlPlaneDep) -> list[HiddenStateServicePublic]:
+    """Every service named by `--hidden-states-endpoints` or by a queued or active job: its gRPC
+    health (`serving`, `not_serving`, `unreachable`), what it serves (verifier, layer ids,
+    dtype) and which jobs read from it."""
+    jobs = control_plane.service.store.jobs_in([JobState.QUEUED, *ACTIVE_STATES])
+    return control_plane.hidden_state_services.list(jobs)
