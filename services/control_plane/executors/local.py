@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from dflash_core.config import TrainConfig
+from services.cli.args import env_name
 from services.control_plane.executors.base import ExecutorError, ProcessExit, TrainerJob
 from services.control_plane.executors.launcher import exit_status
 from services.control_plane.job_logs import JobFiles, append_line
@@ -91,6 +92,12 @@ class LocalExecutor:
     def environment(self, job: TrainerJob) -> dict[str, str]:
         env = dict(os.environ)
         env.pop(TOKEN_ENV, None)
+        # DFLASH_<FIELD> variables set job-config fields (services/cli/args.py): one set on the
+        # control plane's or agent's host must not quietly override every job's own config.
+        for name in TrainConfig.model_fields:
+            variable = env_name(name)
+            if variable is not None:
+                env.pop(variable, None)
         if self._token is not None:
             env[TOKEN_ENV] = self._token
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in job.gpus)

@@ -36,8 +36,9 @@ class AgentProcess:
         if token is not None:
             env["DFLASH_CONTROL_PLANE_TOKEN"] = token
         # Flags and DFLASH_AGENT_* variables both configure it: the name and GPUs come from the
-        # environment, as in docker compose.
-        env.update(DFLASH_AGENT_NAME=name, DFLASH_AGENT_GPUS=gpus)
+        # environment, as in docker compose. A job-config variable on the agent's host must not
+        # reach the trainers (it would override every job's own config).
+        env.update(DFLASH_AGENT_NAME=name, DFLASH_AGENT_GPUS=gpus, DFLASH_MAX_STEPS="1")
         command = [
             sys.executable, "-m", "services.cli.main", "trainer-agent",
             "--control-plane", url, "--work-dir", str(work_dir),
@@ -112,6 +113,7 @@ def test_two_agents_each_claim_and_run_a_job_to_success(start_server, workspace,
     # Each agent runs one job at a time (--max-jobs 1), so the two jobs went to different agents.
     assert {d["agent_id"] for d in done} == {"agent-one", "agent-two"}
     assert all(d["executor"] == "agent" and d["exit_code"] == 0 for d in done)
+    assert all(d["epoch"] == 1.0 and d["step"] > 1 for d in done)  # not cut short by DFLASH_MAX_STEPS
     for d in done:
         # The trainer reported its metrics itself and its output reached the job's log on the
         # control plane (shipped by the agent), token never included.
