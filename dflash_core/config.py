@@ -127,7 +127,31 @@ class TrainConfig(JobConfig):
         default=None, gt=0, description="Also checkpoint every N steps (epoch ends always checkpoint)."
     )
     log_freq: int = Field(default=10, gt=0, description="Steps between metric log lines.")
-    save_best: bool = Field(default=True, description="Maintain the checkpoint_best link (lowest val loss).")
+    save_best: bool = Field(
+        default=True,
+        description="Maintain the checkpoint_best link: the epoch with the best --best-metric.",
+    )
+    best_metric: Literal["val_loss", "tau"] = Field(
+        default="val_loss",
+        description="What picks checkpoint_best: `val_loss` (the lowest validation loss) or `tau` (the "
+        "highest live acceptance length at an epoch's end; needs --eval-every).",
+    )
+    eval_every: int | None = Field(
+        default=None,
+        ge=0,
+        description="Live acceptance every N optimizer steps, at each epoch end and before the first step: "
+        "tau of greedy speculative decoding on held-out prompts, as `dflash eval` counts it (`eval/tau`, "
+        "`eval/accept_rate_pos{k}`). None or 0 = off.",
+    )
+    eval_prompts: str | None = Field(
+        default=None,
+        description="Live-acceptance prompts: `chitchat`, a prepare-data folder or a .json/.jsonl file (as "
+        "`dflash eval --prompts`); default: the validation rows of --data-path, cut before their reply.",
+    )
+    eval_num_prompts: int = Field(default=16, gt=0, description="Live-acceptance prompts (the first N).")
+    eval_max_new_tokens: int = Field(
+        default=64, ge=2, description="Tokens decoded per live-acceptance prompt (as `dflash eval`)."
+    )
     report_to: list[Literal["jsonl", "tensorboard", "wandb", "trackio", "mlflow"]] = Field(
         default_factory=lambda: ["jsonl", "tensorboard"],
         description="Metric sinks besides the log, on rank 0: `jsonl` (`<save-path>/metrics.jsonl`), "
@@ -252,6 +276,17 @@ class TrainConfig(JobConfig):
                 object.__setattr__(self, "hidden_states_endpoint", list(self.vllm_endpoint))
         if self.sliding_window is not None and self.full_attention:
             raise ValueError("--sliding-window needs --no-full-attention (sliding layers)")
+        if self.best_metric == "tau" and not self.eval_every:
+            raise ValueError(
+                "--best-metric tau needs live acceptance: pass --eval-every N (steps), or keep "
+                "--best-metric val_loss"
+            )
+        if self.eval_every and self.eval_prompts is None and self.val_fraction == 0:
+            raise ValueError(
+                "--eval-every takes its prompts from the validation rows by default, but --val-fraction "
+                "is 0: pass --eval-prompts SOURCE (chitchat, a prepare-data folder, a .jsonl file) or a "
+                "--val-fraction above 0"
+            )
         if not self.full_attention and self.sliding_window is None:
             raise ValueError("--no-full-attention needs --sliding-window N")
         return self

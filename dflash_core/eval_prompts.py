@@ -76,6 +76,14 @@ def load_prompts(source: str, *, tokenizer: Any, limit: int) -> list[EvalPrompt]
     return prompts
 
 
+def prepared_row_prompt(
+    input_ids: list[int], loss_mask: list[int] | list[bool], *, where: str
+) -> EvalPrompt | None:
+    """The prompt of one prepared row (its tokens before the first supervised one), or None if it has none."""
+    ids = _prompt_ids(TokenizedRow(list(input_ids), list(loss_mask), source=where, line=0), tokenizer=None)
+    return None if isinstance(ids, str) else EvalPrompt(token_ids=ids, source=where)
+
+
 def _records(source: str) -> Iterator[tuple[Conversation | TokenizedRow, str] | RowError]:
     if source == CHITCHAT:
         for row in read_chitchat():

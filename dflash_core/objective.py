@@ -32,7 +32,7 @@ from dflash_core.loss import (
 )
 from dflash_core.masks import BlockVisibility, dense_mask, flex_block_mask
 from dflash_core.model.attention import AttentionMask
-from dflash_core.model.drafter import DFlashDrafter
+from dflash_core.model.drafter import DFlashDrafter, DrafterOutput
 from dflash_core.model.verifier_heads import VerifierHeads
 
 AttentionKind = Literal["sdpa", "flex"]
@@ -113,6 +113,46 @@ def build_layer_masks(
     return masks
 
 
+def draft_blocks(
+    drafter: DFlashDrafter,
+    heads: VerifierHeads,
+    batch: PackedBatch,
+    *,
+    anchors: torch.Tensor,
+    anchor_valid: torch.Tensor,
+    attention: AttentionKind = "sdpa",
+    return_layer_outputs: bool = False,
+) -> tuple[Blocks, list[AttentionMask], DrafterOutput]:
+    """The drafter over every block of `batch` at `anchors` [B, N] in one forward (no targets, no loss).
+
+    Slot 0 of a block holds the token at its anchor, slots 1.. the mask token, at positions that
+    continue the anchor's; a block sees the context rows before its anchor (same document) and
+    itself. Training (`dflash_forward`) and live acceptance (`dflash_core.live_acceptance`) both
+    draft through here, so what is measured is what is trained.
+    """
+    config = drafter.config
+    blocks = build_blocks(
+        input_ids=batch.input_ids,
+        loss_mask=batch.loss_mask,
+        document_ids=batch.document_ids,
+        position_ids=batch.position_ids,
+        anchors=anchors,
+        anchor_valid=anchor_valid,
+        block_size=config.block_size,
+        mask_token_id=config.mask_token_id,
+    )
+    masks = build_layer_masks(drafter, blocks=blocks, document_ids=batch.document_ids, attention=attention)
+    out = drafter(
+        block_embeds=heads.embed(blocks.input_ids),  # [B, Q, H], frozen
+        aux_hidden_states=batch.aux_hidden_states,
+        block_position_ids=blocks.position_ids,
+        context_position_ids=batch.position_ids,
+        masks=masks,
+        return_layer_outputs=return_layer_outputs,
+    )
+    return blocks, masks, out
+
+
 def dflash_forward(
     drafter: DFlashDrafter,
     heads: VerifierHeads,
@@ -134,26 +174,14 @@ def dflash_forward(
     B = batch.input_ids.shape[0]
     N, bs = anchors.shape[1], config.block_size
 
-    # 1. blocks: slot 0 = token at the anchor, slots 1.. = mask token; positions continue the anchor's
-    blocks = build_blocks(
-        input_ids=batch.input_ids,
-        loss_mask=batch.loss_mask,
-        document_ids=batch.document_ids,
-        position_ids=batch.position_ids,
+    # 1-2. blocks at the anchors, then the drafter over all of them at once
+    blocks, masks, out = draft_blocks(
+        drafter,
+        heads,
+        batch,
         anchors=anchors,
         anchor_valid=anchor_valid,
-        block_size=bs,
-        mask_token_id=config.mask_token_id,
-    )
-
-    # 2. drafter over all blocks at once
-    masks = build_layer_masks(drafter, blocks=blocks, document_ids=batch.document_ids, attention=attention)
-    out = drafter(
-        block_embeds=heads.embed(blocks.input_ids),  # [B, Q, H], frozen
-        aux_hidden_states=batch.aux_hidden_states,
-        block_position_ids=blocks.position_ids,
-        context_position_ids=batch.position_ids,
-        masks=masks,
+        attention=attention,
         return_layer_outputs=keep_intermediates,
     )
     draft_logits = drafter.compute_logits(out.hidden, verifier_lm_head=heads.lm_head)  # [B, Q, D]

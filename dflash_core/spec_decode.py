@@ -15,7 +15,8 @@ token (the "anchor", the bonus token of the previous verifier forward):
               verifier (the bonus); its cache is cropped to the committed length, and the aux
               hidden states of the newly committed positions p..p+a (from that same forward,
               whose inputs there were exactly the committed tokens) are appended to the context
-    stop      max_new_tokens new tokens or an EOS (the EOS is kept, as `generate` keeps it)
+    stop      max_new_tokens new tokens or an EOS anywhere among the newly committed tokens (the
+              EOS is kept and what follows it is cut, as `generate` and vLLM do; `reached_stop`)
 
 The drafter's context keys/values (k_norm + RoPE'd k_proj, and v_proj, of hidden_norm(fc(aux)))
 are computed once per committed position and appended to a per-layer cache, never recomputed
@@ -351,13 +352,13 @@ def _aux_of(captured: dict[int, torch.Tensor], layer_ids: Sequence[int]) -> torc
 # --------------------------------------------------------------------------------------------
 
 
-def greedy_accept(target_ids: torch.Tensor, drafts: Sequence[int]) -> tuple[int, int]:
+def greedy_accept(target_ids: torch.Tensor | Sequence[int], drafts: Sequence[int]) -> tuple[int, int]:
     """(accepted drafts a, bonus token) for the verifier's argmax ids [B] at the block's positions.
 
     target_ids[k] is the verifier's choice for the token after block slot k; drafts[k] sits in
     slot k + 1. a = the longest prefix with drafts[k] == target_ids[k]; bonus = target_ids[a].
     """
-    targets = target_ids.tolist()
+    targets = target_ids.tolist() if isinstance(target_ids, torch.Tensor) else list(target_ids)
     accepted = 0
     while accepted < len(drafts) and drafts[accepted] == targets[accepted]:
         accepted += 1
@@ -390,6 +391,25 @@ def rejection_accept(
         return k, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
     last = target_probs[len(drafts)].float().cpu()
     return len(drafts), int(torch.multinomial(last, 1, generator=generator))
+
+
+def reached_stop(tokens: Sequence[int], *, new: int, max_new_tokens: int, eos_token_ids: set[int]) -> bool:
+    """Whether decoding ends once a forward has committed the last `new` of `tokens` (the new tokens).
+
+    It ends at max_new_tokens tokens, or when an EOS is among the newly committed ones, wherever
+    it sits (an accepted draft or the bonus): what follows an EOS is never returned, so decoding
+    on would count drafts that serving never makes (vLLM stops the request there too).
+    """
+    return len(tokens) >= max_new_tokens or any(t in eos_token_ids for t in tokens[len(tokens) - new :])
+
+
+def returned_tokens(tokens: Sequence[int], *, max_new_tokens: int, eos_token_ids: set[int]) -> list[int]:
+    """The committed tokens a caller gets: at most max_new_tokens, up to and including the first EOS."""
+    tokens = list(tokens[:max_new_tokens])
+    for i, token in enumerate(tokens):
+        if token in eos_token_ids:
+            return tokens[: i + 1]
+    return tokens
 
 
 def _sample(logits: torch.Tensor, *, temperature: float, generator: torch.Generator | None) -> int:
@@ -471,7 +491,8 @@ def speculative_generate(
         proposer.append_context(_aux_of(captured, layer_ids))
     tokens = [_sample(out.logits[0, -1], temperature=temperature, generator=generator)]
 
-    while len(tokens) < max_new_tokens and tokens[-1] not in eos:
+    new = 1  # tokens the latest verifier forward committed
+    while not reached_stop(tokens, new=new, max_new_tokens=max_new_tokens, eos_token_ids=eos):
         p = n + len(tokens) - 1  # position of the anchor (the last committed token)
         proposal = proposer.propose(
             anchor_token=tokens[-1], position=p, temperature=temperature, generator=generator
@@ -502,12 +523,9 @@ def speculative_generate(
         if layer_ids:
             proposer.append_context(_aux_of(captured, layer_ids)[: accepted + 1])
         tokens.extend([*proposal.tokens[:accepted], bonus])
+        new = accepted + 1
 
-    tokens = tokens[:max_new_tokens]
-    for i, token in enumerate(tokens):
-        if token in eos:
-            tokens = tokens[: i + 1]
-            break
+    tokens = returned_tokens(tokens, max_new_tokens=max_new_tokens, eos_token_ids=eos)
     stats.new_tokens = len(tokens)
     stats.wall_s = time.perf_counter() - start_time
     return SpecDecodeResult(tokens=tokens, stats=stats)

@@ -171,12 +171,15 @@ class GenerateClient:
         top_p: float = 1.0,
         seed: int = 0,
         stop_token_ids: Sequence[int] = (),
+        keep_stop_token: bool = False,
     ) -> list[list[int]]:
         """One reply per prompt, in order: the new token ids, the stop token removed.
 
         Sampled prompt i of this call uses seed `seed + i` (both backends seed a request's prompts
         seed, seed + 1, ...), so results do not depend on how batches land on endpoints.
-        `stop_token_ids` end a reply in addition to the verifier's eos ids. Raises `GenerateError`.
+        `stop_token_ids` end a reply in addition to the verifier's eos ids. `keep_stop_token`
+        returns replies as generated, the stop token kept (live acceptance continues past it).
+        Raises `GenerateError`.
         """
         if self._pool is None:
             raise GenerateError("the GenerateClient is closed")
@@ -192,7 +195,7 @@ class GenerateClient:
                     stop_token_ids=list(stop_token_ids),
                 ),
             )
-            futures.append(self._pool.submit(self._generate, request))
+            futures.append(self._pool.submit(self._generate, request, keep_stop_token=keep_stop_token))
         replies: list[list[int]] = []
         try:
             for future in futures:
@@ -203,7 +206,7 @@ class GenerateClient:
             raise
         return replies
 
-    def _generate(self, request: pb.GenerateRequest) -> list[list[int]]:
+    def _generate(self, request: pb.GenerateRequest, *, keep_stop_token: bool = False) -> list[list[int]]:
         failures: Counter[str] = Counter()
         last = ""
         for attempt in range(1, self.max_attempts + 1):
@@ -224,7 +227,9 @@ class GenerateClient:
                 continue
             finally:
                 self._release(endpoint)
-            return self._replies(response, request=request, address=endpoint.address)
+            return self._replies(
+                response, request=request, address=endpoint.address, keep_stop_token=keep_stop_token
+            )
         raise GenerateError(
             f"Generate failed {self.max_attempts} times over {', '.join(self.addresses)}; last: {last}"
         )
@@ -242,7 +247,7 @@ class GenerateClient:
 
     @staticmethod
     def _replies(
-        response: pb.GenerateResponse, *, request: pb.GenerateRequest, address: str
+        response: pb.GenerateResponse, *, request: pb.GenerateRequest, address: str, keep_stop_token: bool
     ) -> list[list[int]]:
         if len(response.completions) != len(request.prompts):
             raise GenerateError(
@@ -253,7 +258,7 @@ class GenerateClient:
         for completion in response.completions:
             ids = list(completion.token_ids)
             # Both backends keep the token that stopped the reply; the template writes its own.
-            if completion.finish_reason == "stop" and ids:
+            if completion.finish_reason == "stop" and ids and not keep_stop_token:
                 ids.pop()
             replies.append(ids)
         return replies

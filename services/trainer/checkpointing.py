@@ -5,7 +5,13 @@ module decides WHEN and WHERE to save and what training state to carry:
 
     <save_path>/0/, 1/, ...   one per finished epoch (kept)
     <save_path>/step-<n>/     every --checkpoint-freq steps (only the newest is kept)
-    latest -> newest of those; checkpoint_best -> the epoch with the lowest val loss
+    latest -> newest of those; checkpoint_best -> the best epoch by --best-metric (lowest val
+    loss, or highest live tau measured at the epoch's end; only epoch folders are kept, so only
+    they can be best)
+
+training_state.json also records the live-acceptance results (`eval_history`, one entry per
+evaluation) and the best values of both metrics, so a resume keeps choosing checkpoint_best the
+same way; a resume under another --best-metric re-picks it from those histories.
 
 Under FSDP every rank takes part in gathering the full tensors and rank 0 alone writes; the
 files are the same whatever the number of ranks, so a run resumes on another number of ranks
@@ -27,7 +33,7 @@ from dflash_core.rng_state import restore_rng_state
 from services.trainer.distributed import full_state, load_full_state
 
 if TYPE_CHECKING:
-    from services.trainer.trainer import Trainer
+    from services.trainer.trainer import Trainer, TrainState
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +94,11 @@ def training_state_of(trainer: Trainer) -> dict:
         "step_in_epoch": state.step_in_epoch,
         "global_step": state.global_step,
         "best_val_loss": state.best_val_loss if math.isfinite(state.best_val_loss) else None,
+        "best_tau": state.best_tau if math.isfinite(state.best_tau) else None,
+        "best_metric": trainer.config.best_metric,
         "best_epoch": state.best_epoch,
         "history": state.history,
+        "eval_history": state.eval_history,
         # The data plan is a pure function of these, so they pin the data position.
         "data": {
             "seed": trainer.config.seed,
@@ -129,8 +138,49 @@ def restore_training(trainer: Trainer, path: Path) -> None:
     state.best_val_loss = math.inf if best is None else best
     state.best_epoch = saved.get("best_epoch")
     state.history = saved.get("history", [])
+    restore_best_tau(state, saved, path=path)
+    saved_metric = saved.get("best_metric", "val_loss")  # files from before --best-metric: val loss
+    if saved_metric != trainer.config.best_metric:
+        repick_best(trainer, saved_metric=saved_metric)
     restore_rng_state(saved.get("rng"))
     logger.info("resumed from %s at epoch %d, step %d", path, state.epoch, state.global_step)
+
+
+def restore_best_tau(state: TrainState, saved: dict, *, path: Path) -> None:
+    """Live-acceptance bookkeeping; a file written before it existed starts with none."""
+    if "eval_history" not in saved:
+        logger.info(
+            "%s has no live-acceptance history (written before --eval-every existed): starting one", path
+        )
+    state.eval_history = list(saved.get("eval_history") or [])
+    best = saved.get("best_tau")
+    state.best_tau = -math.inf if best is None else float(best)
+
+
+def best_epoch_by(metric: str, state: TrainState) -> int | None:
+    """The epoch a metric picks from the histories: lowest epoch-end val loss, or highest epoch-end tau."""
+    if metric == "tau":
+        taus = [
+            (entry["eval/tau"], entry["end_of_epoch"])
+            for entry in state.eval_history
+            if entry.get("end_of_epoch") is not None and entry.get("eval/tau") is not None
+        ]
+        return max(taus, key=lambda pair: pair[0])[1] if taus else None
+    losses = [(row["val/loss"], row["epoch"]) for row in state.history if row.get("epoch", -1) >= 0]
+    return min(losses, key=lambda pair: pair[0])[1] if losses else None
+
+
+def repick_best(trainer: Trainer, *, saved_metric: str) -> None:
+    """The run resumes under another --best-metric: checkpoint_best moves to that metric's best epoch."""
+    metric, state = trainer.config.best_metric, trainer.state
+    state.best_epoch = best_epoch_by(metric, state)
+    logger.warning(
+        "--best-metric changed from %s to %s on resume: checkpoint_best is re-picked by %s (epoch %s)",
+        saved_metric, metric, metric, state.best_epoch,
+    )  # fmt: skip
+    folder = trainer.checkpointer.root / str(state.best_epoch)
+    if state.best_epoch is not None and trainer.dist.is_main and trainer.config.save_best and folder.is_dir():
+        update_link(trainer.checkpointer.root, "checkpoint_best", folder)
 
 
 def check_same_data_plan(saved: dict, current: dict, *, path: Path) -> None:

@@ -192,7 +192,14 @@ class GrpcSource:
             raise HiddenStateServiceError(
                 f"the service sends dtype {info.dtype!r}, which this trainer cannot read"
             )
-        self._layer_ids = [*self._target_layer_ids, self._fingerprint.num_layers]
+        # Layer N rides along for the training targets; asked for once when it is an aux id too
+        # (the service refuses a repeated id).
+        num_layers = self._fingerprint.num_layers
+        self._layer_ids = [
+            *self._target_layer_ids,
+            *([] if num_layers in self._target_layer_ids else [num_layers]),
+        ]
+        self._last_index = self._layer_ids.index(num_layers)
         self._bytes_per_token = len(self._layer_ids) * self._fingerprint.hidden_size * self._dtype.itemsize
 
         # Reused sample memory (no page faults per sample). The trainer holds consumed samples
@@ -428,7 +435,9 @@ class GrpcSource:
                 tensor = decoded.tensor  # [t, K+1, H]
                 num_aux = len(self._target_layer_ids)
                 pending.result = SampleHiddenStates(
-                    sample_id=decoded.sample_id, aux=tensor[:, :num_aux].flatten(1), last=tensor[:, num_aux]
+                    sample_id=decoded.sample_id,
+                    aux=tensor[:, :num_aux].flatten(1),
+                    last=tensor[:, self._last_index],
                 )
             call.assigned.discard(decoded.sample_id)
             endpoint.delivered += 1

@@ -20,6 +20,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from dflash_core.checkpoint import find_resume_point, load_checkpoint
 from dflash_core.config import TrainConfig
 from dflash_core.data.prepare import load_prepared
+from dflash_core.evaluation import eos_token_ids
 from dflash_core.model.drafter import DFlashDrafter
 from dflash_core.model.verifier_heads import VerifierHeads
 from dflash_core.verifier import (
@@ -38,6 +39,7 @@ from services.trainer.data import split_indices
 from services.trainer.distributed import DistContext, init_distributed, shard_drafter, shutdown_distributed
 from services.trainer.drafter_setup import build_drafter_config, init_reduced_vocab
 from services.trainer.grpc_source import GrpcSource
+from services.trainer.live_eval import build_live_acceptance, load_generation_config
 from services.trainer.metrics import build_metric_sinks, check_backends_installed
 from services.trainer.preflight import check_data_matches_verifier
 from services.trainer.sources import HiddenStateSource, InProcessSource
@@ -116,9 +118,11 @@ def load_verifier_side(
     config: TrainConfig, *, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.nn.Module | None, PretrainedConfig, PreTrainedTokenizerBase, VerifierHeads]:
     """(model or None, its config, tokenizer, heads). With a hidden-state service the decoder layers
-    run there, so only the config, tokenizer and the three head tensors are loaded here."""
+    run there, so only the config, tokenizer and the three head tensors are loaded here. Without
+    one, the verifier runs here when misses are computed or live acceptance needs it."""
     name = config.verifier_name_or_path
-    if config.hidden_states_endpoint or config.on_missing != "generate":
+    needs_model = config.on_missing == "generate" or bool(config.eval_every)
+    if config.hidden_states_endpoint or not needs_model:
         tokenizer = load_tokenizer(name)
         verifier_config = load_verifier_config(name)
         return None, verifier_config, tokenizer, load_verifier_heads(name, device=device, dtype=dtype)
@@ -185,6 +189,23 @@ def _train(
 
     rows = TokenRows(dataset, max_length=config.total_seq_len)
     train_indices, val_indices = split_indices(len(rows), val_fraction=config.val_fraction, seed=config.seed)
+    live = build_live_acceptance(
+        config,
+        rows=rows,
+        val_indices=val_indices,
+        tokenizer=tokenizer,
+        eos_token_ids=eos_token_ids(
+            tokenizer,
+            verifier_config,
+            model.generation_config
+            if model is not None
+            else load_generation_config(config.verifier_name_or_path),
+        ),
+        model=model,
+        fingerprint=fingerprint,
+        target_layer_ids=drafter_config.aux_hidden_state_layer_ids,
+        dist=dist,
+    )
     checkpointer = Checkpointer(
         root=config.save_path, drafter_config=drafter_config, train_config=config, is_main=dist.is_main
     )
@@ -210,6 +231,7 @@ def _train(
         autocast_dtype=autocast_dtype,
         dist=dist,
         stop=stop,
+        live=live,
     )
     resume_from = dist.broadcast_object(find_resume_point(config.save_path) if config.resume else None)
     if resume_from is not None:

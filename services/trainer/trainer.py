@@ -6,7 +6,9 @@ is `dflash_core.checkpoint`'s. The loop reads as a list of steps:
     for each epoch: for each step of the epoch's plan:
         fetch hidden states -> sample anchors -> forward -> backward -> clip -> optimizer step
         log every --log-freq steps, checkpoint every --checkpoint-freq steps
-    at each epoch end: validate, checkpoint into <save_path>/<epoch>, move latest / checkpoint_best
+        live acceptance (tau by greedy speculative decoding) every --eval-every steps
+    at each epoch end: validate, live acceptance, checkpoint into <save_path>/<epoch>, move latest /
+        checkpoint_best (the best --best-metric: lowest val loss or highest live tau)
 
 Data parallel (torchrun, FSDP2): the plan is global, `--batch-size` rows per rank per step; rank r
 takes rows r, r + W, ... of each step. Anchors are drawn per row from a generator keyed by the
@@ -41,6 +43,7 @@ from services.trainer.checkpointing import Checkpointer
 from services.trainer.data import EpochPlan, anchor_generator, plan_epoch, validation_anchor_generator
 from services.trainer.distributed import DistContext
 from services.trainer.grpc_source import HiddenStateServiceError
+from services.trainer.live_eval import LiveAcceptance, acceptance_metrics
 from services.trainer.lr_schedule import warmup_cosine
 from services.trainer.metrics import MetricSinks
 from services.trainer.step_metrics import SlotStats
@@ -60,9 +63,11 @@ class TrainState:
     epoch: int = 0
     step_in_epoch: int = 0  # optimizer steps finished in `epoch`
     global_step: int = 0
-    best_val_loss: float = math.inf
-    best_epoch: int | None = None
+    best_val_loss: float = math.inf  # lowest epoch-end val loss so far
+    best_tau: float = -math.inf  # highest epoch-end live tau so far
+    best_epoch: int | None = None  # where checkpoint_best points: the best --best-metric
     history: list[dict] = field(default_factory=list)  # val metrics per epoch
+    eval_history: list[dict] = field(default_factory=list)  # live acceptance: step, end_of_epoch, eval/...
     stopped_by: str | None = None  # the signal that ended this call early, if one did (not saved)
 
 
@@ -95,6 +100,7 @@ class Trainer:
         autocast_dtype: torch.dtype | None,
         dist: DistContext | None = None,
         stop: StopSignals | None = None,
+        live: LiveAcceptance | None = None,
     ) -> None:
         self.config = config
         self.drafter = drafter
@@ -110,6 +116,7 @@ class Trainer:
         self.autocast_dtype = autocast_dtype
         self.dist = dist or DistContext()
         self.stop = stop or StopSignals()
+        self.live = live
         self.device = batches.device
         self.loss_config = LossConfig(
             kind=config.loss,
@@ -167,8 +174,8 @@ class Trainer:
         """
         total_steps = self.total_steps()
         steps_this_call = 0
-        if self.state.global_step == 0 and not self.state.history:
-            self._baseline_validation()
+        if self.state.global_step == 0:
+            self._baselines()
         window = SlotStats.empty(self.config.block_size, self.device)
         times = StepTimes()
         while self.state.epoch < self.config.epochs and self.state.global_step < total_steps:
@@ -199,6 +206,8 @@ class Trainer:
                 if self.state.global_step % self.config.log_freq == 0:
                     self._log_window(window, times, bar)
                     window, times = SlotStats.empty(self.config.block_size, self.device), StepTimes()
+                if self.config.eval_every and self.state.global_step % self.config.eval_every == 0:
+                    self._live_acceptance()
                 if self.config.checkpoint_freq and self.state.global_step % self.config.checkpoint_freq == 0:
                     self.checkpointer.save_step(self)
             bar.close()
@@ -392,27 +401,84 @@ class Trainer:
         # No batch at all would summarise to a fake loss of 0.0 and win checkpoint_best.
         return stats.summary(prefix="val/") if stats.steps else {}
 
-    def _baseline_validation(self) -> None:
-        """Val metrics of the untrained drafter (history epoch -1): the yardstick for every epoch."""
-        val = self.validate()
-        if val:
-            self.state.history.append({"epoch": -1, **val})
-            self.sinks.log({**val, "epoch": -1.0}, 0)
+    def _baselines(self) -> None:
+        """Val metrics (history epoch -1) and live tau of the untrained drafter: the yardsticks."""
+        if not self.state.history:
+            val = self.validate()
+            if val:
+                self.state.history.append({"epoch": -1, **val})
+                self.sinks.log({**val, "epoch": -1.0}, 0)
+        if not self.state.eval_history:
+            self._live_acceptance()
+
+    # ------------------------------------------------------------------ live acceptance
+    def _live_acceptance(self, *, end_of_epoch: int | None = None) -> dict[str, float]:
+        """Live tau on the held-out prompts (`services.trainer.live_eval`), logged and kept in the state.
+
+        Every rank takes part (the drafting forwards are collective under FSDP); only rank 0's
+        sinks write. A step already measured (an --eval-every step that ends an epoch) is reused.
+        """
+        if self.live is None:
+            return {}
+        history, step = self.state.eval_history, self.state.global_step
+        if history and history[-1]["step"] == step:
+            if end_of_epoch is not None:
+                history[-1]["end_of_epoch"] = end_of_epoch
+            return {k: v for k, v in history[-1].items() if k.startswith("eval/") and v is not None}
+        started = time.perf_counter()
+        stats = self.live.evaluate(
+            self.drafter,
+            self.heads,
+            attention=self.attention,
+            autocast_dtype=self.autocast_dtype,
+            device=self.device,
+            dist=self.dist,
+        )
+        metrics = {**acceptance_metrics(stats), "eval/time_s": time.perf_counter() - started}
+        # JSON has no NaN (no draft at all, e.g. every prompt answered by an EOS at once): null.
+        history.append(
+            {
+                "step": step,
+                "end_of_epoch": end_of_epoch,
+                **{k: (v if math.isfinite(v) else None) for k, v in metrics.items()},
+            }
+        )
+        self.sinks.log({**metrics, "epoch": self._epoch_progress()}, step)
+        return metrics
+
+    def _epoch_progress(self) -> float:
+        """Epochs done, fractional (what training rows log as `epoch`)."""
+        if self.state.step_in_epoch == 0:
+            return float(self.state.epoch)  # (also past the last epoch, which has no plan)
+        return self.state.epoch + self.state.step_in_epoch / max(len(self.epoch_plan(self.state.epoch)), 1)
 
     def _end_epoch(self) -> None:
         val = self.validate()
         finished_epoch = self.state.epoch
         self.state.epoch += 1
         self.state.step_in_epoch = 0
-        is_best = False
-        if val and val["val/loss"] < self.state.best_val_loss:
-            self.state.best_val_loss = val["val/loss"]
-            self.state.best_epoch = finished_epoch
-            is_best = True
+        live = self._live_acceptance(end_of_epoch=finished_epoch)
+        is_best = self._record_best(val, live, epoch=finished_epoch)
         if val:
             self.state.history.append({"epoch": finished_epoch, **val})
             self.sinks.log({**val, "epoch": float(finished_epoch)}, self.state.global_step)
         self.checkpointer.save_epoch(self, epoch=finished_epoch, is_best=is_best and self.config.save_best)
+
+    def _record_best(self, val: dict[str, float], live: dict[str, float], *, epoch: int) -> bool:
+        """Track the best val loss and live tau; True when `epoch` is the best by --best-metric."""
+        state = self.state
+        loss, tau = val.get("val/loss"), live.get("eval/tau")
+        # No validation batch / no draft would give a fake loss of 0 / no tau: they never win.
+        better_loss = loss is not None and loss < state.best_val_loss
+        better_tau = tau is not None and math.isfinite(tau) and tau > state.best_tau
+        if better_loss:
+            state.best_val_loss = loss
+        if better_tau:
+            state.best_tau = tau
+        is_best = better_tau if self.config.best_metric == "tau" else better_loss
+        if is_best:
+            state.best_epoch = epoch
+        return is_best
 
     def _log_window(self, window: SlotStats, times: StepTimes, bar: tqdm) -> None:
         window = window.reduced(self.dist)  # every rank takes part; only rank 0's sinks write
@@ -430,8 +496,7 @@ class Trainer:
                 "time/forward_s": times.forward / max(window.steps, 1),
                 "time/backward_s": times.backward / max(window.steps, 1),
                 "time/optimizer_s": times.optimizer / max(window.steps, 1),
-                "epoch": self.state.epoch
-                + self.state.step_in_epoch / max(len(self.epoch_plan(self.state.epoch)), 1),
+                "epoch": self._epoch_progress(),
             }
         )
         if self.device.type == "cuda":

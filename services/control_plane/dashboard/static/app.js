@@ -501,10 +501,11 @@ const CHARTS = [
   {
     id: "eal",
     title: "Acceptance length",
-    unit: "expected tokens accepted per block",
+    unit: "train / validation: expected tokens per block (teacher-forced) · live tau: greedy speculative decoding on held-out prompts (--eval-every)",
     series: [
       { key: "train/eal", label: "train", color: COLORS.green },
       { key: "val/eal", label: "validation", color: COLORS.orange, markers: true },
+      { key: "eval/tau", label: "live tau", color: COLORS.pink, markers: true },
     ],
   },
   { id: "accuracy", title: "Accuracy per slot", unit: "train, by draft position", series: [], format: percent, yMin: 0 },
@@ -648,6 +649,15 @@ function jobView(root, jobId) {
     return h("div", { class: "tile" }, h("div", { class: "tile-label" }, label), h("div", { class: "tile-value" }, value), h("div", { class: "tile-sub muted" }, sub ?? ""));
   }
 
+  function acceptanceTile() {
+    // Live tau (what serving gets) when the run measures it, else the teacher-forced estimates.
+    const last = (key) => charts.eal?.last(key) ?? null;
+    const [value, sub] = last("eval/tau") !== null
+      ? [last("eval/tau"), "live tau (speculative decoding)"]
+      : last("val/eal") !== null ? [last("val/eal"), "validation"] : [last("train/eal"), "train"];
+    return tile("Acceptance length", compact(value), sub);
+  }
+
   function renderTiles() {
     const last = (chart, key) => charts[chart]?.last(key) ?? null;
     const lossNow = last("loss", "train/loss");
@@ -655,7 +665,7 @@ function jobView(root, jobId) {
     tiles.replaceChildren(
       tile("Train loss", compact(lossNow), lossFirst !== null && lossNow !== null && lossFirst !== lossNow ? `from ${compact(lossFirst)}` : "latest"),
       tile("Validation loss", compact(last("loss", "val/loss")), "latest evaluation"),
-      tile("Acceptance length", compact(last("eal", "val/eal") ?? last("eal", "train/eal")), last("eal", "val/eal") !== null ? "validation" : "train"),
+      acceptanceTile(),
       tile("Throughput", compact(last("throughput", "train/tokens_per_s")), "tokens / s"),
       tile("Data wait", percent(last("wait", "train/data_wait_frac")), "of step time"),
     );
