@@ -7,6 +7,7 @@ Pages (one HTML shell; app.js renders the page for the path, with client-side ro
     /                  jobs table: state, progress, ETA, created, GPUs; filter by state
     /jobs/<id>         a job: live charts (Server-Sent Events), logs, checkpoints, config, actions
     /new[?from=<id>]   submit form: a JSON TrainConfig plus name and GPUs; 422s shown by field
+    /services          hidden-state services (gRPC health, what they serve) and trainer agents
 
 Assets are under /dashboard/ (app.js, plot.js: the SVG charts, style.css). Nothing is loaded from
 another host, so the dashboard works offline. Everything it shows comes from the public /v1 API;
@@ -24,7 +25,7 @@ from fastapi import FastAPI, Header, HTTPException
 from fastapi.responses import Response
 
 STATIC = Path(__file__).resolve().parent / "static"
-PAGES = ("/", "/new", "/jobs/{job_id}")  # client-side routes: each serves index.html
+PAGES = ("/", "/new", "/jobs/{job_id}", "/services")  # client-side routes: each serves index.html
 MEDIA_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 IfNoneMatch = Annotated[str | None, Header()]  # the ETag the browser has (a 304 when it is current)
 

@@ -4,9 +4,10 @@ SQLite file) that runs a real tiny CPU training job.
 A person's path through it: open the jobs page, go to the form, submit without the token (the
 token field opens), save the token, submit a config with a typo (the 422 shows next to the field
 it names), fix it, land on the job page, and watch the loss chart fill from the live metric
-stream until the job has succeeded, without reloading. The screenshots go to output/
-(dashboard.png: the job page; dashboard-checkpoints.png: its checkpoints tab; dashboard-jobs.png:
-the jobs table).
+stream until the job has succeeded, without reloading. And the services page: a live and a dead
+hidden-state service, a live and a gone trainer agent, a job claimed by the agent. The
+screenshots go to output/ (dashboard.png: the job page; dashboard-checkpoints.png: its checkpoints
+tab; dashboard-jobs.png: the jobs table; dashboard-services.png: the services page).
 
 Needs Debian's `chromium` and the `playwright` package (driving that chromium; no browser download):
 `make browser-env` installs both. Without chromium the test is skipped.
@@ -20,8 +21,9 @@ import shutil
 
 import pytest
 
+from tests.factories.services import running_service
 from tests.services.control_plane.conftest import tiny_job
-from tests.services.control_plane.harness import LONG_S, ROOT, TOKEN
+from tests.services.control_plane.harness import LONG_S, ROOT, TOKEN, free_port
 
 CHROMIUM = shutil.which("chromium")
 SCREENSHOTS = ROOT / "output"
@@ -145,4 +147,69 @@ def test_submit_a_job_in_the_form_and_watch_its_loss_chart_fill(start_server, wo
     row.wait_for()
     assert "100%" in row.inner_text() and "browser e2e" in row.inner_text()
     page.screenshot(path=str(SCREENSHOTS / "dashboard-jobs.png"), full_page=True)
+    assert page.problems == []
+
+
+def test_services_page_shows_service_health_and_trainer_agents(start_server, workspace, page, tmp_path):
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    with running_service(workspace["verifier"], target_layer_ids=[1, 2]) as service:
+        server = start_server(
+            data_root=workspace["root"],
+            executor="agent",
+            agent_lost_after_s=600.0,  # no heartbeats here: the agent must stay live through the test
+            hidden_states_endpoints=f"{service.address},{dead}",
+        )
+        # Two agents over HTTP, as `dflash trainer-agent` would: one live that claims a job (its GPU 0
+        # becomes busy), one that said goodbye.
+        for name, gpus in (("gpu-node-1", [0, 1]), ("gpu-node-2", [0, 1, 2, 3])):
+            response = server.client.post("/v1/agents", json={"name": name, "gpus": gpus})
+            assert response.status_code == 201, response.text
+        assert server.client.post("/v1/agents/gpu-node-2/goodbye").status_code == 204
+        body = tiny_job(
+            workspace, name="reads the live service", gpus=1, hidden_states_endpoint=[service.address]
+        )
+        job_id = server.submit(body)["id"]
+        claimed = server.client.post("/v1/agents/gpu-node-1/claim")
+        assert claimed.status_code == 200 and claimed.json()["id"] == job_id, claimed.text
+
+        page.goto(f"{server.url}/")
+        page.get_by_role("banner").get_by_role("link", name="Services", exact=True).click()
+        page.wait_for_url(f"{server.url}/services")
+
+        live = page.locator(f'tr[data-endpoint="{service.address}"][data-status="serving"]')
+        live.wait_for()
+        verifier = str(workspace["verifier"])
+        assert live.locator(".state").inner_text().lower() == "serving"
+        assert live.locator("[data-verifier]").get_attribute("data-verifier") == verifier
+        assert verifier.endswith(live.locator("[data-verifier]").inner_text().lstrip("…"))
+        assert "transformers" in live.inner_text() and "float32" in live.inner_text()
+        assert live.locator(f'a[data-job="{job_id}"]').inner_text() == "reads the live service"
+        down = page.locator(f'tr[data-endpoint="{dead}"][data-status="unreachable"]')
+        down.wait_for()
+        assert down.locator(".state").inner_text().lower() == "unreachable"
+        assert "no gRPC connection" in down.locator(".detail").inner_text()
+
+        agent = page.locator('tr[data-agent="gpu-node-1"][data-state="live"]')
+        agent.wait_for()
+        assert agent.locator(".state").inner_text().lower() == "live"
+        busy = {g: agent.locator(f'[data-gpu="{g}"]').get_attribute("data-busy") for g in (0, 1)}
+        assert busy == {0: "true", 1: "false"}  # the claimed 1-GPU job holds GPU 0
+        assert "just now" in agent.inner_text()
+        page.locator('tr[data-agent="gpu-node-2"][data-state="gone"]').wait_for()
+        page.mouse.move(0, 600)  # off the nav link it clicked, so no hover shows
+        page.wait_for_timeout(300)  # let the running dots settle
+        SCREENSHOTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / "dashboard-services.png"), full_page=True)
+
+        # The job page's Run card names the agent that claimed it.
+        agent.locator(f'a[data-job="{job_id}"]').click()
+        page.wait_for_url(f"{server.url}/jobs/{job_id}")
+        assert page.locator('[data-detail="agent"]').inner_text() == "gpu-node-1"
+
+    # A control plane that runs trainers itself has no agents: a one-line note says so, and with no
+    # service configured or named, the empty state says how services get listed.
+    local = start_server(data_root=workspace["root"], db=str(tmp_path / "local.db"), max_concurrent_jobs=0)
+    page.goto(f"{local.url}/services")
+    page.get_by_text("Trainers run on this host (--executor local)").wait_for()
+    page.get_by_text("No hidden-state services").wait_for()
     assert page.problems == []

@@ -4,6 +4,7 @@
 //   /               jobs: state, progress, ETA; filter by state; refreshed every few seconds
 //   /jobs/<id>      one job: live charts (Server-Sent Events), logs, checkpoints, config, actions
 //   /new[?from=ID]  submit form: a JSON TrainConfig plus name and GPUs; 422s shown by their field
+//   /services       hidden-state services (gRPC health, what they serve) and trainer agents
 
 import { LineChart, compact, percent, ramp } from "/dashboard/plot.js";
 
@@ -91,8 +92,13 @@ function shortPath(path, max = 44) {
 
 const integer = (n) => (n === null || n === undefined ? "–" : Number(n).toLocaleString());
 
-function stateChip(state) {
-  return h("span", { class: `state state-${state}` }, h("i", { "aria-hidden": "true" }), state);
+/** A coloured pill for a state: a job's, a hidden-state service's health or an agent's. */
+function stateChip(state, label = state) {
+  return h("span", { class: `state state-${state}` }, h("i", { "aria-hidden": "true" }), label);
+}
+
+function jobHref(id) {
+  return `/jobs/${encodeURIComponent(id)}`;
 }
 
 function gpusText(job) {
@@ -270,7 +276,9 @@ async function pollHealth() {
     const health = await api("/healthz");
     session.health = health;
     session.auth = health.auth;
-    const gpus = health.gpus.length ? `${health.gpus_free.length}/${health.gpus.length} GPUs free` : "CPU only";
+    // With trainer agents the GPUs are theirs (the Services page lists them), not this host's.
+    const gpus = health.executor === "agent" ? "trainer agents"
+      : health.gpus.length ? `${health.gpus_free.length}/${health.gpus.length} GPUs free` : "CPU only";
     node.className = "health health-ok";
     node.textContent = gpus;
   } catch {
@@ -282,6 +290,7 @@ async function pollHealth() {
 
 // ------------------------------------------------------------------------------------------ router
 let current = null;
+const SERVICES_PATH = "/services";
 
 function navigate(href, { replace = false } = {}) {
   if (replace) history.replaceState(null, "", href);
@@ -297,7 +306,10 @@ function route() {
   const { pathname, searchParams } = new URL(location.href);
   const job = pathname.match(/^\/jobs\/([^/]+)\/?$/);
   let nav = "jobs";
-  if (pathname === "/" || pathname === "") current = jobsView(view, searchParams);
+  if (pathname === SERVICES_PATH) {
+    current = servicesView(view);
+    nav = "services";
+  } else if (pathname === "/" || pathname === "") current = jobsView(view, searchParams);
   else if (job) current = jobView(view, decodeURIComponent(job[1]));
   else if (pathname === "/new") {
     current = newJobView(view, searchParams.get("from"));
@@ -316,7 +328,7 @@ document.addEventListener("click", (event) => {
   const url = new URL(link.href);
   if (url.origin !== location.origin) return;
   event.preventDefault();
-  navigate(url.pathname + url.search);
+  navigate(url.pathname + url.search + url.hash);
 });
 window.addEventListener("popstate", route);
 
@@ -345,12 +357,50 @@ function every(ms, fn) {
   };
 }
 
+/**
+ * A <tbody> kept in step with a polled list: one <tr> per key, in the list's order. Only the
+ * cells that changed are replaced, so a running dot's pulse does not restart on every refresh.
+ *   key(item) -> string; cells(item) -> [<td>]; dataset(item) -> the row's data-* attributes;
+ *   onclick(event, item) -> on a click on the row (optional).
+ */
+function keyedRows(tbody, { key, cells, dataset, onclick }) {
+  const rows = new Map(); // key -> <tr>
+  function render(item) {
+    const fresh = cells(item);
+    let tr = rows.get(key(item));
+    if (!tr) {
+      tr = h("tr", { onclick: onclick && ((event) => onclick(event, item)) }, fresh);
+      rows.set(key(item), tr);
+    } else {
+      fresh.forEach((cell, i) => {
+        if (tr.cells[i].outerHTML !== cell.outerHTML) tr.cells[i].replaceWith(cell);
+      });
+    }
+    Object.assign(tr.dataset, dataset(item));
+    return tr;
+  }
+  function update(items) {
+    const ordered = items.map(render);
+    const seen = new Set(items.map(key));
+    for (const id of [...rows.keys()]) if (!seen.has(id)) rows.delete(id);
+    ordered.forEach((tr, i) => {
+      if (tbody.children[i] !== tr) tbody.insertBefore(tr, tbody.children[i] ?? null);
+    });
+    while (tbody.children.length > ordered.length) tbody.lastElementChild.remove();
+  }
+  function clear() {
+    rows.clear();
+    tbody.replaceChildren();
+  }
+  return { update, clear };
+}
+
 // ------------------------------------------------------------------------------------------ jobs
 function jobsView(root, params) {
   let filter = params.get("state") ?? "";
   let limit = 50;
   const rates = new Map(); // job id -> { rate, fetchedAt }
-  const rows = new Map(); // job id -> <tr>
+  let rateById = new Map(); // job id -> rate, for the page on screen
   const filters = h("div", { class: "segmented", role: "tablist" });
   const tbody = h("tbody");
   const countNode = h("span", { class: "muted" });
@@ -364,6 +414,14 @@ function jobsView(root, params) {
       tbody),
     h("div", { class: "table-foot" }, updated, more),
   );
+  const rows = keyedRows(tbody, {
+    key: (job) => job.id,
+    cells: (job) => cells(job, rateById.get(job.id) ?? null),
+    dataset: (job) => ({ jobId: job.id, state: job.state }),
+    onclick: (event, job) => {
+      if (!event.target.closest("a")) navigate(jobHref(job.id));
+    },
+  });
   const empty = h("div", { hidden: true });
   root.append(
     h("div", { class: "page-head" },
@@ -388,7 +446,6 @@ function jobsView(root, params) {
             filter = state;
             history.replaceState(null, "", state ? `/?state=${state}` : "/");
             rows.clear();
-            tbody.replaceChildren();
             refresh();
           },
         }, state ? h("i", { class: `dot dot-${state}` }) : null, label, n ? h("span", { class: "segment-count" }, n) : null),
@@ -409,7 +466,7 @@ function jobsView(root, params) {
 
   function cells(job, rate) {
     const fraction = progressOf(job);
-    const href = `/jobs/${encodeURIComponent(job.id)}`;
+    const href = jobHref(job.id);
     const eta = etaOf(job, rate);
     let etaText = "–";
     if (eta !== null) etaText = duration(eta);
@@ -429,24 +486,6 @@ function jobsView(root, params) {
     ];
   }
 
-  function renderRow(job, rate) {
-    let tr = rows.get(job.id);
-    const fresh = cells(job, rate);
-    if (!tr) {
-      tr = h("tr", { dataset: { jobId: job.id, state: job.state }, onclick: (event) => {
-        if (!event.target.closest("a")) navigate(`/jobs/${encodeURIComponent(job.id)}`);
-      } }, fresh);
-      rows.set(job.id, tr);
-      return tr;
-    }
-    tr.dataset.state = job.state;
-    // Replace only the cells that changed, so the running dot's pulse does not restart each refresh.
-    fresh.forEach((cell, i) => {
-      if (tr.cells[i].outerHTML !== cell.outerHTML) tr.cells[i].replaceWith(cell);
-    });
-    return tr;
-  }
-
   async function refresh() {
     const query = new URLSearchParams({ limit: String(limit) });
     if (filter) query.append("state", filter);
@@ -455,17 +494,8 @@ function jobsView(root, params) {
     countNode.textContent = page.count ? `${page.count}` : "";
     const running = page.data.filter((job) => job.state === "running").slice(0, 20);
     const found = await Promise.all(running.map((job) => rateFor(job).catch(() => null)));
-    const rateById = new Map(running.map((job, i) => [job.id, found[i]]));
-    const seen = new Set();
-    const ordered = page.data.map((job) => {
-      seen.add(job.id);
-      return renderRow(job, rateById.get(job.id) ?? null);
-    });
-    for (const id of [...rows.keys()]) if (!seen.has(id)) rows.delete(id);
-    ordered.forEach((tr, i) => {
-      if (tbody.children[i] !== tr) tbody.insertBefore(tr, tbody.children[i] ?? null);
-    });
-    while (tbody.children.length > ordered.length) tbody.lastElementChild.remove();
+    rateById = new Map(running.map((job, i) => [job.id, found[i]]));
+    rows.update(page.data);
     more.hidden = !page.next_cursor || limit >= 500;
     tableCard.hidden = page.count === 0;
     empty.hidden = page.count !== 0;
@@ -552,7 +582,7 @@ function jobView(root, jobId) {
   function renderHead() {
     // Polled every few seconds: redraw only on a change (the running dot's pulse would restart).
     const signature = JSON.stringify([job.state, job.name, job.reason, job.cancel_requested, job.attempt, job.gpus,
-      job.pid, job.exit_code, job.started_at, job.finished_at, Math.floor(Date.now() / 60_000)]);
+      job.pid, job.exit_code, job.started_at, job.finished_at, job.agent_id, Math.floor(Date.now() / 60_000)]);
     if (signature === headSignature) return;
     headSignature = signature;
     const actions = [];
@@ -592,11 +622,15 @@ function jobView(root, jobId) {
       ["Sequence", `${integer(c.total_seq_len)} tokens · ${integer(c.max_anchors)} anchors`],
       ["Started", absoluteTime(job.started_at) || "–"],
       ["Finished", absoluteTime(job.finished_at) || "–"],
+      job.agent_id ? ["Agent", h("a", { href: SERVICES_PATH, "data-link": true }, job.agent_id), `trainer agent ${job.agent_id}`] : null,
       ["Process", job.exit_code !== null ? `exited ${job.exit_code}` : job.pid ? `pid ${job.pid}` : "–"],
-    ];
+    ].filter(Boolean);
     details.replaceChildren(
       h("div", { class: "card-head" }, h("h3", {}, "Run")),
-      h("dl", { class: "details" }, rows.map(([k, v, full]) => [h("dt", {}, k), h("dd", { title: String(full ?? v ?? "") }, String(v ?? "–"))])),
+      h("dl", { class: "details" }, rows.map(([k, v, full]) => [
+        h("dt", {}, k),
+        h("dd", { title: String(full ?? v ?? ""), dataset: { detail: k.toLowerCase() } }, v instanceof Node ? v : String(v ?? "–")),
+      ])),
     );
   }
 
@@ -1009,6 +1043,166 @@ function checkpointsPanel(path, jobId) {
   return { node, refresh, count };
 }
 
+// ------------------------------------------------------------------------------------------ services
+const HEALTH_LABELS = { serving: "serving", not_serving: "not serving", unreachable: "unreachable", error: "error" };
+
+/** Links to jobs, each with its state's dot and its name when `known` has it (id -> job). */
+function jobLinks(ids, known) {
+  if (!ids.length) return h("span", { class: "muted" }, "none");
+  return h("div", { class: "job-links" }, ids.map((id) => {
+    const job = known.get(id);
+    return h("a", { href: jobHref(id), "data-link": true, title: id, dataset: { job: id } },
+      job ? h("i", { class: `dot dot-${job.state}`, "aria-hidden": "true" }) : null,
+      h("span", { class: job?.name ? "" : "mono" }, job?.name || id));
+  }));
+}
+
+/** An agent's GPUs as tags, the busy ones (held by its starting or running jobs) filled. */
+function gpuTags(gpus, busy) {
+  if (!gpus.length) return h("span", { class: "muted" }, "CPU only");
+  const held = new Set(busy);
+  return [
+    h("div", { class: "tags" }, gpus.map((g) =>
+      h("span", { class: `tag ${held.has(g) ? "tag-busy" : ""}`, title: `GPU ${g}: ${held.has(g) ? "busy" : "free"}`, dataset: { gpu: g, busy: held.has(g) } }, `GPU ${g}`))),
+    h("div", { class: "muted small" }, `${held.size} of ${gpus.length} busy`),
+  ];
+}
+
+const dash = () => h("span", { class: "muted" }, "–");
+
+/**
+ * One titled list on the services page: a table, or an empty state, a note or an error in its place.
+ *   columns: header texts; rows: keyedRows options; empty: the empty state node.
+ */
+function listSection({ title, text, columns, rows, empty }) {
+  const count = h("span", { class: "muted" });
+  const tbody = h("tbody");
+  const foot = h("span", { class: "muted small" });
+  const card = h("div", { class: "card table-card" },
+    h("table", {}, h("thead", {}, h("tr", {}, columns.map((t) => h("th", {}, t)))), tbody),
+    h("div", { class: "table-foot" }, foot));
+  const other = h("div"); // the empty state, a note or an error, when there is no table
+  const node = h("section", { class: "section" },
+    h("div", { class: "section-head" }, h("h2", {}, title, " ", count), h("p", { class: "muted" }, text)),
+    card, other);
+  const table = keyedRows(tbody, rows);
+  function instead(content) {
+    count.textContent = "";
+    card.hidden = true;
+    other.replaceChildren(content);
+  }
+  return {
+    node,
+    foot,
+    show(list) {
+      table.update(list);
+      if (!list.length) return instead(empty);
+      count.textContent = String(list.length);
+      card.hidden = false;
+      other.replaceChildren();
+    },
+    note: (...children) => instead(h("div", { class: "card note-card" }, h("p", {}, children))),
+    error: (message) => instead(h("div", { class: "callout callout-failed" }, message)),
+  };
+}
+
+function servicesView(root) {
+  let known = new Map(); // id -> queued or active job: names and states for the job links
+  const updated = h("span", { class: "muted small" });
+
+  const services = listSection({
+    title: "Hidden-state services",
+    text: "The gRPC services that run a verifier and send trainers its hidden states.",
+    columns: ["Endpoint", "Health", "Verifier", "Backend", "Layer ids", "Dtype", "Jobs"],
+    empty: emptyState("No hidden-state services", [
+      "A service is listed when the control plane is started with ", h("code", {}, "--hidden-states-endpoints host:port,…"),
+      " or when a queued or running job names one in its ", h("code", {}, "hidden_states_endpoint"),
+      ". Jobs without one compute hidden states in their own process."]),
+    rows: {
+      key: (s) => s.endpoint,
+      dataset: (s) => ({ endpoint: s.endpoint, status: s.status }),
+      cells: (s) => [
+        h("td", {}, h("div", { class: "mono strong" }, s.endpoint),
+          h("div", { class: "muted small" }, s.configured ? "--hidden-states-endpoints" : "named by a job")),
+        h("td", { class: "col-health" }, stateChip(s.status, HEALTH_LABELS[s.status] ?? s.status),
+          s.detail ? h("div", { class: "muted small detail", title: s.detail }, s.detail) : null),
+        h("td", { class: "col-verifier" }, s.info
+          ? [h("div", { class: "mono", title: s.info.verifier, dataset: { verifier: s.info.verifier } }, shortPath(s.info.verifier, 40)),
+            h("div", { class: "muted small" }, `${s.info.architecture} · ${s.info.num_layers} layers · hidden ${integer(s.info.hidden_size)}`)]
+          : dash()),
+        h("td", {}, s.info ? [h("div", {}, s.info.backend), h("div", { class: "muted small" }, s.info.server_version)] : dash()),
+        h("td", { class: "mono" }, s.info ? s.info.layer_ids.join(", ") : dash()),
+        h("td", { class: "mono" }, s.info ? s.info.dtype : dash()),
+        h("td", {}, jobLinks(s.jobs, known)),
+      ],
+    },
+  });
+  services.foot.textContent = "gRPC health and GetInfo, checked with a 2 s deadline and cached for 2 s";
+
+  const agents = listSection({
+    title: "Trainer agents",
+    text: "Hosts that claim queued jobs and run their trainers on their own GPUs.",
+    columns: ["Agent", "State", "Host", "GPUs", "Jobs", "Last seen"],
+    empty: emptyState("No trainer agents yet", [
+      "Run ", h("code", {}, `dflash trainer-agent --control-plane ${location.origin} --gpus 0,1`),
+      " on a GPU host: it registers its GPUs here and claims the queued jobs that fit them."]),
+    rows: {
+      key: (a) => a.id,
+      dataset: (a) => ({ agent: a.name, state: a.state }),
+      cells: (a) => [
+        h("td", {}, h("div", { class: "strong" }, a.name), a.id !== a.name ? h("div", { class: "mono muted small" }, a.id) : null),
+        h("td", {}, stateChip(a.state)),
+        h("td", {}, a.host || dash()),
+        h("td", {}, gpuTags(a.gpus, a.gpus_busy)),
+        h("td", {}, jobLinks(a.jobs, known), h("div", { class: "muted small" }, `up to ${a.max_jobs} at once`)),
+        h("td", { class: "nowrap", title: absoluteTime(a.last_seen_at) }, relativeTime(a.last_seen_at)),
+      ],
+    },
+  });
+
+  root.append(
+    h("div", { class: "page-head" },
+      h("div", {}, h("h1", {}, "Services"), h("p", { class: "muted" }, "Where jobs get their hidden states, and where their trainers run.")),
+      updated),
+    services.node,
+    agents.node,
+  );
+
+  async function refreshServices() {
+    try {
+      services.show(await api("/v1/hidden-state-services"));
+    } catch (error) {
+      services.error(`Could not list the hidden-state services: ${errorText(error)}`);
+    }
+  }
+
+  async function refreshAgents() {
+    const local = () => agents.note("Trainers run on this host (", h("code", {}, "--executor local"), ").");
+    if (!session.health) await pollHealth();
+    // The local executor has no agents (its /v1/agents answers 404 with a detail): skip the request.
+    if (session.health?.executor === "local") return local();
+    try {
+      const list = await api("/v1/agents");
+      agents.show(list);
+      agents.foot.textContent = list.length ? `Heartbeat every ${list[0].heartbeat_interval_s} s · lost after ${list[0].lost_after_s} s of silence` : "";
+    } catch (error) {
+      if (error.status === 404) local();
+      else agents.error(`Could not list the trainer agents: ${errorText(error)}`);
+    }
+  }
+
+  async function refresh() {
+    const active = new URLSearchParams([["limit", "500"], ["state", "queued"], ["state", "starting"], ["state", "running"]]);
+    const page = await api(`/v1/jobs?${active}`).catch(() => ({ data: [] }));
+    known = new Map(page.data.map((job) => [job.id, job]));
+    await Promise.all([refreshServices(), refreshAgents()]);
+    updated.textContent = `Updated ${new Date().toLocaleTimeString()} · refreshes every ${REFRESH_MS / 1000} s`;
+  }
+
+  refresh();
+  return { destroy: every(REFRESH_MS, refresh) };
+}
+
 // ------------------------------------------------------------------------------------------ submit
 function newJobView(root, fromId) {
   const name = h("input", { id: "job-name", name: "name", type: "text", placeholder: "e.g. qwen3-8b sharegpt", autocomplete: "off" });
@@ -1117,7 +1311,7 @@ function newJobView(root, fromId) {
       delete saved.gpus;
       localStorage.setItem("dflash.lastConfig", JSON.stringify(saved));
       toast(`Job ${job.name || job.id} queued`, "success");
-      navigate(`/jobs/${encodeURIComponent(job.id)}`);
+      navigate(jobHref(job.id));
     } catch (error) {
       status.textContent = "";
       if (error.status === 422) showErrors(error.detail);
