@@ -300,9 +300,12 @@ class TrainConfig(JobConfig):
 
 
 class DemoConfig(JobConfig):
-    """`dflash demo`: prepare the shipped conversations and train a small drafter on SmolLM2, on CPU."""
+    """`dflash demo`: the whole system on SmolLM2 and the shipped conversations, on CPU, on 127.0.0.1."""
 
-    output_dir: Path = Field(default=Path("output/demo"), description="Where data and checkpoints go.")
+    output_dir: Path = Field(
+        default=Path("output/demo"),
+        description="Where data, checkpoints and the control plane's database, log and token go.",
+    )
     max_samples: int = Field(default=500, gt=0, description="Conversations to prepare.")
     seq_length: int = Field(default=512, gt=1, description="Tokens kept per conversation.")
     total_seq_len: int = Field(default=1024, gt=1, description="Tokens per packed training row.")
@@ -318,8 +321,18 @@ class DemoConfig(JobConfig):
     hidden_states: Literal["service", "in-process"] = Field(
         default="service",
         description="Where the verifier runs: the gRPC hidden-state service in its own process on "
-        "127.0.0.1 (as in production), or inside the trainer.",
+        "127.0.0.1 (as in production), or inside the trainer (the job names no endpoint).",
     )
+    port: int | None = Field(
+        default=None, ge=1, lt=65536, description="Control plane HTTP port on 127.0.0.1; default: a free one."
+    )
+    eval_num_prompts: int = Field(
+        default=8,
+        ge=0,
+        description="Held-out prompts (the validation rows) for the final `dflash eval` of checkpoint_best; "
+        "0 skips it.",
+    )
+    eval_max_new_tokens: int = Field(default=32, gt=0, description="New tokens per final-eval prompt.")
 
 
 class ServeHiddenStatesConfig(JobConfig):
