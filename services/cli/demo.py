@@ -108,7 +108,10 @@ def demo_configs(demo: DemoConfig) -> tuple[PrepareDataConfig, ServeHiddenStates
 def run(args: argparse.Namespace) -> int:
     demo = config_from_args(DemoConfig, args)
     # SIGTERM (`kill`, `timeout`) takes the way out Ctrl-C takes: everything started is stopped.
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # SIGINT is set too: a process started in the background by a non-interactive shell (CI,
+    # `make ... &`) inherits it ignored, and Python then leaves it ignored.
+    stops = (signal.SIGTERM, signal.SIGINT)
+    previous = {signum: signal.signal(signum, signal.default_int_handler) for signum in stops}
     try:
         with contextlib.ExitStack() as stack:  # stops what was started, last first, however we leave
             return run_demo(demo, stack)
@@ -116,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
         print("\ninterrupted; everything the demo started is stopped")
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def run_demo(demo: DemoConfig, stack: contextlib.ExitStack) -> int:
