@@ -182,9 +182,10 @@ class TrainerAgent:
         orders = self._call("the heartbeat", self.client.heartbeat, self.agent_id, body)
         if isinstance(orders, Failed):
             return False
-        reported = {ended.job_id for ended in body.exits}
-        self.exits = [ended for ended in self.exits if ended.job_id not in reported]
-        self._save_state()
+        if body.exits:  # acknowledged: forget them (and on disk, for a restart)
+            reported = {ended.job_id for ended in body.exits}
+            self.exits = [ended for ended in self.exits if ended.job_id not in reported]
+            self._save_state()
         for job_id in orders.cancel:
             if job_id in self.jobs:
                 self.executor.cancel(self.jobs[job_id])

@@ -75,11 +75,18 @@ class AgentRegistry:
         self._claim_lock = threading.Lock()
 
     # ------------------------------------------------------------------ views
+    def list_public(self) -> list[AgentPublic]:
+        active = self.store.jobs_in(ACTIVE_STATES)
+        return [self.public(agent, active=active) for agent in self.store.list_agents()]
+
     def _jobs_of(self, agent_id: str) -> list[JobRecord]:
         return [job for job in self.store.jobs_in(ACTIVE_STATES) if job.agent_id == agent_id]
 
-    def public(self, agent: AgentRecord) -> AgentPublic:
-        jobs = self._jobs_of(agent.id)
+    def public(self, agent: AgentRecord, *, active: list[JobRecord] | None = None) -> AgentPublic:
+        """`active`: the starting and running jobs, when the caller has them (one query for a list)."""
+        if active is None:
+            active = self.store.jobs_in(ACTIVE_STATES)
+        jobs = [job for job in active if job.agent_id == agent.id]
         return AgentPublic(
             id=agent.id,
             name=agent.name,

@@ -81,9 +81,17 @@ def probe(address: str, *, timeout_s: float) -> Probe:
         channel.close()
 
 
+def normalized(endpoint: str) -> str:
+    """host:port for a usable endpoint; the text as given for one that is not (listed as `error`
+    with the reason, rather than failing the whole listing)."""
+    try:
+        return parse_endpoint(endpoint)
+    except ValueError:
+        return endpoint
+
+
 def endpoints_of(job: JobRecord) -> list[str]:
-    named = job.config.get("hidden_states_endpoint") or []
-    return [parse_endpoint(e) for e in named]
+    return [normalized(e) for e in job.config.get("hidden_states_endpoint") or []]
 
 
 class HiddenStateServices:
@@ -99,7 +107,10 @@ class HiddenStateServices:
             cached = self._cache.get(address)
         if cached is not None and time.time() - cached.checked_at < self.cache_s:
             return cached
-        fresh = probe(address, timeout_s=self.timeout_s)
+        try:
+            fresh = probe(parse_endpoint(address), timeout_s=self.timeout_s)
+        except ValueError as exc:  # a job named an endpoint that is no host:port
+            fresh = Probe("error", str(exc), None, time.time())
         with self._lock:
             self._cache[address] = fresh
         return fresh

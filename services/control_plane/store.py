@@ -267,10 +267,10 @@ class JobStore:
         counts.update({JobState(state): int(n) for state, n in rows})
         return counts
 
-    def assigned_gpus(self, *, agent_id: str | None = None) -> set[int]:
-        """GPUs held by jobs that may have a live process: on this host (agent_id None, the local
-        executor) or on one agent's host (GPU indices are per host)."""
-        return {gpu for job in self.jobs_in(ACTIVE_STATES) if job.agent_id == agent_id for gpu in job.gpus}
+    def assigned_gpus(self) -> set[int]:
+        """GPUs of this host held by jobs that may have a live process. Jobs run by agents hold
+        GPUs of their agents' hosts (agents.py counts those), not of this one."""
+        return {gpu for job in self.jobs_in(ACTIVE_STATES) if job.agent_id is None for gpu in job.gpus}
 
     # ------------------------------------------------------------------ agents
     def upsert_agent(

@@ -35,11 +35,16 @@ def docker_compose() -> str:
 
 
 def compose_config(
-    tmp_path: Path, *, variables: dict[str, str] | None = None, env_file: Path | None = None
+    tmp_path: Path,
+    *,
+    variables: dict[str, str] | None = None,
+    env_file: Path | None = None,
+    compose_file: Path = COMPOSE_FILE,
 ) -> dict:
-    """`docker-compose config` of the repo's compose file: validated against compose's schema,
-    variables substituted, every profile included. Only `variables` (and `env_file`) are seen:
-    neither this process's environment nor a developer's `.env` leaks in."""
+    """`docker-compose config` of the repo's compose file (or `compose_file`, resolved from the
+    repo's folder): validated against compose's schema, variables substituted, every profile
+    included. Only `variables` (and `env_file`) are seen: neither this process's environment nor
+    a developer's `.env` leaks in. A file the schema refuses raises AssertionError with its error."""
     if env_file is None:
         env_file = tmp_path / "empty.env"
         env_file.write_text("")
@@ -49,7 +54,7 @@ def compose_config(
             "--project-directory",
             str(REPO),
             "-f",
-            str(COMPOSE_FILE),
+            str(compose_file),
             "--env-file",
             str(env_file),
             "config",

@@ -67,30 +67,9 @@ def test_compose_config_rejects_a_broken_gpu_reservation(tmp_path):
     """The validator really checks the reservation section (a typo there must fail CI)."""
     broken = tmp_path / "docker-compose.yml"
     broken.write_text(COMPOSE_FILE.read_text().replace("device_ids:", "device_id:", 1))
-    import subprocess
-
-    from tests.deploy.harness import docker_compose
-
-    env_file = tmp_path / "empty.env"
-    env_file.write_text("")
-    result = subprocess.run(
-        [
-            docker_compose(),
-            "--project-directory",
-            str(REPO),
-            "-f",
-            str(broken),
-            "--env-file",
-            str(env_file),
-            "config",
-            "-q",
-        ],
-        capture_output=True,
-        text=True,
-        env={"PATH": "/usr/local/bin:/usr/bin:/bin"},
-        timeout=120,
-    )
-    assert result.returncode != 0 and "device_id" in result.stderr
+    with pytest.raises(AssertionError, match="docker-compose config failed") as refused:
+        compose_config(tmp_path, compose_file=broken)
+    assert "device_id" in str(refused.value)
 
 
 def test_vllm_parallelism_and_engine_arguments_pass_through(tmp_path):

@@ -20,8 +20,13 @@ def test_services_are_listed_with_their_health_info_and_jobs(start_server, works
         )
         # A queued job names the live service (as the tutorial writes it: an http URL).
         job = server.submit(tiny_job(workspace, hidden_states_endpoint=[f"http://{service.address}/v1"]))
+        # A job naming an endpoint that is no host:port does not break the listing.
+        odd = server.submit(tiny_job(workspace, hidden_states_endpoint=["no-port-here"]))
         listed = {s["endpoint"]: s for s in server.client.get("/v1/hidden-state-services").json()}
-        assert set(listed) == {dead, service.address}
+        assert set(listed) == {dead, service.address, "no-port-here"}
+        bad = listed["no-port-here"]
+        assert bad["status"] == "error" and "must name a host and a port" in bad["detail"]
+        assert bad["jobs"] == [odd["id"]]
 
         live = listed[service.address]
         assert live["status"] == "serving" and live["detail"] is None

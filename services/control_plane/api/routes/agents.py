@@ -25,7 +25,7 @@ AGENT_ERRORS = {
 @router.get("")
 def list_agents(agents: AgentsDep) -> list[AgentPublic]:
     """Every agent that ever registered: live, lost or gone, with its GPUs and jobs."""
-    return [agents.public(agent) for agent in agents.store.list_agents()]
+    return agents.list_public()
 
 
 @router.get("/{agent_id}", responses={404: {"description": "No such agent"}})
