@@ -1,4 +1,4 @@
-"""The control plane's agent routes, as method calls (stdlib HTTP: a trainer image needs nothing more).
+"""The control plane's agent routes, as method calls (over the job client's standard-library HTTP).
 
 Errors are two kinds, because the agent reacts differently:
 - `Unreachable`: no answer (refused, timeout, 5xx). Keep the trainers running and try again.
@@ -7,14 +7,13 @@ Errors are two kinds, because the agent reacts differently:
 
 from __future__ import annotations
 
-import contextlib
 import http.client
-import json
-import urllib.error
-import urllib.request
 from typing import Any
 from urllib.parse import quote
 
+from pydantic import BaseModel
+
+from services.control_plane.client import ApiError, JobsClient
 from services.control_plane.schemas import AgentHeartbeat, AgentJob, AgentOrders, AgentPublic, AgentRegister
 
 
@@ -31,46 +30,35 @@ class Refused(RuntimeError):
 class ControlPlaneClient:
     def __init__(self, url: str, *, token: str | None, timeout_s: float = 30.0) -> None:
         self.url = url.rstrip("/")
-        self.timeout_s = timeout_s
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = JobsClient(self.url, token=token, timeout_s=timeout_s)
 
-    def _call(self, path: str, *, body: bytes | None = None, content_type: str = "application/json") -> Any:
-        headers = dict(self._headers)
-        if body is not None:
-            headers["Content-Type"] = content_type
-        request = urllib.request.Request(self.url + path, data=body or b"", headers=headers, method="POST")
+    def _post(self, path: str, body: BaseModel | bytes | None = None) -> Any:
+        payload = body.model_dump(mode="json") if isinstance(body, BaseModel) else body
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                payload = response.read()
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")[:2000]
-            if exc.code >= 500:
-                raise Unreachable(f"{self.url}{path}: HTTP {exc.code}") from None
-            with contextlib.suppress(ValueError, AttributeError):
-                detail = str(json.loads(detail).get("detail", detail))
-            raise Refused(exc.code, detail) from None
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+            return self._http.request_json("POST", path, body=payload)
+        except ApiError as exc:
+            if exc.status >= 500:
+                raise Unreachable(f"{self.url}{path}: HTTP {exc.status}") from None
+            raise Refused(exc.status, exc.detail) from None
+        except (OSError, http.client.HTTPException) as exc:
             raise Unreachable(f"{self.url}{path}: {getattr(exc, 'reason', exc)}") from None
-        return json.loads(payload) if payload else None
 
     @staticmethod
-    def _json(model: Any) -> bytes:
-        return model.model_dump_json().encode()
+    def _agent(agent_id: str) -> str:
+        return f"/v1/agents/{quote(agent_id, safe='')}"
 
     def register(self, body: AgentRegister) -> AgentPublic:
-        return AgentPublic.model_validate(self._call("/v1/agents", body=self._json(body)))
+        return AgentPublic.model_validate(self._post("/v1/agents", body))
 
     def heartbeat(self, agent_id: str, body: AgentHeartbeat) -> AgentOrders:
-        answer = self._call(f"/v1/agents/{quote(agent_id, safe='')}/heartbeat", body=self._json(body))
-        return AgentOrders.model_validate(answer)
+        return AgentOrders.model_validate(self._post(f"{self._agent(agent_id)}/heartbeat", body))
 
     def claim(self, agent_id: str) -> AgentJob | None:
-        answer = self._call(f"/v1/agents/{quote(agent_id, safe='')}/claim")
+        answer = self._post(f"{self._agent(agent_id)}/claim")
         return AgentJob.model_validate(answer) if answer else None
 
     def append_log(self, agent_id: str, job_id: str, data: bytes) -> None:
-        path = f"/v1/agents/{quote(agent_id, safe='')}/jobs/{quote(job_id, safe='')}/log"
-        self._call(path, body=data, content_type="application/octet-stream")
+        self._post(f"{self._agent(agent_id)}/jobs/{quote(job_id, safe='')}/log", data)
 
     def goodbye(self, agent_id: str) -> None:
-        self._call(f"/v1/agents/{quote(agent_id, safe='')}/goodbye")
+        self._post(f"{self._agent(agent_id)}/goodbye")

@@ -42,7 +42,7 @@ from dflash_core.config import (
     ServeHiddenStatesConfig,
 )
 from services.cli.args import add_config_arguments, config_from_args
-from services.cli.jobs_client import JobsClient, job_ended
+from services.control_plane.client import JobsClient, job_ended
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CANCEL_GRACE_S = 60.0  # a CPU step takes seconds; the checkpoint after it, less than one

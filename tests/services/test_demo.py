@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from services.cli.jobs_client import JobsClient
+from services.control_plane.client import JobsClient
 from services.control_plane.settings import ControlPlaneSettings
 from tests.services.control_plane.harness import ROOT, ControlPlaneServer, free_port, wait_for
 

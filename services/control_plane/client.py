@@ -1,4 +1,5 @@
-"""The control plane's job routes as method calls (standard library HTTP); `dflash demo` uses it.
+"""The control plane's job routes as method calls (standard library HTTP); `dflash demo` uses it,
+and the trainer agent's client (services/agent/client.py) sends its requests through it.
 
     jobs = JobsClient("http://127.0.0.1:8600", token=None)
     job = jobs.submit({"data_path": "...", "gpus": 0})
@@ -57,18 +58,18 @@ class JobsClient:
 
     def submit(self, body: dict[str, Any]) -> dict[str, Any]:
         """POST /v1/jobs: the job as queued (422 `ApiError` names the invalid fields)."""
-        return self._json("POST", "/v1/jobs", body=body)
+        return self.request_json("POST", "/v1/jobs", body=body)
 
     def job(self, job_id: str) -> dict[str, Any]:
-        return self._json("GET", f"/v1/jobs/{quote(job_id, safe='')}")
+        return self.request_json("GET", f"/v1/jobs/{quote(job_id, safe='')}")
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """POST /v1/jobs/{id}/cancel: a running trainer gets SIGTERM and checkpoints first."""
-        return self._json("POST", f"/v1/jobs/{quote(job_id, safe='')}/cancel")
+        return self.request_json("POST", f"/v1/jobs/{quote(job_id, safe='')}/cancel")
 
     def metrics(self, job_id: str) -> list[dict[str, Any]]:
         """Every metric row of the job so far: {"id", "attempt", "step", "time", "metrics": {...}}."""
-        return self._json("GET", f"/v1/jobs/{quote(job_id, safe='')}/metrics")["data"]
+        return self.request_json("GET", f"/v1/jobs/{quote(job_id, safe='')}/metrics")["data"]
 
     def logs(self, job_id: str, *, lines: int = 100) -> str:
         """The last `lines` lines of the job's log (trainer output and the control plane's notes)."""
@@ -103,7 +104,9 @@ class JobsClient:
                         data.append(value)
 
     # ------------------------------------------------------------------ plumbing
-    def _json(self, method: str, path: str, *, body: dict[str, Any] | None = None) -> Any:
+    def request_json(self, method: str, path: str, *, body: dict[str, Any] | bytes | None = None) -> Any:
+        """Any route: its JSON answer (None for an empty one, e.g. 204). A dict body goes as JSON,
+        bytes as application/octet-stream."""
         with self._request(method, path, body=body) as response:
             return json.loads(response.read() or b"null")
 
@@ -112,13 +115,16 @@ class JobsClient:
         method: str,
         path: str,
         *,
-        body: dict[str, Any] | None = None,
+        body: dict[str, Any] | bytes | None = None,
         headers: dict[str, str] | None = None,
         timeout_s: float | None = None,
     ) -> Any:
         all_headers = {**self._headers, **(headers or {})}
         data = None
-        if body is not None:
+        if isinstance(body, bytes):
+            data = body
+            all_headers["Content-Type"] = "application/octet-stream"
+        elif body is not None:
             data = json.dumps(body).encode()
             all_headers["Content-Type"] = "application/json"
         elif method == "POST":
