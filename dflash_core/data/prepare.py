@@ -68,9 +68,6 @@ TOKEN_FREQ_FILE = "token_freq.pt"
 COLUMNS = ("input_ids", "loss_mask", "source")
 FIRST_ERRORS = 10  # skipped rows reported one by one (per source); the rest are only counted
 CHUNK = 128  # conversations per tokenizer call (per worker)
-# Conversations regenerated per round: enough for full service batches on several endpoints; the
-# round shrinks to the rows still needed, so `max_samples` never pays for unused generation.
-REGENERATE_ROUND = 1024
 
 # Keys a reader may rely on, with the value assumed when an older file lacks one (STYLE rule 16).
 _METADATA_DEFAULTS: dict[str, Any] = {
@@ -272,7 +269,11 @@ def prepare_data(
         if regenerate is not None:
             tokenize = _regenerating(tokenize, regenerate)
         rows, untried = _select_rows(
-            records, tokenize=tokenize, config=config, reports=reports, regenerating=regenerate is not None
+            records,
+            tokenize=tokenize,
+            config=config,
+            reports=reports,
+            regenerate_round=regenerate.round_size if regenerate is not None else None,
         )
         for report in reports.values():
             if report.rows_written == 0:
@@ -325,9 +326,12 @@ def _select_rows(
     tokenize: Tokenize,
     config: PrepareDataConfig,
     reports: dict[str, SourceReport],
-    regenerating: bool = False,
+    regenerate_round: int | None = None,
 ) -> tuple[list[TokenizedRow], list[Record]]:
     """Tokenize records in (shuffled) order until `max_samples` rows are kept.
+
+    When regenerating, records go in rounds of `regenerate_round`, shrunk to the rows still
+    needed, so `max_samples` never pays for unused generation.
 
     Returns the kept rows and the records not used (tokenized past the quota, or never tried).
     """
@@ -336,7 +340,7 @@ def _select_rows(
     kept: list[TokenizedRow] = []
     done = 0
     while done < len(records) and len(kept) < limit:
-        size = min(REGENERATE_ROUND, limit - len(kept)) if regenerating else step
+        size = min(regenerate_round, limit - len(kept)) if regenerate_round else step
         batch = records[done : done + size]
         for offset, result in enumerate(tokenize(batch)):
             if len(kept) >= limit:

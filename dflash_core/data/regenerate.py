@@ -228,6 +228,9 @@ class Regenerator:
     max_prompt_tokens: int
     max_new_tokens: int | None = None
     description: dict[str, Any] = field(default_factory=dict)
+    # Conversations per call: enough for full service batches on several endpoints. A verifier
+    # generating in-process on one GPU wants larger rounds (one generate batch per round).
+    round_size: int = 1024
     counts: RegenerateCounts = field(default_factory=RegenerateCounts)
 
     def __call__(self, records: Sequence[Record]) -> list[Record | RowError]:
