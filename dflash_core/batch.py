@@ -41,7 +41,7 @@ class PackedBatch:
 
     def __post_init__(self) -> None:
         if self.num_tokens < 0 or self.num_documents < 0:
-            doc = self.document_ids.cpu()  # a host sync if built on a device; collate builds on CPU
+            doc = self.document_ids.cpu()  # a host sync on a device; collate passes its counts
             self.num_tokens = int((doc != -1).sum())
             starts = (doc != -1) & torch.cat(
                 (torch.ones_like(doc[:, :1], dtype=torch.bool), doc[:, 1:] != doc[:, :-1]), 1
@@ -99,47 +99,73 @@ def plan_rows(lengths: list[int], total_seq_len: int) -> list[list[int]]:
     return rows
 
 
-def pack_row(pieces: list[SamplePiece], total_seq_len: int) -> dict[str, torch.Tensor]:
-    """Concatenate one row's pieces (truncated to `total_seq_len`), unpadded: tensors [t_row, ...]."""
-    out: dict[str, list[torch.Tensor]] = {
-        k: [] for k in ("input_ids", "loss_mask", "document_ids", "position_ids", "aux", "last")
-    }
-    used = 0
-    for doc, piece in enumerate(pieces):
+def _piece_lengths(pieces: list[SamplePiece], total_seq_len: int) -> list[int]:
+    """Tokens each piece contributes to a row of `total_seq_len`: whole pieces, the last one cut.
+
+    Pieces after the row is full contribute nothing and are left out (the list may be shorter).
+    """
+    lengths, used = [], 0
+    for piece in pieces:
         t = min(len(piece), total_seq_len - used)
         if t <= 0:
             break
-        out["input_ids"].append(piece.input_ids[:t].long())
-        out["loss_mask"].append(piece.loss_mask[:t].bool())
-        out["document_ids"].append(torch.full((t,), doc, dtype=torch.long))
-        out["position_ids"].append(torch.arange(t, dtype=torch.long))
-        out["aux"].append(piece.aux_hidden_states[:t])
-        out["last"].append(piece.last_hidden_states[:t])
+        lengths.append(t)
         used += t
-    if not used:
+    return lengths
+
+
+def pack_row(pieces: list[SamplePiece], total_seq_len: int) -> dict[str, torch.Tensor]:
+    """Concatenate one row's pieces (truncated to `total_seq_len`), unpadded: tensors [t_row, ...].
+
+    Everything comes back on the device of the pieces' hidden states. Token ids and loss masks
+    usually live on the host (dataset rows) while an in-process verifier leaves the hidden states
+    on the GPU: the ids are concatenated where they are and moved once per row, the index tensors
+    are made on that device directly, so the hidden states never travel.
+    """
+    lengths = _piece_lengths(pieces, total_seq_len)
+    if not sum(lengths):
         raise ValueError("pack_row got no tokens: every row needs at least one non-empty sample")
-    return {k: torch.cat(v) for k, v in out.items()}
+    cut = list(zip(pieces[: len(lengths)], lengths, strict=True))
+    device = pieces[0].aux_hidden_states.device
+    return {
+        "input_ids": torch.cat([p.input_ids[:t].long() for p, t in cut]).to(device),
+        "loss_mask": torch.cat([p.loss_mask[:t].bool() for p, t in cut]).to(device),
+        "document_ids": torch.cat(
+            [torch.full((t,), doc, dtype=torch.long, device=device) for doc, t in enumerate(lengths)]
+        ),
+        "position_ids": torch.cat([torch.arange(t, dtype=torch.long, device=device) for t in lengths]),
+        "aux": torch.cat([p.aux_hidden_states[:t] for p, t in cut]),
+        "last": torch.cat([p.last_hidden_states[:t] for p, t in cut]),
+    }
 
 
 def collate(
     rows: list[list[SamplePiece]], *, total_seq_len: int, pad_to_longest: bool = False
 ) -> PackedBatch:
-    """Pack each row and pad to `total_seq_len` (or to the longest row) with document id -1."""
+    """Pack each row and pad to `total_seq_len` (or to the longest row) with document id -1.
+
+    The batch is built on the device of the pieces' hidden states (one device per batch). Why:
+    with the verifier in the trainer's process the states are already on the GPU; packing them
+    into a CPU batch and moving that back cost a device round trip of the whole batch every step
+    (on an H200 the fetch phase took 0.196 s against 0.058 s of drafter forward and backward).
+    On the CPU nothing changes. The counts come from host-side lengths: no device sync.
+    """
     packed = [pack_row(pieces, total_seq_len) for pieces in rows]
     T = max(p["input_ids"].shape[0] for p in packed) if pad_to_longest else total_seq_len
     B = len(packed)
-    aux_dim, last_dim = packed[0]["aux"].shape[-1], packed[0]["last"].shape[-1]
+    aux, last = packed[0]["aux"], packed[0]["last"]
+    device = aux.device
     batch = PackedBatch(
-        input_ids=torch.zeros(B, T, dtype=torch.long),
-        loss_mask=torch.zeros(B, T, dtype=torch.bool),
-        document_ids=torch.full((B, T), -1, dtype=torch.long),
-        position_ids=torch.zeros(B, T, dtype=torch.long),
-        aux_hidden_states=torch.zeros(B, T, aux_dim, dtype=packed[0]["aux"].dtype),
-        last_hidden_states=torch.zeros(B, T, last_dim, dtype=packed[0]["last"].dtype),
+        input_ids=torch.zeros(B, T, dtype=torch.long, device=device),
+        loss_mask=torch.zeros(B, T, dtype=torch.bool, device=device),
+        document_ids=torch.full((B, T), -1, dtype=torch.long, device=device),
+        position_ids=torch.zeros(B, T, dtype=torch.long, device=device),
+        aux_hidden_states=torch.zeros(B, T, aux.shape[-1], dtype=aux.dtype, device=device),
+        last_hidden_states=torch.zeros(B, T, last.shape[-1], dtype=last.dtype, device=device),
         num_tokens=0,
         num_documents=0,
     )
-    for b, p in enumerate(packed):
+    for b, (pieces, p) in enumerate(zip(rows, packed, strict=True)):
         t = p["input_ids"].shape[0]
         batch.input_ids[b, :t] = p["input_ids"]
         batch.loss_mask[b, :t] = p["loss_mask"]
@@ -148,5 +174,5 @@ def collate(
         batch.aux_hidden_states[b, :t] = p["aux"]
         batch.last_hidden_states[b, :t] = p["last"]
         batch.num_tokens += t
-        batch.num_documents += int(p["document_ids"][-1]) + 1
+        batch.num_documents += len(_piece_lengths(pieces, total_seq_len))
     return batch

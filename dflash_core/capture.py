@@ -173,24 +173,38 @@ def capture_sequences(
     layer_ids: Sequence[int],
     max_batch_tokens: int,
 ) -> list[torch.Tensor]:
-    """Hidden states [t, len(layer_ids), H] of each token sequence ([t] int64), in order.
+    """Hidden states [t, len(layer_ids), H] of each token sequence ([t] int64), in input order.
 
-    Sequences run in right-padded batches under a token budget; padding never changes the real
-    rows (attention is causal and padded keys are masked). Results stay on the model's device.
+    Sequences run in right-padded batches under a token budget (rows x longest row). They are
+    grouped by ascending length: a group is as wide as its longest member, so grouping in input
+    order let one long sample widen a whole group of short ones, and a budget filled with padding
+    means more, smaller forwards (each one an eager HF forward with a lot of Python overhead).
+    Padding never changes the real rows beyond float rounding (attention is causal, padded keys
+    are masked, positions count real tokens only). Results stay on the model's device.
     """
+    lengths = [int(s.numel()) for s in sequences]
+    order = sorted(range(len(sequences)), key=lengths.__getitem__)
+    results: list[torch.Tensor | None] = [None] * len(sequences)
+    for group in batches_under_budget([lengths[i] for i in order], max_batch_tokens):
+        indices = [order[position] for position in group]
+        planes = _capture_padded(model, [sequences[i] for i in indices], layer_ids=layer_ids)
+        for index, sample in zip(indices, planes, strict=True):
+            results[index] = sample
+    return results  # type: ignore[return-value]
+
+
+def _capture_padded(
+    model: nn.Module, sequences: Sequence[torch.Tensor], *, layer_ids: Sequence[int]
+) -> list[torch.Tensor]:
+    """One right-padded forward over `sequences`: each one's planes [t, K, H], padding cut off."""
     device = next(model.parameters()).device
     lengths = [int(s.numel()) for s in sequences]
-    results: list[torch.Tensor | None] = [None] * len(sequences)
-    for group in batches_under_budget(lengths, max_batch_tokens):
-        width = max(lengths[i] for i in group)
-        input_ids = torch.zeros(len(group), width, dtype=torch.long)
-        attention_mask = torch.zeros(len(group), width, dtype=torch.long)
-        for row, index in enumerate(group):
-            input_ids[row, : lengths[index]] = sequences[index]
-            attention_mask[row, : lengths[index]] = 1
-        planes = capture_hidden_states(
-            model, input_ids.to(device), attention_mask=attention_mask.to(device), layer_ids=layer_ids
-        )  # [b, width, K, H]
-        for row, index in enumerate(group):
-            results[index] = planes[row, : lengths[index]]
-    return results  # type: ignore[return-value]
+    input_ids = torch.zeros(len(sequences), max(lengths), dtype=torch.long)
+    attention_mask = torch.zeros(len(sequences), max(lengths), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, : lengths[row]] = sequence
+        attention_mask[row, : lengths[row]] = 1
+    planes = capture_hidden_states(
+        model, input_ids.to(device), attention_mask=attention_mask.to(device), layer_ids=layer_ids
+    )  # [b, width, K, H]
+    return [planes[row, :length] for row, length in enumerate(lengths)]

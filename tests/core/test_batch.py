@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 
 from dflash_core.batch import SamplePiece, collate, plan_rows
@@ -68,3 +71,31 @@ def test_collate_pad_to_longest_and_counts_from_tensors() -> None:
         last_hidden_states=batch.last_hidden_states,
     )  # fmt: skip
     assert (rebuilt.num_tokens, rebuilt.num_documents) == (7, 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_collate_packs_on_the_device_of_the_hidden_states() -> None:
+    """Token ids on the host, hidden states on the GPU (the in-process verifier's case): the batch
+    is built on the GPU, equal to the CPU one, and moving it there again copies nothing."""
+    rows = [[_piece(3, 10), _piece(2, 20)], [_piece(9, 30)]]
+    on_gpu = [
+        [
+            dataclasses.replace(
+                p,
+                aux_hidden_states=p.aux_hidden_states.cuda(),
+                last_hidden_states=p.last_hidden_states.cuda(),
+            )
+            for p in row
+        ]
+        for row in rows
+    ]
+    batch = collate(on_gpu, total_seq_len=7)
+    reference = collate(rows, total_seq_len=7)
+    for f in dataclasses.fields(batch):
+        value = getattr(batch, f.name)
+        if isinstance(value, torch.Tensor):
+            assert value.is_cuda, f.name
+            assert torch.equal(value.cpu(), getattr(reference, f.name)), f.name
+    assert (batch.num_tokens, batch.num_documents) == (reference.num_tokens, reference.num_documents)
+    moved = batch.to("cuda")
+    assert moved.aux_hidden_states.data_ptr() == batch.aux_hidden_states.data_ptr()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dflash_core.capture import capture_hidden_states, find_decoder_layers
+from dflash_core.capture import capture_hidden_states, capture_sequences, find_decoder_layers
 from tests.factories.verifiers import make_tiny_verifier
 
 ARCHS = ["qwen3", "llama"]
@@ -140,3 +140,24 @@ def test_result_is_usable_by_autograd(tiny):
     weight = torch.randn(planes.shape[-1], 2, requires_grad=True)
     (planes @ weight).sum().backward()  # would fail on inference-mode tensors
     assert weight.grad is not None
+
+
+def test_capture_sequences_groups_by_length_and_keeps_input_order(tiny):
+    """Long and short samples alternate: grouped in input order, every group would be as wide as a
+    long one (8 forwards under this budget); grouped by length, the shorts share one (5)."""
+    model = tiny.model
+    gen = torch.Generator().manual_seed(4)
+    sequences = [torch.randint(3, 300, (40 if i % 2 == 0 else 5,), generator=gen) for i in range(16)]
+    base, _ = find_decoder_layers(model)
+    forwards = []
+    handle = base.register_forward_pre_hook(
+        lambda module, args, kwargs: forwards.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        planes = capture_sequences(model, sequences, layer_ids=[1, 4], max_batch_tokens=100)
+    finally:
+        handle.remove()
+    assert sorted(forwards) == [(2, 40)] * 4 + [(8, 5)]
+    for sequence, got in zip(sequences, planes, strict=True):
+        alone = capture_hidden_states(model, sequence[None], layer_ids=[1, 4])[0]
+        torch.testing.assert_close(got, alone, rtol=0, atol=1e-6)
