@@ -32,6 +32,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from dflash_core.config import EMBEDDED_VERIFIER
+from dflash_core.gguf_cache import converted_folder
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -103,14 +104,11 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     gguf = _gguf_location(name_or_path)
-    if gguf is not None:
-        folder, file_name = gguf
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
-        if not tokenizer.chat_template and name_or_path == EMBEDDED_VERIFIER:
-            # transformers copies `tokenizer.chat_template` out of the GGUF metadata; should a
-            # version drop it, set SmolLM2's own ChatML template rather than train without one.
-            logger.info("the SmolLM2 GGUF tokenizer has no chat template; setting SmolLM2's ChatML template")
-            tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE
+    converted = _converted_gguf(name_or_path) if gguf is not None else None
+    if converted is not None:
+        tokenizer = AutoTokenizer.from_pretrained(converted)
+    elif gguf is not None:
+        tokenizer = _tokenizer_from_gguf(name_or_path, *gguf)
     else:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if not tokenizer.chat_template:
@@ -122,12 +120,48 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def _tokenizer_from_gguf(name_or_path: str, folder: str, file_name: str) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
+    if not tokenizer.chat_template and name_or_path == EMBEDDED_VERIFIER:
+        # transformers copies `tokenizer.chat_template` out of the GGUF metadata; should a
+        # version drop it, set SmolLM2's own ChatML template rather than train without one.
+        logger.info("the SmolLM2 GGUF tokenizer has no chat template; setting SmolLM2's ChatML template")
+        tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _converted_gguf(name_or_path: str) -> str | None:
+    """The GGUF verifier's converted transformers folder (dflash_core.gguf_cache), or None."""
+    folder, file_name = _gguf_location(name_or_path)  # type: ignore[misc]
+
+    def convert(dest: Path) -> None:
+        from safetensors.torch import save_model
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=torch.float32)
+        if not getattr(model.config, "architectures", None):
+            model.config.architectures = [type(model).__name__]
+        # transformers refuses `save_pretrained` on a model it loaded from a GGUF (it counts as
+        # quantized); its weights are plain float32 tensors by now: write them and the config.
+        save_model(model, str(dest / "model.safetensors"), metadata={"format": "pt"})
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config  # the folder holds plain weights: load them as such
+        model.config.save_pretrained(dest)
+        _tokenizer_from_gguf(name_or_path, folder, file_name).save_pretrained(dest)
+
+    converted = converted_folder(Path(folder) / file_name, convert=convert)
+    return str(converted) if converted is not None else None
+
+
 def load_verifier(
     name_or_path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer): a causal LM in eval mode with every parameter frozen.
 
-    GGUF files (the embedded default) are dequantized by transformers into `dtype`. The model's
+    GGUF files (the embedded default) are dequantized by transformers into `dtype`, once: later
+    loads read the converted folder `dflash_core.gguf_cache` keeps. The model's
     `config.architectures` is filled in when the source lacks it (GGUF), so fingerprints of the
     same model agree however it was loaded.
     """
@@ -135,7 +169,10 @@ def load_verifier(
 
     tokenizer = load_tokenizer(name_or_path)
     gguf = _gguf_location(name_or_path)
-    if gguf is not None:
+    converted = _converted_gguf(name_or_path) if gguf is not None else None
+    if converted is not None:
+        model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
+    elif gguf is not None:
         folder, file_name = gguf
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=dtype)
     else:
