@@ -58,6 +58,7 @@ from dflash_core.spec_decode import SpecDecodeStats
 from dflash_core.verifier import VerifierFingerprint
 from services.trainer.batches import TokenRows
 from services.trainer.distributed import DistContext
+from services.trainer.live_eval_cache import cache_file, cached_sequences
 from services.trainer.sources import HiddenStateSource, SampleRequest
 
 logger = logging.getLogger(__name__)
@@ -405,12 +406,22 @@ def build_live_acceptance(
             config, tokenizer=tokenizer, rows=rows, val_indices=val_indices, max_length=max_length
         )
         mine = prompts[dist.rank :: dist.world_size]
-        sequences = fetch_sequences(
-            mine,
-            max_new_tokens=config.eval_max_new_tokens,
-            block_size=config.block_size,
-            continue_greedily=continue_greedily,
-            hidden_states=hidden_states,
+        key = dict(
+            verifier=fingerprint.model_dump(mode="json"), target_layer_ids=list(target_layer_ids),
+            block_size=config.block_size, max_new_tokens=config.eval_max_new_tokens,
+            source="service" if config.hidden_states_endpoint else "in-process",
+            prompts=[list(p.token_ids) for p in mine],
+        )  # fmt: skip
+        sequences = cached_sequences(
+            cache_file(config.save_path, rank=dist.rank, world_size=dist.world_size),
+            key=key,
+            fetch=lambda: fetch_sequences(
+                mine,
+                max_new_tokens=config.eval_max_new_tokens,
+                block_size=config.block_size,
+                continue_greedily=continue_greedily,
+                hidden_states=hidden_states,
+            ),
         ) if mine else []  # fmt: skip
     shape = RowShape(
         total_seq_len=config.total_seq_len, max_anchors=config.max_anchors, rows_per_forward=config.batch_size

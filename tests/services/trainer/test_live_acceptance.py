@@ -12,6 +12,7 @@ inside a block included), gives tau = B for an oracle and 1 for an always-wrong 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -213,7 +214,7 @@ def metric_rows(save_path: Path) -> list[dict]:
     return [json.loads(line) for line in (save_path / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_training_against_a_service_logs_live_tau_and_keeps_the_best_by_tau_across_a_resume(trained):
+def test_training_against_a_service_logs_live_tau_and_keeps_the_best_by_tau_across_a_resume(trained, caplog):
     overrides = dict(
         eval_every=10, eval_prompts=None, eval_num_prompts=4, eval_max_new_tokens=12, best_metric="tau",
         checkpoint_freq=5,
@@ -223,7 +224,10 @@ def test_training_against_a_service_logs_live_tau_and_keeps_the_best_by_tau_acro
         first = run_training(config, stop_after_steps=steps_per_epoch(config) + 7)  # into the second epoch
         assert first.state.epoch == 1 and first.state.best_epoch == 0
         before = list(first.state.eval_history)
+        caplog.set_level(logging.INFO, logger="services.trainer.live_eval_cache")
         result = run_training(config)
+        # The resume read the continuations and hidden states the first run fetched.
+        assert "4 sequences read from" in caplog.text
         best_by_tau = (config.save_path / "checkpoint_best").resolve()
         # The finished run "resumed" under the other metric: checkpoint_best moves to the lowest val loss.
         by_loss = run_training(config.model_copy(update={"best_metric": "val_loss"})).state
