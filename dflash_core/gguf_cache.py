@@ -39,7 +39,12 @@ def cache_root() -> Path | None:
     configured = os.environ.get(CACHE_ENV)
     if configured is not None:
         return None if configured.strip().lower() in ("off", "0", "") else Path(configured) / "gguf"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".cache")
+        except RuntimeError:  # no $HOME and no passwd entry (an anonymous container user): no cache
+            return None
     return Path(base) / "dflash" / "gguf"
 
 

@@ -84,6 +84,18 @@ def test_the_cache_can_be_turned_off(gguf, monkeypatch):
     assert converted_folder(gguf, convert=convert) is None and convert.calls == 0
 
 
+def test_no_home_directory_means_no_cache_not_a_failure(gguf, monkeypatch):
+    monkeypatch.delenv("DFLASH_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+    def no_home() -> None:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr("pathlib.Path.home", staticmethod(no_home))
+    convert = Converter()
+    assert converted_folder(gguf, convert=convert) is None and convert.calls == 0
+
+
 @pytest.mark.slow
 def test_the_converted_smollm2_loads_what_the_gguf_loads(tmp_path, monkeypatch):
     monkeypatch.setenv("DFLASH_CACHE_DIR", "off")
