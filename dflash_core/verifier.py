@@ -101,16 +101,32 @@ def _gguf_location(name_or_path: str) -> tuple[str, str] | None:
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """The verifier's tokenizer, chat template included (HF id, folder, .gguf or embedded)."""
+    return _tokenizer_at(name_or_path, _load_source(name_or_path))
+
+
+def _load_source(name_or_path: str) -> tuple[str, str | None]:
+    """(HF id or folder, GGUF file name or None): where transformers loads `name_or_path` from.
+
+    A GGUF verifier is read from the folder `dflash_core.gguf_cache` converted it to when there
+    is one (about a second), else from the GGUF itself (dequantized on every load).
+    """
+    gguf = _gguf_location(name_or_path)
+    if gguf is None:
+        return name_or_path, None
+    converted = _converted_gguf(name_or_path, *gguf)
+    return (converted, None) if converted is not None else gguf
+
+
+def _tokenizer_at(name_or_path: str, source: tuple[str, str | None]) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
-    gguf = _gguf_location(name_or_path)
-    converted = _converted_gguf(name_or_path) if gguf is not None else None
-    if converted is not None:
-        tokenizer = AutoTokenizer.from_pretrained(converted)
-    elif gguf is not None:
-        tokenizer = _tokenizer_from_gguf(name_or_path, *gguf)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    folder, gguf_file = source
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    if not tokenizer.chat_template and name_or_path == EMBEDDED_VERIFIER:
+        # transformers copies `tokenizer.chat_template` out of the GGUF metadata; should a
+        # version drop it, set SmolLM2's own ChatML template rather than train without one.
+        logger.info("the SmolLM2 GGUF tokenizer has no chat template; setting SmolLM2's ChatML template")
+        tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE
     if not tokenizer.chat_template:
         logger.warning(
             "tokenizer of %s has no chat template; conversations cannot be rendered the way a chat "
@@ -120,21 +136,8 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _tokenizer_from_gguf(name_or_path: str, folder: str, file_name: str) -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
-    if not tokenizer.chat_template and name_or_path == EMBEDDED_VERIFIER:
-        # transformers copies `tokenizer.chat_template` out of the GGUF metadata; should a
-        # version drop it, set SmolLM2's own ChatML template rather than train without one.
-        logger.info("the SmolLM2 GGUF tokenizer has no chat template; setting SmolLM2's ChatML template")
-        tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE
-    return tokenizer
-
-
-def _converted_gguf(name_or_path: str) -> str | None:
+def _converted_gguf(name_or_path: str, folder: str, file_name: str) -> str | None:
     """The GGUF verifier's converted transformers folder (dflash_core.gguf_cache), or None."""
-    folder, file_name = _gguf_location(name_or_path)  # type: ignore[misc]
 
     def convert(dest: Path) -> None:
         from safetensors.torch import save_model
@@ -149,7 +152,7 @@ def _converted_gguf(name_or_path: str) -> str | None:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config  # the folder holds plain weights: load them as such
         model.config.save_pretrained(dest)
-        _tokenizer_from_gguf(name_or_path, folder, file_name).save_pretrained(dest)
+        _tokenizer_at(name_or_path, (folder, file_name)).save_pretrained(dest)
 
     converted = converted_folder(Path(folder) / file_name, convert=convert)
     return str(converted) if converted is not None else None
@@ -167,16 +170,10 @@ def load_verifier(
     """
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(name_or_path)
-    gguf = _gguf_location(name_or_path)
-    converted = _converted_gguf(name_or_path) if gguf is not None else None
-    if converted is not None:
-        model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
-    elif gguf is not None:
-        folder, file_name = gguf
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    source = _load_source(name_or_path)  # resolved once: the GGUF cache is consulted once
+    tokenizer = _tokenizer_at(name_or_path, source)
+    folder, gguf_file = source
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype)
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]
     model.to(device)

@@ -136,7 +136,7 @@ def profile_generate(
 
 
 def train_once(spec: dict[str, Any]) -> None:
-    """A spawned process: one `run_training` of `spec["steps"]` steps; timings to spec["result"]."""
+    """A spawned process: one `run_training` of `spec["config"]`; timings to spec["result"]."""
     started = time.time()
     from dflash_core.config import TrainConfig
     from services.trainer.main import run_training
@@ -205,7 +205,7 @@ def training_specs(
             epochs=50, log_freq=10, val_fraction=0.01, report_to=["jsonl"], device=device, compile=False,
             target_layer_ids=[1, 2, 3] if args.tiny else [2, 8, 15, 21, 28], mask_token_id=0, resume=False,
         )  # fmt: skip
-        specs.append({"config": config, "steps": args.steps, "result": str(save) + ".json"})
+        specs.append({"config": config, "result": str(save) + ".json"})
     return specs
 
 
