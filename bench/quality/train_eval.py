@@ -120,31 +120,42 @@ def final_metrics(metrics: Path) -> dict[str, float]:
     return out
 
 
+class EpochPlans:
+    """The trainer's own deterministic epoch plans for `config`'s data (what `run_training` follows)."""
+
+    def __init__(self, config: Any) -> None:
+        from dflash_core.data.prepare import load_prepared
+        from services.trainer.batches import TokenRows
+        from services.trainer.data import split_indices
+
+        self.config = config
+        self.lengths = TokenRows(load_prepared(config.data_path)[0], max_length=config.total_seq_len).lengths
+        self.train, _ = split_indices(len(self.lengths), val_fraction=config.val_fraction, seed=config.seed)
+
+    def steps(self, epoch: int) -> list:
+        from services.trainer.data import plan_epoch
+
+        config = self.config
+        return plan_epoch(
+            self.train, [self.lengths[i] for i in self.train], epoch=epoch, seed=config.seed,
+            total_seq_len=config.total_seq_len, batch_size=config.batch_size,
+        ).steps  # fmt: skip
+
+
 def plans_and_samples(config: Any, steps: int) -> tuple[int, int, float]:
     """(train rows, samples trained in `steps` steps, epochs) from the trainer's own deterministic plan."""
-    from dflash_core.data.prepare import load_prepared
-    from services.trainer.data import plan_epoch, split_indices
-
-    dataset, _ = load_prepared(config.data_path)
-    lengths = [min(len(ids), config.total_seq_len) for ids in dataset["input_ids"]]
-    train, _ = split_indices(len(lengths), val_fraction=config.val_fraction, seed=config.seed)
-    samples, epochs, left = 0, 0.0, steps
-    epoch = 0
+    plans = EpochPlans(config)
+    samples, epochs, left, epoch = 0, 0.0, steps, 0
     while left > 0:
-        plan = plan_epoch(
-            train,
-            [lengths[i] for i in train],
-            epoch=epoch,
-            seed=config.seed,
-            total_seq_len=config.total_seq_len,
-            batch_size=config.batch_size,
-        )
-        taken = plan.steps[:left]
+        planned = plans.steps(epoch)
+        if not planned:  # no training rows: nothing was trained
+            break
+        taken = planned[:left]
         samples += sum(len(row) for step in taken for row in step)
-        epochs += len(taken) / max(1, len(plan.steps))
+        epochs += len(taken) / max(1, len(planned))
         left -= len(taken)
         epoch += 1
-    return len(train), samples, epochs
+    return len(plans.train), samples, epochs
 
 
 def epochs_for(config: Any, steps: int) -> int:
@@ -153,21 +164,7 @@ def epochs_for(config: Any, steps: int) -> int:
     One spare epoch: packing differs a little between epochs' shuffles. (The trainer plans every
     epoch of `epochs` up front, so a huge number would cost time.)
     """
-    return math.ceil(steps / steps_per_epoch(config)) + 1
-
-
-def steps_per_epoch(config: Any) -> int:
-    from dflash_core.data.prepare import load_prepared
-    from services.trainer.data import plan_epoch, split_indices
-
-    dataset, _ = load_prepared(config.data_path)
-    lengths = [min(len(ids), config.total_seq_len) for ids in dataset["input_ids"]]
-    train, _ = split_indices(len(lengths), val_fraction=config.val_fraction, seed=config.seed)
-    plan = plan_epoch(
-        train, [lengths[i] for i in train], epoch=0, seed=config.seed,
-        total_seq_len=config.total_seq_len, batch_size=config.batch_size,
-    )  # fmt: skip
-    return max(1, len(plan.steps))
+    return math.ceil(steps / max(1, len(EpochPlans(config).steps(0)))) + 1
 
 
 class Deadline:
