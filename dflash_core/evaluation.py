@@ -248,12 +248,12 @@ def run_eval(config: EvalConfig) -> EvalReport:
     generator = torch.Generator().manual_seed(config.seed)
     decode = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature, eos_token_ids=eos)
 
-    # One short run of each first: one-time costs (allocations, kernel selection) stay out of tokens/s.
-    speculative_generate(
-        model, proposer, prompts[0].token_ids, **{**decode, "max_new_tokens": 4}, generator=generator
-    )
+    # The first prompt is decoded once, untimed, by each loop, so one-time costs (allocations,
+    # kernel selection for each new shape) stay out of tokens/s. A 4-token warm-up was not enough:
+    # on an H200 the first timed prompt then ran 3-4 times slower than the ones after it.
+    speculative_generate(model, proposer, prompts[0].token_ids, **decode, generator=generator)
     if config.baseline:
-        verifier_generate(model, prompts[0].token_ids, **{**decode, "max_new_tokens": 4})
+        verifier_generate(model, prompts[0].token_ids, **decode)
     generator.manual_seed(config.seed)
 
     total = SpecDecodeStats(num_draft_tokens=drafter_config.block_size - 1)

@@ -17,6 +17,9 @@ A time budget bounds the regeneration: `BudgetedRegenerator` regenerates prepare
 (`round_size` prompts each) until the budget is spent and leaves the rest out as skipped rows of
 kind `regeneration_budget` (counted in `dflash_data.json`), so no original human reply is ever
 trained on.
+
+The last prompts of the shuffle (`heldout`) are set aside before any of this: tau on them is
+tau on the training distribution, to read next to tau on the held-out prompts of another source.
 """
 
 from __future__ import annotations
@@ -40,12 +43,17 @@ from dflash_core.evaluation import eos_token_ids
 
 logger = logging.getLogger("quality.data")
 
+HELDOUT_CHITCHAT = "heldout_chitchat.jsonl"  # in the work folder: chitchat prompts never trained on
 
-def write_chitchat_prompts(path: Path, *, seed: int) -> int:
+
+def write_chitchat_prompts(path: Path, *, seed: int, heldout_path: Path, heldout: int) -> int:
     """Every distinct chitchat user message that has a reply, as a single-turn `messages` row.
 
     The reply slot holds chitchat's own reply; regeneration replaces it. Rows are shuffled with
-    `seed`, so a regeneration budget that stops early keeps a random sample. Returns the count.
+    `seed`, so a regeneration budget that stops early keeps a random sample. The last `heldout`
+    rows of the shuffle go to `heldout_path` instead: prompts of the training distribution that
+    are never trained on (distinct messages, so none of them recurs in training). Returns the
+    count written to `path`.
     """
     seen: set[str] = set()
     rows: list[str] = []
@@ -62,8 +70,12 @@ def write_chitchat_prompts(path: Path, *, seed: int) -> int:
             ]
             rows.append(json.dumps({"messages": turn}))
     random.Random(seed).shuffle(rows)
-    path.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
-    return len(rows)
+    if not 0 <= heldout < len(rows):
+        raise ValueError(f"{heldout} held-out prompts of {len(rows)} chitchat prompts leave none to train on")
+    train, held = rows[: len(rows) - heldout], rows[len(rows) - heldout :]
+    path.write_text("".join(row + "\n" for row in train), encoding="utf-8")
+    heldout_path.write_text("".join(row + "\n" for row in held), encoding="utf-8")
+    return len(train)
 
 
 def batched_complete(
@@ -171,13 +183,17 @@ def regenerate_and_prepare(
     round_size: int,
     budget_s: float,
     seed: int,
+    heldout: int,
 ) -> PreparedData:
     """Regenerate chitchat's replies with `model` and prepare them for training (see the module doc)."""
     from dflash_core.verifier import tokenizer_fingerprint
 
-    source = workdir / "chitchat_prompts.jsonl"
-    rows = write_chitchat_prompts(source, seed=seed)
-    logger.info("wrote %d single-turn chitchat prompts to %s", rows, source)
+    source, heldout_path = workdir / "chitchat_prompts.jsonl", workdir / HELDOUT_CHITCHAT
+    rows = write_chitchat_prompts(source, seed=seed, heldout_path=heldout_path, heldout=heldout)
+    logger.info(
+        "wrote %d single-turn chitchat prompts to %s, %d held out of training to %s",
+        rows, source, heldout, heldout_path,
+    )  # fmt: skip
     stop_ids = list(dict.fromkeys(end_of_turn_ids(tokenizer) + eos_token_ids(tokenizer, model.config)))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     max_positions = int(getattr(model.config, "max_position_embeddings", 8192))

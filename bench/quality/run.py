@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--blocks", type=int, nargs="+", default=[8, 16], help="One drafter per block size.")
     add("--train-minutes", type=float, default=20.0, help="Wall-clock training budget per drafter.")
     add("--max-minutes", type=float, default=9.5, help="This command's wall time; run again to go on.")
-    add("--eval-minutes", type=float, default=2.0, help="Expected tau run; started only when it fits.")
+    add("--eval-minutes", type=float, default=2.0, help="Expected tau runs; started only when they fit.")
     # data
     add("--conversations", type=int, default=None, help="Prompts to prepare (default: all).")
     add("--seq-length", type=int, default=2048, help="prepare-data --seq-length.")
@@ -133,6 +133,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # evaluation
     add("--prompts", type=Path, default=PROMPTS, help="Held-out prompts (not chitchat).")
     add("--eval-prompts", type=int, default=48, help="Prompts for tau (the file interleaves its 5 kinds).")
+    add(
+        "--chitchat-eval-prompts",
+        type=int,
+        default=16,
+        help="Chitchat prompts held out of training: tau on the training distribution too (0: none).",
+    )
     add("--eval-max-new-tokens", type=int, default=128)
     add(
         "--live-eval-every",
@@ -150,7 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             num_layers=1, total_seq_len=512, query_tokens=128,
             warmup_steps=2, log_freq=2, calibration_steps=4, train_minutes=1.2, max_minutes=20.0,
             val_fraction=0.2, eval_prompts=3, eval_max_new_tokens=16, speed_prompts=1, eval_minutes=1.5,
-            live_eval_every=4, live_eval_prompts=2,
+            live_eval_every=4, live_eval_prompts=2, chitchat_eval_prompts=2,
         )  # fmt: skip
         given = {a[2:].replace("-", "_").split("=")[0] for a in (argv or sys.argv[1:]) if a.startswith("--")}
         for key, value in smoke.items():
@@ -256,7 +262,7 @@ def run(args: argparse.Namespace, *, workdir: Path) -> int:
 
     # 2 + 3. one process per drafter: train for the budget (or this command's share of it), then tau
     t0 = time.time()
-    results = train_all(args, workdir=workdir, data=Path(record["path"]), verifier=verifier, device=device)
+    results = train_all(args, workdir=workdir, data=record, verifier=verifier, device=device)
     phases["train_and_tau_s"] = time.time() - t0
     left = [b for b in args.blocks if "eval" not in results.get(b, {}) or "error" in results.get(b, {})]
     if left:
@@ -300,7 +306,7 @@ def prepare_once(args: argparse.Namespace, *, workdir: Path, verifier: str, devi
     """The prepared data's record (`<workdir>/data_record.json`), regenerating it the first time."""
     import torch
 
-    from bench.quality.data import regenerate_and_prepare, sample_rows
+    from bench.quality.data import HELDOUT_CHITCHAT, regenerate_and_prepare, sample_rows
     from dflash_core.verifier import load_verifier
 
     record_file = workdir / "data_record.json"
@@ -318,7 +324,7 @@ def prepare_once(args: argparse.Namespace, *, workdir: Path, verifier: str, devi
         conversations=args.conversations, seq_length=args.seq_length,
         max_new_tokens=args.regen_max_new_tokens, max_batch=args.regen_batch,
         max_batch_tokens=args.regen_batch_tokens, round_size=args.regen_round,
-        budget_s=60 * args.regen_minutes, seed=0,
+        budget_s=60 * args.regen_minutes, seed=0, heldout=args.chitchat_eval_prompts,
     )  # fmt: skip
     regen = prepared.regenerator
     record = {
@@ -331,6 +337,7 @@ def prepare_once(args: argparse.Namespace, *, workdir: Path, verifier: str, devi
         "counts": regen.counts.as_json(),
         "regeneration_s": regen.seconds,
         "left_out_by_time_budget": regen.left_out,
+        "heldout_chitchat": str(workdir / HELDOUT_CHITCHAT) if args.chitchat_eval_prompts else None,
     }
     record_file.write_text(json.dumps(record, indent=1, default=str) + "\n")
     with (args.out / "regenerated_sample.jsonl").open("w") as f:
@@ -356,7 +363,7 @@ def live_prompts_file(args: argparse.Namespace, workdir: Path) -> Path:
 
 
 def train_all(
-    args: argparse.Namespace, *, workdir: Path, data: Path, verifier: str, device: str
+    args: argparse.Namespace, *, workdir: Path, data: dict[str, Any], verifier: str, device: str
 ) -> dict[int, dict[str, Any]]:
     """Spawn one `train_and_eval` per block size, wait for all, read their result.json files."""
     from bench.quality.train_eval import TrainJob, train_and_eval
@@ -369,7 +376,7 @@ def train_all(
         folder = workdir / f"b{block}"
         folder.mkdir(parents=True, exist_ok=True)
         train = dict(
-            verifier_name_or_path=verifier, data_path=data, num_layers=args.num_layers,
+            verifier_name_or_path=verifier, data_path=Path(data["path"]), num_layers=args.num_layers,
             target_layer_ids=args.target_layer_ids, max_anchors=max(1, args.query_tokens // block),
             total_seq_len=args.total_seq_len, batch_size=args.batch_size, lr=args.lr,
             warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
@@ -387,6 +394,9 @@ def train_all(
             prompts=str(args.prompts), num_prompts=args.eval_prompts,
             max_new_tokens=args.eval_max_new_tokens, device=device, dtype="auto",
         )  # fmt: skip
+        # A work folder prepared before chitchat prompts were held out has none to offer.
+        heldout = data.get("heldout_chitchat")
+        in_domain = {**evaluation, "prompts": heldout, "num_prompts": args.chitchat_eval_prompts}
         jobs.append(
             TrainJob(
                 block_size=block,
@@ -397,6 +407,7 @@ def train_all(
                 command_s=60 * args.max_minutes,
                 train=train,
                 eval=evaluation,
+                eval_chitchat=in_domain if heldout else None,
                 eval_s=60 * args.eval_minutes,
                 calibration_steps=args.calibration_steps,
                 known_pace=args.known_pace,
@@ -495,11 +506,12 @@ def recipe(args: argparse.Namespace, block: int | None = None) -> str:
         f"verifier (<= {args.regen_max_new_tokens} new tokens, <= {args.regen_minutes:g} min), prepare_data "
         f"with seq_length {args.seq_length}; held-out prompts: the first {args.eval_prompts} of "
         f"bench/quality/prompts.jsonl (written for this benchmark: instructions, questions, code, maths, "
-        f"advice; not chitchat), greedy, {args.eval_max_new_tokens} new tokens, transformers engine (dflash "
-        f"eval), {dtype}, batch 1; budget {args.train_minutes:g} min of training per drafter (wall, loading, "
-        f"compilation and validation included; {timing}), {len(args.blocks)} drafters trained at once "
-        f"on one GPU, resumed across commands "
-        f"of <= {args.max_minutes:g} min"
+        f"advice; not chitchat; rows tau_blockB) and {args.chitchat_eval_prompts} chitchat prompts held "
+        f"out of training (rows tau_chitchat_blockB), greedy, {args.eval_max_new_tokens} new tokens, "
+        f"transformers engine (dflash eval), {dtype}, batch 1; budget {args.train_minutes:g} min of "
+        f"training per drafter (wall, loading, compilation and validation included; {timing}), "
+        f"{len(args.blocks)} drafters trained at once on one GPU, resumed across commands of "
+        f"<= {args.max_minutes:g} min"
     )
     if block is None:
         return common
@@ -550,13 +562,9 @@ def write_rows(
     for block in args.blocks:
         result = results.get(block, {})
         figures: dict[str, tuple[float, str]] = {}
-        report = result.get("eval")
-        if report:
-            figures[f"tau_block{block}"] = (report["tau"], "tokens per verifier forward")
-            for k, rate in enumerate(report["acceptance_per_position"], start=1):
-                figures[f"accept_rate_pos{k}_block{block}"] = (rate, "fraction of drafts")
-            figures[f"drafts_block{block}"] = (report["drafts"], "drafts")
-            figures[f"eval_prompts_block{block}"] = (report["num_prompts"], "prompts")
+        for key, tag in (("eval", ""), ("eval_chitchat", "chitchat_")):
+            if result.get(key):
+                figures.update(tau_figures(result[key], block=block, tag=tag))
         fast = speed.get(block)
         if fast:
             figures[f"tokens_per_s_block{block}"] = (fast["tokens_per_s"], "tokens/s")
@@ -592,6 +600,16 @@ def write_rows(
     return rows
 
 
+def tau_figures(report: dict[str, Any], *, block: int, tag: str) -> dict[str, tuple[float, str]]:
+    """A tau run's rows: `tau_{tag}block8`, the acceptance rate of each draft position, counts."""
+    figures = {f"tau_{tag}block{block}": (report["tau"], "tokens per verifier forward")}
+    for k, rate in enumerate(report["acceptance_per_position"], start=1):
+        figures[f"accept_rate_{tag}pos{k}_block{block}"] = (rate, "fraction of drafts")
+    figures[f"drafts_{tag}block{block}"] = (report["drafts"], "drafts")
+    figures[f"eval_prompts_{tag}block{block}"] = (report["num_prompts"], "prompts")
+    return figures
+
+
 def print_summary(
     args: argparse.Namespace,
     *,
@@ -623,6 +641,8 @@ def print_summary(
             f"tau run {result['eval_s']:.0f} s; "
             f"accepted per position {rates}"
         )
+        if result.get("eval_chitchat"):
+            line += f"; tau {result['eval_chitchat']['tau']:.3f} on held-out chitchat prompts"
         fast = speed.get(block)
         if fast and fast.get("speedup"):
             line += (

@@ -51,8 +51,9 @@ class TrainJob:
     command_end: float  # time.time() by which this command's training and tau must be over
     command_s: float  # the wall time of one whole command: how many commands the budget needs
     train: dict[str, Any]  # TrainConfig fields shared by both runs (no block_size/save_path/max_steps)
-    eval: dict[str, Any]  # EvalConfig fields (no checkpoint)
-    eval_s: float  # what the tau run is expected to take (it starts only when it fits)
+    eval: dict[str, Any]  # EvalConfig fields (no checkpoint): the held-out prompts of another source
+    eval_chitchat: dict[str, Any] | None  # the same on chitchat prompts held out of training
+    eval_s: float  # what the tau runs are expected to take (they start only when they fit)
     calibration_steps: int
     threads: int
     known_pace: float | None = None  # seconds per step: skip the timing run (its process start-up)
@@ -376,15 +377,23 @@ def _train_main(job: TrainJob, progress: Progress, main: Any) -> None:
 
 
 def _evaluate(job: TrainJob, result: dict[str, Any], *, checkpoint: Path) -> None:
-    """tau on the held-out prompts (no baseline: the other drafter may share the GPU now)."""
+    """tau on the held-out prompts, then on the held-out chitchat prompts when there are some.
+
+    No baseline: the other drafter may share the GPU now.
+    """
     from dflash_core.eval_config import EvalConfig
     from dflash_core.evaluation import run_eval
 
-    t0 = time.time()
-    report = run_eval(EvalConfig(**job.eval, checkpoint=checkpoint, baseline=False))
-    result["eval"] = report.to_json()
-    result["eval_s"] = time.time() - t0
-    logger.info("tau (block %d) = %.3f over %d prompts", job.block_size, report.tau, report.num_prompts)
+    for key, fields in (("eval", job.eval), ("eval_chitchat", job.eval_chitchat)):
+        if fields is None:
+            continue
+        t0 = time.time()
+        report = run_eval(EvalConfig(**fields, checkpoint=checkpoint, baseline=False))
+        result[key], result[f"{key}_s"] = report.to_json(), time.time() - t0
+        logger.info(
+            "tau (block %d) = %.3f over %d prompts of %s",
+            job.block_size, report.tau, report.num_prompts, fields["prompts"],
+        )  # fmt: skip
 
 
 def _resolve(path: Path) -> Path:
