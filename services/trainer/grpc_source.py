@@ -135,6 +135,9 @@ class _Endpoint:
     delivered_on_payload_channel: int = 0  # of `delivered`: samples that came off gRPC
     payload_connections: int = 0  # calls whose payload connection was bound
     payload_fallback: str | None = None  # why the last call went in-band (warned once per reason)
+    # The endpoint's streams fall back concurrently: the check-and-set of `payload_fallback` is
+    # under this lock, or two streams meeting the same refusal would both warn.
+    fallback_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
 def query_service_info(endpoints: Sequence[str], *, timeout_s: float = 60.0) -> pb.ServiceInfo:
@@ -608,18 +611,21 @@ class _Stream(threading.Thread):
         except (OSError, ValueError) as exc:
             self._fall_back(f"payload port {host}:{port}: {exc or type(exc).__name__}")
             return None
-        self.endpoint.payload_fallback = None
-        self.endpoint.payload_connections += 1
+        with self.endpoint.fallback_lock:
+            self.endpoint.payload_fallback = None
+            self.endpoint.payload_connections += 1
         return sock
 
     def _fall_back(self, reason: str) -> None:
-        if self.endpoint.payload_fallback != reason:
-            logger.warning(
-                "%s: frames travel in-band on gRPC, not on the payload side channel: %s",
-                self.endpoint.address,
-                reason,
-            )
-        self.endpoint.payload_fallback = reason
+        with self.endpoint.fallback_lock:
+            if self.endpoint.payload_fallback == reason:
+                return
+            self.endpoint.payload_fallback = reason
+        logger.warning(
+            "%s: frames travel in-band on gRPC, not on the payload side channel: %s",
+            self.endpoint.address,
+            reason,
+        )
 
     def _read_responses(self, call: _Call, rpc: grpc.Future) -> None:
         assembler = FrameAssembler(self.source._buffers)
