@@ -86,11 +86,14 @@ def batched_complete(
     max_new_tokens: int,
     max_batch: int,
     max_batch_tokens: int,
+    cache: str = "dynamic",
 ) -> Complete:
     """A `Complete` (token-id prompts -> replies, stop token removed) on the model's own `generate`.
 
     Greedy. Prompts are sorted by length and cut into left-padded batches of at most `max_batch`
     rows and `max_batch_tokens` (prompt + new) tokens; a reply ends at its first stop id.
+    `cache` is transformers' `cache_implementation` ("dynamic" grows the KV cache by
+    concatenation every step, "static" allocates it once for the whole batch).
     """
     device = next(model.parameters()).device
     stops = set(stop_ids)
@@ -126,6 +129,7 @@ def batched_complete(
                     top_k=None,
                     eos_token_id=list(stop_ids),
                     pad_token_id=pad_id,
+                    cache_implementation=cache,
                 )
             for row, tokens in zip(order[start:end], out[:, width:].tolist(), strict=True):
                 cut = next((k for k, t in enumerate(tokens) if t in stops), len(tokens))

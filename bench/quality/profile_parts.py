@@ -22,6 +22,7 @@ Rows go to `<out>/quality_profile.json` (bench/rows.py format).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing as mp
 import random
@@ -48,6 +49,13 @@ def parse_args() -> argparse.Namespace:
     add("--out", type=Path, required=True)
     add("--tiny", action="store_true", help="Tiny shapes and counts: the code path on a CPU.")
     add("--generate-batches", type=int, nargs="+", default=[1024, 4096])
+    add(
+        "--generate-caches",
+        nargs="+",
+        choices=["dynamic", "static"],
+        default=["dynamic"],
+        help="transformers' cache_implementation for generate (rows of static: suffix _static).",
+    )
     add("--prompt-tokens", type=int, default=64)
     add("--new-tokens", type=int, default=128)
     add("--rows", type=int, default=12000, help="Prepared rows (samples) of random tokens.")
@@ -110,7 +118,7 @@ def profile_generate(
     )
     rng = random.Random(1)
     out = {}
-    for batch in args.generate_batches:
+    for cache, batch in itertools.product(args.generate_caches, args.generate_batches):
         prompts = [[rng.randrange(3, 200) for _ in range(args.prompt_tokens)] for _ in range(batch)]
         complete = batched_complete(
             model,
@@ -119,16 +127,15 @@ def profile_generate(
             max_new_tokens=args.new_tokens,
             max_batch=batch,
             max_batch_tokens=1 << 30,
+            cache=cache,
         )
         started = time.perf_counter()
         replies = complete(prompts)
         seconds = time.perf_counter() - started
-        out[f"generate_tokens_per_s_batch{batch}"] = sum(len(r) for r in replies) / seconds
-        out[f"generate_step_ms_batch{batch}"] = 1e3 * seconds / args.new_tokens
-        print(
-            f"generate batch {batch}: {out[f'generate_tokens_per_s_batch{batch}']:.0f} new tokens/s",
-            flush=True,
-        )
+        name = f"batch{batch}" + ("" if cache == "dynamic" else f"_{cache}")
+        out[f"generate_tokens_per_s_{name}"] = sum(len(r) for r in replies) / seconds
+        out[f"generate_step_ms_{name}"] = 1e3 * seconds / args.new_tokens
+        print(f"generate {name}: {out[f'generate_tokens_per_s_{name}']:.0f} new tokens/s", flush=True)
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
