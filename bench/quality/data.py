@@ -188,6 +188,7 @@ def regenerate_and_prepare(
     budget_s: float,
     seed: int,
     heldout: int,
+    max_prompt_tokens: int | None = None,
 ) -> PreparedData:
     """Regenerate chitchat's replies with `model` and prepare them for training (see the module doc)."""
     from dflash_core.verifier import tokenizer_fingerprint
@@ -212,7 +213,10 @@ def regenerate_and_prepare(
         ),
         tokenizer=tokenizer,
         # As `regenerator_for`: past seq_length - 1 prompt tokens a reply would be cut away entirely.
-        max_prompt_tokens=min(max_positions - max_new_tokens, seq_length - 1),
+        # `max_prompt_tokens` may lower it: longer prompts are left out (`too_long`).
+        max_prompt_tokens=min(
+            max_positions - max_new_tokens, seq_length - 1, max_prompt_tokens or seq_length
+        ),
         max_new_tokens=max_new_tokens,
         description={
             "service": "bench/quality: the verifier's own generate in-process (greedy, left-padded batches)",

