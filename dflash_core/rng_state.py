@@ -14,8 +14,6 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-
-
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 

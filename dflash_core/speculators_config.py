@@ -51,8 +51,6 @@ SPECULATORS_VERSION = "0.9.0"
 DRAFTER_ARCHITECTURE = "DFlashDraftModel"
 
 
-
-
 def _dtype_name(dtype: torch.dtype | str) -> str:
     return str(dtype).removeprefix("torch.")
 

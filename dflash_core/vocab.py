@@ -71,7 +71,9 @@ def build_draft_vocab(
     if seen < draft_vocab_size:
         logger.warning(
             "only %d distinct tokens were seen in the data; %d unseen ids fill the draft vocabulary of %d",
-            seen, draft_vocab_size - seen, draft_vocab_size,
+            seen,
+            draft_vocab_size - seen,
+            draft_vocab_size,
         )
     vocab = DraftVocab(d2t=d2t, t2d=t2d)
     validate_draft_vocab(vocab.d2t, vocab.t2d)

@@ -127,7 +127,8 @@ def parse_row(row: Any, *, source: str, line: int | None) -> ReadResult:
             return _parse_turns(row[key], key=key, source=source, line=line)
     found = ", ".join(sorted(map(str, row))) or "none"
     return RowError(
-        source, line,
+        source,
+        line,
         f"missing key: expected 'conversations', 'messages', or 'input_ids'+'loss_mask' (found: {found})",
         "missing_key",
     )

@@ -105,8 +105,9 @@ def _spans_by_markers(messages: list[Message], *, tokenizer: Any) -> tuple[str, 
     """
     markers = [f"{_MARK_OPEN}{i}{_MARK_CLOSE}" for i in range(len(messages))]
     try:
-        skeleton = render([Message(m.role, mark) for m, mark in zip(messages, markers, strict=True)],
-                          tokenizer=tokenizer)
+        skeleton = render(
+            [Message(m.role, mark) for m, mark in zip(messages, markers, strict=True)], tokenizer=tokenizer
+        )
     except TemplateError:
         return None  # the slow path renders the real content and reports the template's own error
     if skeleton.count(_MARK_OPEN) != len(messages):

@@ -100,8 +100,10 @@ def test_pretokenized_rows_and_errors():
         ({"input_ids": [1, -2], "loss_mask": [0, 1]}, "bad_token_ids"),
         ({"input_ids": [], "loss_mask": []}, "bad_token_ids"),
         ({"messages": []}, "missing_key"),
-        ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]},
-         "bad_content"),
+        (
+            {"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]},
+            "bad_content",
+        ),
         ({"conversations": [{"from": 7, "value": "x"}]}, "unknown_role"),
     ],
 )
@@ -116,8 +118,11 @@ def test_pretokenized_bool_mask_becomes_ints():
 
 
 def test_roles_from_either_spelling_in_either_container():
-    row = parse_row({"conversations": [{"role": "user", "content": "a"}, {"from": "gpt", "value": "b"}]},
-                    source="s", line=None)
+    row = parse_row(
+        {"conversations": [{"role": "user", "content": "a"}, {"from": "gpt", "value": "b"}]},
+        source="s",
+        line=None,
+    )
     assert row == Conversation([Message("user", "a"), Message("assistant", "b")], "s", None)
 
 
@@ -129,8 +134,10 @@ def test_broken_json_array_reports_where_it_broke():
 
 def test_json_file_holding_json_lines_is_read_line_by_line(tmp_path):
     path = tmp_path / "rows.json"
-    path.write_text(json.dumps({"messages": [{"role": "user", "content": "q"},
-                                             {"role": "assistant", "content": "a"}]}) + "\n")
+    path.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+        + "\n"
+    )
     assert [type(i) for i in read_source(str(path))] == [Conversation]
 
 
@@ -170,15 +177,20 @@ def test_chitchat_layout_errors_are_row_errors(tmp_path):
 
 @pytest.mark.parametrize(
     ("name", "repo", "split"),
-    [("sharegpt", "Aeala/ShareGPT_Vicuna_unfiltered", "train"),
-     ("ultrachat", "HuggingFaceH4/ultrachat_200k", "train_sft")],
+    [
+        ("sharegpt", "Aeala/ShareGPT_Vicuna_unfiltered", "train"),
+        ("ultrachat", "HuggingFaceH4/ultrachat_200k", "train_sft"),
+    ],
 )
 def test_hub_sources_load_the_public_datasets(monkeypatch, name, repo, split):
     calls = []
     rows = [
         {"id": "1", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
-        {"prompt": "p", "prompt_id": "x", "messages": [{"role": "user", "content": "q"},
-                                                       {"role": "assistant", "content": "a"}]},
+        {
+            "prompt": "p",
+            "prompt_id": "x",
+            "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+        },
         {"id": "3", "conversations": [{"from": "human", "value": "alone"}]},
     ]
 

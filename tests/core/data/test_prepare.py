@@ -35,8 +35,12 @@ def tok():
 
 
 def _config(tmp_path: Path, **overrides) -> PrepareDataConfig:
-    values = {"model": "tiny-test", "data": [SHAREGPT, MESSAGES, PRETOKENIZED], "output": tmp_path / "out",
-              "seq_length": 256}
+    values = {
+        "model": "tiny-test",
+        "data": [SHAREGPT, MESSAGES, PRETOKENIZED],
+        "output": tmp_path / "out",
+        "seq_length": 256,
+    }
     return PrepareDataConfig(**(values | overrides))
 
 
@@ -87,14 +91,25 @@ def test_writes_dataset_token_freq_and_metadata(tmp_path, tok):
     assert meta["seq_length"] == 256 and meta["vocab_size"] == len(tok)
     assert meta["rows_written"] == 6
     assert meta["rows_skipped"] == {
-        "bad_json": 1, "bad_loss_mask": 1, "bad_token_ids": 2, "empty_content": 1, "length_mismatch": 1,
-        "missing_key": 3, "no_assistant_turn": 1, "not_an_object": 1, "unknown_role": 1,
+        "bad_json": 1,
+        "bad_loss_mask": 1,
+        "bad_token_ids": 2,
+        "empty_content": 1,
+        "length_mismatch": 1,
+        "missing_key": 3,
+        "no_assistant_turn": 1,
+        "not_an_object": 1,
+        "unknown_role": 1,
     }
     assert meta["supervised_tokens"] == int(freq.sum())
     assert meta["total_tokens"] == sum(len(ids) for ids in dataset["input_ids"])
     assert [s["spec"] for s in meta["sources"]] == [SHAREGPT, MESSAGES, PRETOKENIZED]
     assert meta["sources"][0] == {
-        "spec": SHAREGPT, "rows_read": 5, "rows_written": 2, "rows_truncated": 0, "rows_unused": 0,
+        "spec": SHAREGPT,
+        "rows_read": 5,
+        "rows_written": 2,
+        "rows_truncated": 0,
+        "rows_unused": 0,
         "rows_skipped": {"missing_key": 1, "no_assistant_turn": 1, "unknown_role": 1},
     }
     assert meta["created"].endswith("+00:00")
@@ -140,9 +155,9 @@ def test_truncation_and_min_supervised_tokens(tmp_path, tok):
         [("user", "Hi"), ("assistant", "ok")],  # too few supervised tokens
         [("user", "Hi"), ("assistant", "Hello! How are you doing today?")],  # fits
     ]
-    path.write_text("".join(
-        json.dumps({"messages": [{"role": r, "content": c} for r, c in t]}) + "\n" for t in turns
-    ))
+    path.write_text(
+        "".join(json.dumps({"messages": [{"role": r, "content": c} for r, c in t]}) + "\n" for t in turns)
+    )
     conversations = [Conversation([Message(*m) for m in t], str(path), n) for n, t in enumerate(turns, 1)]
     full = [tokenize_conversation(c, tokenizer=tok, seq_length=None) for c in conversations]
     seq_length = len(full[3].input_ids) + 2
@@ -192,12 +207,20 @@ def test_embedded_chitchat_tokenizes_only_what_max_samples_needs(tmp_path, tok):
 
 def test_worker_processes_give_the_same_rows(tmp_path, tok):
     many = tmp_path / "many.jsonl"  # several tokenizer chunks, one bad row per ten
-    many.write_text("".join(
-        json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
-                                 {"role": "assistant" if i % 10 else "narrator", "content": f"Answer {i}."}]})
-        + "\n"
-        for i in range(600)
-    ))
+    many.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"Question {i}?"},
+                        {"role": "assistant" if i % 10 else "narrator", "content": f"Answer {i}."},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(600)
+        )
+    )
     data = [SHAREGPT, MESSAGES, str(many)]
     _prepare(tmp_path, tok, data=data, max_samples=400, num_proc=1)
     one, meta_one = load_prepared(tmp_path / "out")
@@ -211,8 +234,11 @@ def test_small_sources_are_checked_even_when_the_quota_is_full(tmp_path, tok):
     big = _jsonl(tmp_path / "big.jsonl", [[("user", f"Q{i}"), ("assistant", f"A{i}")] for i in range(300)])
     # Parses fine, but every reply lies past seq_length: found only by tokenizing it.
     hopeless = _jsonl(tmp_path / "hopeless.jsonl", [[("user", "Hi " * 300), ("assistant", "late")]] * 3)
-    with pytest.raises(DataError, match=r"'.*hopeless\.jsonl' has no usable row: all 3 rows were skipped "
-                                        r"\(too_few_supervised 3\)"):
+    with pytest.raises(
+        DataError,
+        match=r"'.*hopeless\.jsonl' has no usable row: all 3 rows were skipped "
+        r"\(too_few_supervised 3\)",
+    ):
         _prepare(tmp_path, tok, data=[big, hopeless], max_samples=1)
 
     # A usable small source that the quota left out is fine, and its rows are accounted for.

@@ -50,14 +50,22 @@ def test_only_assistant_content_and_its_end_of_turn_are_supervised(tok):
         ("assistant", "Rome, of course."),
     )
     row = tokenize_conversation(conv, tokenizer=tok, seq_length=None)
-    ids, mask = _expected(tok, [
-        (f"{IM_START}system\nBe brief.{IM_END}\n{IM_START}user\nWhat is the capital of France?{IM_END}\n"
-         f"{IM_START}assistant\n", 0),
-        ("Paris.", 1), (IM_END, 1),
-        (f"\n{IM_START}user\nAnd of Italy?{IM_END}\n{IM_START}assistant\n", 0),
-        ("Rome, of course.", 1), (IM_END, 1),
-        ("\n", 0),
-    ])
+    ids, mask = _expected(
+        tok,
+        [
+            (
+                f"{IM_START}system\nBe brief.{IM_END}\n{IM_START}user\nWhat is the capital of France?{IM_END}\n"
+                f"{IM_START}assistant\n",
+                0,
+            ),
+            ("Paris.", 1),
+            (IM_END, 1),
+            (f"\n{IM_START}user\nAnd of Italy?{IM_END}\n{IM_START}assistant\n", 0),
+            ("Rome, of course.", 1),
+            (IM_END, 1),
+            ("\n", 0),
+        ],
+    )
     # The hand-built ids are the real tokenization of the rendered chat (no merge across pieces).
     assert row.input_ids == tok.apply_chat_template(
         [{"role": m.role, "content": m.content} for m in conv.messages], tokenize=True, return_dict=False
@@ -74,13 +82,18 @@ def test_default_system_prompt_and_repeated_text_are_not_supervised(tok):
     # a naive text search would put the mask there.
     conv = _conv(("user", "a"), ("assistant", "a"), ("user", "a"), ("assistant", "a"))
     row = tokenize_conversation(conv, tokenizer=tok, seq_length=None)
-    ids, mask = _expected(tok, [
-        (f"{IM_START}system\n{SYSTEM}{IM_END}\n{IM_START}user\na{IM_END}\n{IM_START}assistant\n", 0),
-        ("a", 1), (IM_END, 1),
-        (f"\n{IM_START}user\na{IM_END}\n{IM_START}assistant\n", 0),
-        ("a", 1), (IM_END, 1),
-        ("\n", 0),
-    ])
+    ids, mask = _expected(
+        tok,
+        [
+            (f"{IM_START}system\n{SYSTEM}{IM_END}\n{IM_START}user\na{IM_END}\n{IM_START}assistant\n", 0),
+            ("a", 1),
+            (IM_END, 1),
+            (f"\n{IM_START}user\na{IM_END}\n{IM_START}assistant\n", 0),
+            ("a", 1),
+            (IM_END, 1),
+            ("\n", 0),
+        ],
+    )
     assert (row.input_ids, row.loss_mask) == (ids, mask)
 
 
@@ -124,8 +137,9 @@ def test_template_that_trims_content_still_masks_the_reply():
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     )
     tok = make_chat_tokenizer(chat_template=template)
-    row = tokenize_conversation(_conv(("user", "Hi"), ("assistant", "  Hello there  ")), tokenizer=tok,
-                                seq_length=None)
+    row = tokenize_conversation(
+        _conv(("user", "Hi"), ("assistant", "  Hello there  ")), tokenizer=tok, seq_length=None
+    )
     supervised = tok.decode([t for t, m in zip(row.input_ids, row.loss_mask, strict=True) if m])
     assert supervised == f"Hello there{IM_END}"
 
@@ -146,8 +160,9 @@ def test_template_that_rejects_a_conversation_raises_template_error():
     )
     tok = make_chat_tokenizer(chat_template=template)
     with pytest.raises(TemplateError, match="no system role"):
-        tokenize_conversation(_conv(("system", "s"), ("user", "u"), ("assistant", "a")), tokenizer=tok,
-                              seq_length=None)
+        tokenize_conversation(
+            _conv(("system", "s"), ("user", "u"), ("assistant", "a")), tokenizer=tok, seq_length=None
+        )
 
 
 def test_template_that_drops_content_raises_template_error():
