@@ -54,8 +54,8 @@ def test_only_assistant_content_and_its_end_of_turn_are_supervised(tok):
         tok,
         [
             (
-                f"{IM_START}system\nBe brief.{IM_END}\n{IM_START}user\nWhat is the capital of France?{IM_END}\n"
-                f"{IM_START}assistant\n",
+                f"{IM_START}system\nBe brief.{IM_END}\n"
+                f"{IM_START}user\nWhat is the capital of France?{IM_END}\n{IM_START}assistant\n",
                 0,
             ),
             ("Paris.", 1),
