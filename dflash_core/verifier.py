@@ -143,9 +143,7 @@ def _converted_gguf(name_or_path: str, folder: str, file_name: str) -> str | Non
         from safetensors.torch import save_model
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=torch.float32)
-        if not getattr(model.config, "architectures", None):
-            model.config.architectures = [type(model).__name__]
+        model = _named(AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=torch.float32))
         # transformers refuses `save_pretrained` on a model it loaded from a GGUF (it counts as
         # quantized); its weights are plain float32 tensors by now: write them and the config.
         save_model(model, str(dest / "model.safetensors"), metadata={"format": "pt"})
@@ -156,6 +154,13 @@ def _converted_gguf(name_or_path: str, folder: str, file_name: str) -> str | Non
 
     converted = converted_folder(Path(folder) / file_name, convert=convert)
     return str(converted) if converted is not None else None
+
+
+def _named(model: PreTrainedModel) -> PreTrainedModel:
+    """`model` with `config.architectures` filled in when its source lacks it (a GGUF)."""
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]
+    return model
 
 
 def load_verifier(
@@ -173,9 +178,7 @@ def load_verifier(
     source = _load_source(name_or_path)  # resolved once: the GGUF cache is consulted once
     tokenizer = _tokenizer_at(name_or_path, source)
     folder, gguf_file = source
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype)
-    if not getattr(model.config, "architectures", None):
-        model.config.architectures = [type(model).__name__]
+    model = _named(AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype))
     model.to(device)
     model.eval()
     model.requires_grad_(False)

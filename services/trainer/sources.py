@@ -186,7 +186,8 @@ class InProcessSource:
     def _split(self, sample_id: int, sample: torch.Tensor) -> SampleHiddenStates:
         """sample [t, K+1, H] -> aux [t, K*H] (layer-major on the feature axis) and last [t, H].
 
-        Both are fresh contiguous tensors, so nothing keeps the padded batch they came from alive
+        Both are fresh contiguous copies (`copy=True`: even a slice that is already contiguous, a
+        one-token sample's, is copied), so nothing keeps the padded batch they came from alive
         (what the stash holds is what its token count says).
         """
         num_aux = len(self._target_layer_ids)
@@ -194,8 +195,8 @@ class InProcessSource:
         contiguous = torch.contiguous_format
         return SampleHiddenStates(
             sample_id=sample_id,
-            aux=sample[:, :num_aux].to(dtype, memory_format=contiguous).flatten(1),
-            last=sample[:, num_aux].to(dtype, memory_format=contiguous),
+            aux=sample[:, :num_aux].to(dtype, memory_format=contiguous, copy=True).flatten(1),
+            last=sample[:, num_aux].to(dtype, memory_format=contiguous, copy=True),
         )
 
 
