@@ -17,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 EMBEDDED_VERIFIER = "embedded:smollm2-135m-instruct"
 # Conversations shipped in the `chitchat_dataset` PyPI package.
 EMBEDDED_DATA = "chitchat"
+# `--data self`: conversations the verifier writes itself (user turns and replies).
+SELF_DATA = "self"
+# `--regenerate-with in-process`: the verifier generates in the prepare-data process.
+IN_PROCESS = "in-process"
 
 
 class JobConfig(BaseModel):
@@ -51,8 +55,9 @@ class PrepareDataConfig(JobConfig):
     num_proc: int = Field(default=1, ge=1, description="Tokenizer worker processes.")
     regenerate_with: list[str] | None = Field(
         default=None,
-        description="Hidden-state service endpoints: rewrite every assistant turn with the verifier's "
-        "own completion (on-policy data) before tokenizing.",
+        description="Hidden-state service endpoints (or `in-process`: the verifier runs in this "
+        "process): rewrite every assistant turn with the verifier's own completion (on-policy "
+        "data) before tokenizing. `--data self` generates through them too.",
     )
     regenerate_max_new_tokens: int = Field(
         default=1024, gt=0, description="Longest regenerated assistant turn, in tokens."
@@ -61,6 +66,67 @@ class PrepareDataConfig(JobConfig):
         default=0.0, ge=0, description="Sampling temperature of the regeneration; 0 = greedy."
     )
     regenerate_top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling cut-off.")
+
+    # --- `--data self`: the verifier writes the user turns (Magpie), then answers them ---
+    self_samples: int | None = Field(
+        default=None,
+        gt=0,
+        description="Conversations `--data self` writes (default: --max-samples). All are kept; other "
+        "sources fill the rest of --max-samples.",
+    )
+    self_turns: int = Field(default=1, ge=1, description="User turns per self-written conversation.")
+    self_temperature: float = Field(
+        default=1.0, gt=0, description="Sampling temperature of the user turns the verifier writes."
+    )
+    self_top_p: float = Field(
+        default=1.0, gt=0, le=1, description="Nucleus cut-off of the written user turns."
+    )
+    self_max_prompt_tokens: int = Field(
+        default=256, gt=0, description="Longest user turn written; a longer one is dropped as unfinished."
+    )
+    self_min_prompt_tokens: int = Field(
+        default=3, ge=1, description="Drop written user turns shorter than this."
+    )
+    self_system_prompt: str | None = Field(
+        default=None, description="System message of every self-written conversation (kept in the data)."
+    )
+    self_topics: list[str] | None = Field(
+        default=None,
+        description="Steer the written user turns, one topic per conversation in turn (a .txt file of one "
+        "topic a line, or the topics themselves); shown to the writer only, never kept.",
+    )
+    self_language: str | None = Field(
+        default=None, description="Keep written user turns in this language only (ISO 639-1, e.g. `en`)."
+    )
+    self_dedup: Literal["near", "exact", "none"] = Field(
+        default="near", description="Drop written user turns that repeat an earlier one: near-duplicates too."
+    )
+    self_near_duplicate: float = Field(
+        default=0.8,
+        gt=0,
+        le=1,
+        description="Character 5-gram Jaccard similarity at which a user turn is a near-duplicate.",
+    )
+
+    @model_validator(mode="after")
+    def _self_prompting(self) -> PrepareDataConfig:
+        if SELF_DATA in self.data and self.self_samples is None and self.max_samples is None:
+            raise ValueError("--data self needs a count: pass --self-samples N (or --max-samples N)")
+        if self.self_max_prompt_tokens <= self.self_min_prompt_tokens:
+            raise ValueError(
+                f"--self-max-prompt-tokens {self.self_max_prompt_tokens} must exceed "
+                f"--self-min-prompt-tokens {self.self_min_prompt_tokens}"
+            )
+        if self.regenerate_with and IN_PROCESS in self.regenerate_with and len(self.regenerate_with) > 1:
+            raise ValueError("--regenerate-with takes service endpoints or `in-process`, not both")
+        return self
+
+    @property
+    def self_count(self) -> int:
+        """Conversations `--data self` writes."""
+        count = self.self_samples if self.self_samples is not None else self.max_samples
+        assert count is not None  # the validator above
+        return count
 
 
 class TrainConfig(JobConfig):

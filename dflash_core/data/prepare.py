@@ -35,9 +35,10 @@ from typing import Any
 
 import torch
 
-from dflash_core.config import PrepareDataConfig
+from dflash_core.config import SELF_DATA, PrepareDataConfig
 from dflash_core.data.formats import Conversation, DataError, RowError, TokenizedRow, read_source
 from dflash_core.data.regenerate import Regenerator
+from dflash_core.data.self_prompt import SelfPrompter
 from dflash_core.data.templates import (
     chat_template_sha256,
     check_tokenizer,
@@ -77,6 +78,7 @@ _METADATA_DEFAULTS: dict[str, Any] = {
     "rows_truncated": 0,
     "sources": [],
     "regenerated": None,
+    "self_prompted": None,
 }
 
 Record = Conversation | TokenizedRow
@@ -222,10 +224,14 @@ def _tokenizer_pool(*, tokenizer: Any, config: PrepareDataConfig, vocab_size: in
 
 
 def _regenerating(tokenize: Tokenize, regenerate: Regenerator) -> Tokenize:
-    """Rewrite a batch's assistant turns with the verifier's replies, then tokenize what is left."""
+    """Rewrite a batch's assistant turns with the verifier's replies, then tokenize what is left.
+
+    Self-written conversations pass as they are: their replies are the verifier's already.
+    """
 
     def run(records: list[Record]) -> Iterator[TokenizedRow | RowError]:
-        rewritten = regenerate(records)
+        others = iter(regenerate([r for r in records if r.source != SELF_DATA]))
+        rewritten = [r if r.source == SELF_DATA else next(others) for r in records]
         tokenized = tokenize([r for r in rewritten if not isinstance(r, RowError)])
         return iter([r if isinstance(r, RowError) else next(tokenized) for r in rewritten])
 
@@ -244,6 +250,7 @@ def prepare_data(
     tokenizer_fingerprint: str,
     vocab_size: int | None = None,
     regenerate: Regenerator | None = None,
+    self_prompter: SelfPrompter | None = None,
 ) -> PrepareReport:
     """Tokenize `config.data` with `tokenizer`'s chat template and write the dataset to `config.output`.
 
@@ -252,6 +259,8 @@ def prepare_data(
     exceed `len(tokenizer)` (Qwen3: 151936 rows, 151669 tokens); default `len(tokenizer)`.
     `regenerate` (built from `config.regenerate_with` by the CLI) rewrites the assistant turns of
     the rows tried, just before they are tokenized; its settings and counts go to the metadata.
+    `self_prompter` writes the conversations of `--data self`; they are all kept (they were paid
+    for), other sources fill the rest of `max_samples`, and the rows are shuffled together.
     Raises `DataError` for an unusable source or output folder.
     """
     output = Path(config.output)
@@ -261,10 +270,12 @@ def prepare_data(
         raise DataError(f"vocab_size={vocab} is smaller than the tokenizer ({len(tokenizer)} tokens)")
 
     reports = {spec: SourceReport(spec) for spec in dict.fromkeys(config.data)}  # duplicates read once
+    written = _self_written(reports, self_prompter)
     records = _read_sources(reports)
     if any(isinstance(r, Conversation) for r in records):
         check_tokenizer(tokenizer)
     random.Random(config.seed).shuffle(records)
+    records = written + records
     with _tokenizer_pool(tokenizer=tokenizer, config=config, vocab_size=vocab) as tokenize:
         if regenerate is not None:
             tokenize = _regenerating(tokenize, regenerate)
@@ -279,6 +290,8 @@ def prepare_data(
             if report.rows_written == 0:
                 _prove_usable(report, untried=untried, tokenize=tokenize, config=config)
 
+    if written:
+        random.Random(config.seed).shuffle(rows)  # self-written rows came first
     token_freq = count_supervised_tokens(rows, vocab_size=vocab)
     metadata = _metadata(
         config,
@@ -290,6 +303,7 @@ def prepare_data(
         template_sha256=_template_sha_or_none(tokenizer),
     )
     metadata["regenerated"] = regenerate.metadata() if regenerate is not None else None
+    metadata["self_prompted"] = self_prompter.metadata() if self_prompter is not None else None
     _write(output, rows=rows, token_freq=token_freq, metadata=metadata)
     report = PrepareReport(
         output=output,
@@ -304,10 +318,26 @@ def prepare_data(
     return report
 
 
+def _self_written(reports: dict[str, SourceReport], self_prompter: SelfPrompter | None) -> list[Record]:
+    """The conversations of `--data self`, written by the verifier now (none without that source)."""
+    report = reports.get(SELF_DATA)
+    if report is None:
+        return []
+    if self_prompter is None:
+        raise DataError("--data self needs a verifier to write with: none was given to prepare_data")
+    written: list[Record] = list(self_prompter.conversations())
+    report.rows_read = len(written)
+    if not written:
+        raise DataError(f"--data self wrote no usable conversation: {self_prompter.summary()}")
+    return written
+
+
 def _read_sources(reports: dict[str, SourceReport]) -> list[Record]:
     """Parse every source; rows that fail to parse are skipped now, before any tokenization."""
     records: list[Record] = []
     for spec, report in reports.items():
+        if spec == SELF_DATA:
+            continue
         before = len(records)
         for item in read_source(spec):
             report.rows_read += 1
