@@ -450,6 +450,12 @@ class ServeHiddenStatesConfig(JobConfig):
     engine_args: list[str] = Field(
         default_factory=list, description="vllm backend: arguments after `--`, passed to vLLM's engine."
     )
+    generate_only: bool = Field(
+        default=False,
+        description="Serve Generate only (regeneration, self-prompting); Extract is refused. With --backend "
+        "vllm the engine runs as for serving: no capture hooks, CUDA graphs, prefix caching, "
+        "--max-num-seqs 1024 unless given after `--`.",
+    )
 
     @field_validator("target_layer_ids")
     @classmethod

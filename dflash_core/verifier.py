@@ -117,6 +117,21 @@ def _load_source(name_or_path: str) -> tuple[str, str | None]:
     return (converted, None) if converted is not None else gguf
 
 
+def transformers_folder(name_or_path: str) -> str:
+    """What another engine (vLLM) loads as this verifier: an HF id or folder as it is; a GGUF
+    verifier (the embedded default) as the transformers folder `dflash_core.gguf_cache` keeps for
+    it (converted now if need be): vLLM reads neither our `embedded:` name nor a bare GGUF's
+    tokenizer and chat template. Raises ValueError when the cache is off (DFLASH_CACHE_DIR=off).
+    """
+    folder, gguf_file = _load_source(name_or_path)
+    if gguf_file is not None:
+        raise ValueError(
+            f"{name_or_path} is a GGUF verifier and its converted transformers folder is off "
+            "(DFLASH_CACHE_DIR=off): unset DFLASH_CACHE_DIR, or pass a transformers folder"
+        )
+    return folder
+
+
 def _tokenizer_at(name_or_path: str, source: tuple[str, str | None]) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 

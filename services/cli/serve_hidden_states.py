@@ -3,11 +3,14 @@
     dflash serve-hidden-states Qwen/Qwen3-8B --target-layer-ids 2 18 33 --backend vllm \\
         -- --gpu-memory-utilization 0.9 --port 8000
     dflash serve-hidden-states                       # the embedded SmolLM2, transformers, CPU
+    dflash serve-hidden-states Qwen/Qwen3-8B --backend vllm --generate-only   # Generate only, fast
 
 Layer N (the last) is always served too. Arguments after `--` go to vLLM's engine, except
 `--port` and `--host`, which this service takes (the tutorial's launch command puts them there).
 vLLM lives in its own environment: when `--backend vllm` is asked for and this Python lacks
 vLLM, the service starts under $DFLASH_VLLM_PYTHON (`make test` points it at .venv-vllm).
+`--generate-only` serves regeneration and self-prompting (`prepare-data --regenerate-with`) at
+vLLM's serving speed: no hidden states (Extract is refused), CUDA graphs and prefix caching on.
 """
 
 from __future__ import annotations

@@ -8,7 +8,10 @@ whose tokenizer differs from the one the data is prepared with.
 
 Guarantees:
 - Every endpoint answers GetInfo at start-up and all serve the same verifier, else `GenerateError`.
-- Prompts are cut into batches; batches run concurrently over the endpoints (least busy first).
+- Prompts are cut into batches (`batch_size` prompts, and under half of gRPC's message limit for
+  the request and for its replies); batches run concurrently over the endpoints (least busy
+  first), `requests_per_endpoint` calls in flight per endpoint. Both default by backend: a vLLM
+  engine batches every prompt it holds, so it gets big calls and enough of them to stay full.
 - UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED (a restart, a slow or full service) are
   retried a bounded number of times, on another endpoint when there is one, with exponential
   backoff once every endpoint has failed the batch. Anything else (INVALID_ARGUMENT: a prompt too
@@ -35,6 +38,7 @@ import grpc
 
 from dflash_core.config import PrepareDataConfig
 from dflash_core.data.regenerate import Regenerator, end_of_turn_ids
+from dflash_core.wire.codec import MAX_MESSAGE_BYTES
 from dflash_core.wire.identity import fingerprint_from_info
 from dflash_core.wire.pb import hidden_states_pb2 as pb
 from dflash_core.wire.pb import hidden_states_pb2_grpc as pb_grpc
@@ -49,9 +53,17 @@ RETRYABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 )
 
-# Prompts per Generate call. The transformers backend generates one prompt after another, so a
-# big batch only delays the reply towards the deadline; vLLM batches a call's prompts together.
-DEFAULT_BATCH_SIZE = {"vllm": 64, "transformers": 8}
+# Prompts per Generate call, and calls in flight per endpoint. The transformers backend generates
+# one prompt after another, so a big batch only delays the reply towards the deadline, and one call
+# queued behind the running one is enough. vLLM runs every prompt it holds in one continuous batch
+# (up to 1024 sequences with --generate-only, the rest wait in its queue): 4 calls of 512 keep it
+# full while finished calls are answered and the next ones sent.
+DEFAULT_BATCH_SIZE = {"vllm": 512, "transformers": 8}
+DEFAULT_REQUESTS_PER_ENDPOINT = {"vllm": 4, "transformers": 2}
+# A token id takes at most 5 bytes on the wire (varint); a request and its response each stay
+# under half of gRPC's message limit (both ends raise it to MAX_MESSAGE_BYTES).
+_BYTES_PER_TOKEN, _BYTES_PER_PROMPT = 5, 16
+MAX_CALL_BYTES = MAX_MESSAGE_BYTES // 2
 
 
 class GenerateError(Exception):
@@ -73,7 +85,7 @@ class GenerateClient:
         endpoints: Sequence[str],
         *,
         batch_size: int | None = None,
-        requests_per_endpoint: int = 2,
+        requests_per_endpoint: int | None = None,
         max_attempts: int = 5,
         backoff_s: float = 1.0,
         max_backoff_s: float = 30.0,
@@ -83,8 +95,9 @@ class GenerateClient:
         """Open a channel to each endpoint and check it with GetInfo.
 
         `batch_size`: prompts per Generate call (default by backend, `DEFAULT_BATCH_SIZE`).
-        `requests_per_endpoint`: calls in flight per endpoint; 2 keeps the next batch queued on the
-        service while one runs. `max_attempts`: tries per batch over all endpoints. `backoff_s`
+        `requests_per_endpoint`: calls in flight per endpoint (default by backend,
+        `DEFAULT_REQUESTS_PER_ENDPOINT`), so the next batches wait on the service while one runs.
+        `max_attempts`: tries per batch over all endpoints. `backoff_s`
         doubles per failure up to `max_backoff_s`. `connect_timeout_s`: how long GetInfo waits for
         an endpoint to come up. `request_timeout_s`: deadline of one Generate call, queueing on the
         service included. Raises `GenerateError`.
@@ -112,8 +125,11 @@ class GenerateClient:
             self.close()
             raise
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE.get(self.info.backend, 8)
+        self.requests_per_endpoint = requests_per_endpoint or DEFAULT_REQUESTS_PER_ENDPOINT.get(
+            self.info.backend, 2
+        )
         self._pool = ThreadPoolExecutor(
-            max_workers=len(self._endpoints) * requests_per_endpoint, thread_name_prefix="generate"
+            max_workers=len(self._endpoints) * self.requests_per_endpoint, thread_name_prefix="generate"
         )
 
     # ------------------------------------------------------------------ what is served
@@ -131,6 +147,11 @@ class GenerateClient:
     @property
     def addresses(self) -> list[str]:
         return [e.address for e in self._endpoints]
+
+    @property
+    def calls_in_flight(self) -> int:
+        """Generate calls this client keeps in flight at most, over all endpoints."""
+        return len(self._endpoints) * self.requests_per_endpoint
 
     @property
     def max_length(self) -> int:
@@ -184,9 +205,9 @@ class GenerateClient:
         if self._pool is None:
             raise GenerateError("the GenerateClient is closed")
         futures: list[Future[list[list[int]]]] = []
-        for start in range(0, len(prompts), self.batch_size):
+        for start, end in self._batches(prompts, max_new_tokens=max_new_tokens):
             request = pb.GenerateRequest(
-                prompts=[pb.Prompt(token_ids=list(p)) for p in prompts[start : start + self.batch_size]],
+                prompts=[pb.Prompt(token_ids=list(p)) for p in prompts[start:end]],
                 params=pb.SamplingParams(
                     max_new_tokens=max_new_tokens,
                     temperature=temperature,
@@ -205,6 +226,26 @@ class GenerateClient:
                 future.cancel()  # batches not started yet; running calls end by themselves
             raise
         return replies
+
+    def _batches(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int) -> list[tuple[int, int]]:
+        """(start, end) of each call's prompts: at most `batch_size`, and the request and its
+        replies under MAX_CALL_BYTES each (a prompt alone is always sent, the service judges it)."""
+        batches: list[tuple[int, int]] = []
+        start, request_bytes, reply_bytes = 0, 0, 0
+        for end, prompt in enumerate(prompts):
+            prompt_bytes = _BYTES_PER_TOKEN * len(prompt) + _BYTES_PER_PROMPT
+            new_bytes = _BYTES_PER_TOKEN * max_new_tokens + _BYTES_PER_PROMPT
+            full = end - start >= self.batch_size or (
+                end > start and max(request_bytes + prompt_bytes, reply_bytes + new_bytes) > MAX_CALL_BYTES
+            )
+            if full:
+                batches.append((start, end))
+                start, request_bytes, reply_bytes = end, 0, 0
+            request_bytes += prompt_bytes
+            reply_bytes += new_bytes
+        if start < len(prompts):
+            batches.append((start, len(prompts)))
+        return batches
 
     def _generate(self, request: pb.GenerateRequest, *, keep_stop_token: bool = False) -> list[list[int]]:
         failures: Counter[str] = Counter()
@@ -327,6 +368,8 @@ def regenerator_for(
         tokenizer=tokenizer,
         max_prompt_tokens=max_prompt_tokens,
         max_new_tokens=max_new_tokens,
+        # Every call in flight twice over per round: the engines stay full until the round's tail.
+        round_size=max(Regenerator.round_size, 2 * client.batch_size * client.calls_in_flight),
         description={
             "service": {
                 "endpoints": client.addresses,

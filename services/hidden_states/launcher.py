@@ -29,7 +29,10 @@ def config_to_flags(config: ServeHiddenStatesConfig) -> list[str]:
     flags: list[str] = []
     for name, value in config.model_dump(exclude_defaults=True, exclude={"engine_args"}).items():
         flag = "--" + name.replace("_", "-")
-        flags += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
+        if isinstance(value, bool):  # argparse's BooleanOptionalAction: --flag / --no-flag
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
     return [*flags, "--", *config.engine_args] if config.engine_args else flags
 
 

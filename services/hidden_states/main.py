@@ -38,6 +38,7 @@ def build_backend(config: ServeHiddenStatesConfig) -> Backend:
             max_length=config.max_length,
             max_batch_tokens=config.max_batch_tokens,
             engine_args=config.engine_args,
+            generate_only=config.generate_only,
         )
     if config.engine_args:
         raise SystemExit(
@@ -52,6 +53,7 @@ def build_backend(config: ServeHiddenStatesConfig) -> Backend:
         device=config.device,
         max_length=config.max_length,
         max_batch_tokens=config.max_batch_tokens,
+        generate_only=config.generate_only,
     )
 
 
@@ -64,7 +66,8 @@ def serve(config: ServeHiddenStatesConfig) -> int:
         max_frame_bytes=config.max_frame_bytes,
         max_streams=config.max_streams,
         max_pending_per_stream=config.max_pending_per_stream,
-        payload_port=config.payload_port,
+        # Hidden-state bytes are all the payload port carries: none to carry here.
+        payload_port=0 if config.generate_only else config.payload_port,
     ).start()
     stopping = threading.Event()
 

@@ -6,6 +6,15 @@ stream's outbox. Encoding into frames happens in the stream's own thread, so the
 computes. Generate jobs go through the same worker, between batches: one backend, one thread,
 no locking inside backends.
 
+Generate jobs queued at the same time run as one `backend.generate` call (vLLM batches all their
+prompts together; transformers runs them one after another as before). Every prompt keeps the
+params and seed of its own request (`per_prompt_params`: prompt i of a request samples with
+seed + i), so each caller gets exactly the replies it would get alone; should the merged call
+fail, each job is run again alone, so one caller's bad request fails that caller only. A backend
+with a `generation_stream` (vLLM's generation-only mode) gets every job's prompts added to its
+running batch as soon as the job arrives, and the worker steps it while any prompt is unfinished;
+a job whose caller went away (cancelled, deadline) has its prompts aborted.
+
 Memory stays bounded: each stream holds at most `max_pending` samples (queued, computed or being
 sent); its reader stops pulling requests off the network beyond that, and HTTP/2 flow control
 pushes back on the client.
@@ -13,6 +22,7 @@ pushes back on the client.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -24,7 +34,13 @@ import grpc
 import torch
 
 from dflash_core.wire.codec import check_finite_nonzero
-from services.hidden_states.backends.base import Backend, GeneratedSequence, GenerationParams
+from services.hidden_states.backends.base import (
+    Backend,
+    GeneratedSequence,
+    GenerationParams,
+    GenerationStream,
+    per_prompt_params,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +90,22 @@ class ExtractJob:
     outbox: StreamOutbox
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity
 class GenerateJob:
     prompts: list[list[int]]
     params: GenerationParams
     future: Future[list[GeneratedSequence]] = field(default_factory=Future)
+    # Set when the caller is gone (the RPC ended): a streamed job's prompts are then aborted.
+    abandoned: threading.Event = field(default_factory=threading.Event)
+    # A streamed job's replies as they finish, the keys of its prompts in the stream, and how
+    # many of them are still generating.
+    replies: list[GeneratedSequence | None] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    unfinished: int = 0
+
+    def abandon(self) -> None:
+        self.abandoned.set()
+        self.future.cancel()  # a job still queued is dropped at once
 
 
 class Scheduler:
@@ -90,6 +117,13 @@ class Scheduler:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hidden-state-worker", daemon=True)
         self.samples_served = 0
+        self._stream: GenerationStream | None = getattr(backend, "generation_stream", None)
+        self._streamed: dict[str, tuple[GenerateJob, int]] = {}  # key -> (job, prompt index)
+        self._keys = itertools.count()
+        # What Generate cost the backend: jobs served and `backend.generate` calls (merged jobs
+        # share one); tests and benchmarks read them.
+        self.generate_jobs = 0
+        self.generate_calls = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -106,23 +140,30 @@ class Scheduler:
         with self._wake:
             self._wake.notify()
 
-    def submit_generate(self, prompts: list[list[int]], params: GenerationParams) -> Future:
+    def submit_generate(self, prompts: list[list[int]], params: GenerationParams) -> GenerateJob:
+        """Queue a Generate request; its replies arrive on `job.future`. Call `job.abandon()`
+        when the caller goes away."""
         job = GenerateJob(prompts=prompts, params=params)
         self._generate.put(job)
         with self._wake:
             self._wake.notify()
-        return job.future
+        return job
 
     # ------------------------------------------------------------------ worker
     def _run(self) -> None:
         while not self._stopping.is_set():
             with self._wake:
-                if self._extract.empty() and self._generate.empty():
+                if self._extract.empty() and self._generate.empty() and not self._streamed:
                     self._wake.wait(timeout=0.5)
-            self._run_generate_jobs()
+            if self._stream is not None:
+                self._step_stream(self._stream)
+            else:
+                self._run_generate_jobs()
             batch = self._take_batch()
             if batch:
                 self._run_extract(batch)
+        if self._streamed:  # stopping: nobody will step these any more
+            self._fail_streamed(RuntimeError("the service is stopping"))
 
     def _take_batch(self) -> list[ExtractJob]:
         """FIFO jobs of live streams up to the token budget (always at least one job)."""
@@ -174,18 +215,112 @@ class Scheduler:
                 )
             )
 
-    def _run_generate_jobs(self) -> None:
+    def _take_generate_jobs(self) -> list[GenerateJob]:
+        """Every queued Generate job whose caller still waits, marked running."""
+        jobs = []
         while True:
             try:
                 job = self._generate.get_nowait()
             except queue.Empty:
-                return
-            if not job.future.set_running_or_notify_cancel():
-                continue
+                return jobs
+            if job.future.set_running_or_notify_cancel():
+                jobs.append(job)
+
+    def _run_generate_jobs(self) -> None:
+        jobs = self._take_generate_jobs()
+        if len(jobs) > 1:
             try:
-                job.future.set_result(self.backend.generate(job.prompts, job.params))
+                replies = self._generate_merged(jobs)
+            except Exception:
+                logger.exception("backend generate failed for %d merged jobs; running each alone", len(jobs))
+            else:
+                for job, reply in zip(jobs, replies, strict=True):
+                    job.future.set_result(reply)
+                return
+        for job in jobs:
+            try:
+                job.future.set_result(self._generate_merged([job])[0])
             except Exception as exc:
                 logger.exception("backend generate failed")
+                job.future.set_exception(exc)
+
+    def _generate_merged(self, jobs: Sequence[GenerateJob]) -> list[list[GeneratedSequence]]:
+        """One `backend.generate` call for the prompts of `jobs`; each job's replies, in order."""
+        prompts = [prompt for job in jobs for prompt in job.prompts]
+        params = [p for job in jobs for p in per_prompt_params(job.params, len(job.prompts))]
+        self.generate_calls += 1
+        self.generate_jobs += len(jobs)
+        completions = self.backend.generate(prompts, params)
+        if len(completions) != len(prompts):
+            raise RuntimeError(
+                f"the backend returned {len(completions)} completions for {len(prompts)} prompts"
+            )
+        replies, start = [], 0
+        for job in jobs:
+            replies.append(completions[start : start + len(job.prompts)])
+            start += len(job.prompts)
+        return replies
+
+    # ------------------------------------------------------------------ streamed generation
+    def _step_stream(self, stream: GenerationStream) -> None:
+        """Add the prompts of newly queued jobs, drop those of callers gone, run one step."""
+        for job in self._take_generate_jobs():
+            self._add_to_stream(stream, job)
+        for job in {job for job, _ in self._streamed.values() if job.abandoned.is_set()}:
+            self._drop_from_stream(stream, job)
+        if not self._streamed:
+            return
+        try:
+            finished = stream.step()
+        except Exception as exc:
+            logger.exception("backend generation step failed for %d prompts", len(self._streamed))
+            self._fail_streamed(exc)
+            return
+        for key, completion in finished:
+            entry = self._streamed.pop(key, None)
+            if entry is None:
+                continue
+            job, index = entry
+            job.replies[index] = completion
+            job.unfinished -= 1
+            if job.unfinished == 0:
+                job.future.set_result(list(job.replies))  # type: ignore[arg-type]
+
+    def _add_to_stream(self, stream: GenerationStream, job: GenerateJob) -> None:
+        job.replies = [None] * len(job.prompts)
+        try:
+            for index, (prompt, params) in enumerate(
+                zip(job.prompts, per_prompt_params(job.params, len(job.prompts)), strict=True)
+            ):
+                key = f"dflash-generate-{next(self._keys)}"
+                stream.add(key, prompt, params)
+                job.keys.append(key)
+                job.unfinished += 1
+                self._streamed[key] = (job, index)
+        except Exception as exc:
+            logger.exception("adding a Generate job's prompts to the engine failed")
+            self._drop_from_stream(stream, job)
+            job.future.set_exception(exc)
+            return
+        self.generate_jobs += 1
+
+    def _drop_from_stream(self, stream: GenerationStream, job: GenerateJob) -> None:
+        keys = [key for key in job.keys if self._streamed.pop(key, None) is not None]
+        try:
+            stream.abort(keys)
+        except Exception:
+            logger.exception("aborting %d prompts in the engine failed", len(keys))
+
+    def _fail_streamed(self, exc: BaseException) -> None:
+        jobs = {job for job, _ in self._streamed.values()}
+        if self._stream is not None:
+            try:
+                self._stream.abort(list(self._streamed))
+            except Exception:
+                logger.exception("aborting %d prompts in the engine failed", len(self._streamed))
+        self._streamed.clear()
+        for job in jobs:
+            if not job.future.done():
                 job.future.set_exception(exc)
 
 

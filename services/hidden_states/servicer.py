@@ -10,6 +10,9 @@ port gets that port in its initial metadata; once the client's connection is bou
 `payload_listener.py`), the call's samples go on it as records, while errors and the end of the
 call stay on the stream. A connection that breaks ends the call with UNAVAILABLE, so the client
 asks again for what it did not get.
+
+A service started with `--generate-only` answers GetInfo and Generate; Extract is refused with
+FAILED_PRECONDITION naming the flag (a trainer pointed at it stops with that message).
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ from services.hidden_states.scheduler import ComputedSample, ExtractJob, Schedul
 logger = logging.getLogger(__name__)
 
 SERVER_VERSION = "dflash-hidden-states/1"
+GENERATE_ONLY_REFUSAL = (
+    "this service was started with --generate-only; it serves Generate only. Hidden states "
+    "(training, generate-offline) need a service started without --generate-only"
+)
 
 
 class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
@@ -77,6 +84,8 @@ class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
 
     # ------------------------------------------------------------------ Extract
     def Extract(self, request_iterator, context: grpc.ServicerContext) -> Iterator[bytes]:
+        if self.info.generate_only:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, GENERATE_ONLY_REFUSAL)
         self._check_expected_verifier(context)
         if not self._stream_slots.acquire(blocking=False):
             context.abort(
@@ -296,7 +305,7 @@ class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
                     f"{self.info.fingerprint.vocab_size}",
                 )
             prompts.append(ids)
-        future = self.scheduler.submit_generate(
+        job = self.scheduler.submit_generate(
             prompts,
             GenerationParams(
                 max_new_tokens=params.max_new_tokens,
@@ -307,7 +316,8 @@ class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
                 stop_token_ids=tuple(params.stop_token_ids),
             ),
         )
-        context.add_callback(future.cancel)
+        future = job.future
+        context.add_callback(job.abandon)  # the call ended (or was cancelled): stop generating for it
         remaining = context.time_remaining()
         try:
             # Without a client deadline gRPC reports an effectively infinite time remaining.
@@ -315,7 +325,7 @@ class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
                 timeout=remaining if remaining is not None and remaining < 1e6 else None
             )
         except TimeoutError:
-            future.cancel()
+            job.abandon()
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "generation did not finish before the deadline")
         except Exception as exc:
             context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {exc}")

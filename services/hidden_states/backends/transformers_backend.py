@@ -2,7 +2,9 @@
 
 The embedded default (SmolLM2 from its GGUF) and any HF causal LM. Hidden states come from
 `dflash_core.capture` (hooks at the DESIGN 2.1 ids), in padded batches under a token budget;
-completions from `model.generate`.
+completions from `model.generate`, one prompt at a time. `generate_only` only marks the backend
+so (the service then refuses Extract): a GPU deployment that generates at scale uses the vllm
+backend's generation-only mode instead.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from services.hidden_states.backends.base import (
     BackendInfo,
     GeneratedSequence,
     GenerationParams,
+    per_prompt_params,
     served_layer_ids,
 )
 
@@ -46,6 +49,7 @@ class TransformersBackend:
         target_layer_ids: Sequence[int] | None,
         max_length: int = 8192,
         max_batch_tokens: int = 16384,
+        generate_only: bool = False,
     ) -> None:
         """Serve an already loaded model (in eval mode, frozen); `load` builds one by name."""
         self.model, self.tokenizer = model, tokenizer
@@ -66,6 +70,7 @@ class TransformersBackend:
             max_length=max_length,
             max_batch_tokens=max_batch_tokens,
             eos_token_ids=eos_ids,
+            generate_only=generate_only,
         )
         logger.info(
             "transformers backend: %s on %s in %s, serving layer ids %s",
@@ -85,6 +90,7 @@ class TransformersBackend:
         device: str = "auto",
         max_length: int = 8192,
         max_batch_tokens: int = 16384,
+        generate_only: bool = False,
     ) -> TransformersBackend:
         model, tokenizer = load_verifier(model_name_or_path, device=resolve_device(device), dtype=dtype)
         return cls(
@@ -94,6 +100,7 @@ class TransformersBackend:
             target_layer_ids=target_layer_ids,
             max_length=max_length,
             max_batch_tokens=max_batch_tokens,
+            generate_only=generate_only,
         )
 
     @property
@@ -117,25 +124,25 @@ class TransformersBackend:
         return results
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[list[int]], params: GenerationParams) -> list[GeneratedSequence]:
-        # One prompt at a time: no padding questions, and the embedded default runs on CPU anyway.
-        # A GPU deployment that regenerates at scale uses the vllm backend.
-        stop_ids = {*self._info.eos_token_ids, *params.stop_token_ids}
-        generator_seed = params.seed
+    def generate(
+        self, prompts: Sequence[list[int]], params: GenerationParams | Sequence[GenerationParams]
+    ) -> list[GeneratedSequence]:
+        # One prompt at a time: no padding questions, and the embedded default runs on CPU anyway;
+        # so a reply never depends on which other prompts share the call (merged Generate calls).
         results = []
-        for prompt in prompts:
+        for prompt, own in zip(prompts, per_prompt_params(params, len(prompts)), strict=True):
+            stop_ids = {*self._info.eos_token_ids, *own.stop_token_ids}
             input_ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
-            sampling = params.temperature > 0
+            sampling = own.temperature > 0
             kwargs = {
-                "max_new_tokens": params.max_new_tokens,
+                "max_new_tokens": own.max_new_tokens,
                 "do_sample": sampling,
                 "eos_token_id": sorted(stop_ids) or None,
                 "pad_token_id": self.tokenizer.pad_token_id or next(iter(self._info.eos_token_ids), 0),
             }
             if sampling:
-                kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
-                torch.manual_seed(generator_seed)
-                generator_seed += 1
+                kwargs.update(temperature=own.temperature, top_p=own.top_p, top_k=own.top_k or None)
+                torch.manual_seed(own.seed)
             else:
                 kwargs.update(temperature=None, top_p=None, top_k=None)
             output = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)

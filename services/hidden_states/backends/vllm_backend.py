@@ -30,6 +30,15 @@ connector carry them out of the runner; an in-memory connector of our own would 
 
 Prefix caching is off so that every prompt token is computed (a cached prefix would leave its
 positions without rows). Prompts of the same content in one call are separate requests.
+
+Generation only (`generate_only`, `serve-hidden-states --generate-only`): for regeneration and
+self-prompting at serving speed. No hooks are installed and Extract is refused, so the engine runs
+as `vllm serve` would: compiled with CUDA graphs (`-- --enforce-eager` still turns them off),
+prefix caching on (multi-turn regeneration and self-prompting send long shared prefixes), up to
+`GENERATE_ONLY_MAX_NUM_SEQS` sequences at once unless `-- --max-num-seqs` says otherwise, and
+vLLM's own choice of engine process and model runner. Prompts reach the engine through a
+`GenerationStream`: the scheduler adds each Generate call's prompts to the running batch as they
+arrive, so the engine never drains between calls.
 """
 
 from __future__ import annotations
@@ -47,24 +56,30 @@ from dflash_core.verifier import (
     fingerprint_of,
     load_tokenizer,
     load_verifier_config,
+    transformers_folder,
     validate_target_layer_ids,
 )
 from services.hidden_states.backends.base import (
     BackendInfo,
     GeneratedSequence,
     GenerationParams,
+    per_prompt_params,
     served_layer_ids,
 )
 from services.hidden_states.backends.vllm_capture import CaptureWorkerExtension
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
-    from vllm import LLM
+    from vllm import LLM, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 _EXTENSION = f"{CaptureWorkerExtension.__module__}.{CaptureWorkerExtension.__qualname__}"
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+# Sequences a generation-only engine runs at once (vLLM's own default is 256 on GPU): small
+# verifiers decode far faster per token in batches this big, and the KV cache of a 135M-8B model
+# holds them at regeneration lengths. Capped by max_num_batched_tokens, which vLLM requires.
+GENERATE_ONLY_MAX_NUM_SEQS = 1024
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,22 +107,33 @@ def parse_engine_args(engine_args: Sequence[str]) -> dict[str, Any]:
     return {name: value for name, value in given.items() if defaults.get(name) != value}
 
 
-def check_engine_kwargs(kwargs: dict[str, Any], *, max_length: int) -> None:
-    """Refuse engine flags that would break capture or that the service owns; messages say what to do."""
+def check_engine_kwargs(kwargs: dict[str, Any], *, max_length: int, generate_only: bool = False) -> None:
+    """Refuse engine flags that would break capture or that the service owns; messages say what to do.
+
+    A generation-only engine captures nothing, so only the flags the service owns are refused."""
     if "model" in kwargs:
         raise ValueError("drop --model from the engine arguments: the model is the service's MODEL argument")
     if "dtype" in kwargs:
         raise ValueError("drop --dtype from the engine arguments: use the service's own --dtype")
-    if "worker_extension_cls" in kwargs:
-        raise ValueError(
-            "drop --worker-extension-cls from the engine arguments: the vllm backend installs its own "
-            f"({_EXTENSION}) to reach the capture hooks"
-        )
     if int(kwargs.get("data_parallel_size", 1)) > 1:
         raise ValueError(
             f"--data-parallel-size {kwargs['data_parallel_size']}: one hidden-state service drives one "
             "engine. Run one service per GPU group (e.g. CUDA_VISIBLE_DEVICES=0,1 and =2,3, each with "
             "its own --port) and give the trainer every address (--vllm-endpoint a --vllm-endpoint b)"
+        )
+    max_model_len = kwargs.get("max_model_len")
+    if max_model_len is not None and int(max_model_len) <= max_length:
+        raise ValueError(
+            f"--max-model-len {max_model_len} must exceed --max-length {max_length} (an extraction "
+            f"runs the whole sequence plus one sampled token): raise it or pass --max-length "
+            f"{int(max_model_len) - 1}"
+        )
+    if generate_only:
+        return
+    if "worker_extension_cls" in kwargs:
+        raise ValueError(
+            "drop --worker-extension-cls from the engine arguments: the vllm backend installs its own "
+            f"({_EXTENSION}) to reach the capture hooks"
         )
     if int(kwargs.get("pipeline_parallel_size", 1)) > 1:
         raise ValueError(
@@ -116,19 +142,13 @@ def check_engine_kwargs(kwargs: dict[str, Any], *, max_length: int) -> None:
         )
     if kwargs.get("enforce_eager") is False:
         raise ValueError(
-            "--no-enforce-eager: the capture hooks only run in eager mode (compiled graphs skip them)"
+            "--no-enforce-eager: the capture hooks only run in eager mode (compiled graphs skip them); "
+            "a service started with --generate-only runs compiled"
         )
     if kwargs.get("enable_prefix_caching"):
         raise ValueError(
             "--enable-prefix-caching: cached prompt prefixes are never recomputed, so their hidden "
-            "states would be missing; leave prefix caching off"
-        )
-    max_model_len = kwargs.get("max_model_len")
-    if max_model_len is not None and int(max_model_len) <= max_length:
-        raise ValueError(
-            f"--max-model-len {max_model_len} must exceed --max-length {max_length} (an extraction "
-            f"runs the whole sequence plus one sampled token): raise it or pass --max-length "
-            f"{int(max_model_len) - 1}"
+            "states would be missing; leave prefix caching off (--generate-only turns it on)"
         )
 
 
@@ -220,23 +240,29 @@ class VllmBackend:
         max_length: int,
         max_batch_tokens: int,
         engine_args: list[str],
+        generate_only: bool = False,
     ) -> None:
+        """`generate_only`: no capture, the engine configured for serving (see the module's
+        docstring); `extract` then raises."""
         if dtype not in _DTYPE_NAMES:
             raise ValueError(f"dtype {dtype} is not one of {sorted(_DTYPE_NAMES.values())}")
-        # The engine core in this process: the drain call is then a plain call (no copy), and
-        # start-up takes seconds, not half a minute. Required, not just faster: an engine core in
-        # another process returns collective_rpc results through msgpack, which hands tensors back
-        # as untyped lists unless VLLM_ALLOW_INSECURE_SERIALIZATION turns pickle on. Worker
-        # processes (tensor parallel) still work: their replies travel by pickle inside vLLM.
-        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
-            logger.warning(
-                "vllm backend: overriding VLLM_ENABLE_V1_MULTIPROCESSING=1 (needs the engine in-process)"
-            )
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        # The model runner whose batch layout the hooks read, as verified here (vLLM's CPU build has
-        # only V1). Model runner V2, the GPU default in 0.32 when Triton is present, has a shim in
-        # vllm_capture that no test here reaches; the position/token check guards it as well.
-        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+        if not generate_only:
+            # The engine core in this process: the drain call is then a plain call (no copy), and
+            # start-up takes seconds, not half a minute. Required, not just faster: an engine core in
+            # another process returns collective_rpc results through msgpack, which hands tensors back
+            # as untyped lists unless VLLM_ALLOW_INSECURE_SERIALIZATION turns pickle on. Worker
+            # processes (tensor parallel) still work: their replies travel by pickle inside vLLM.
+            # Generation only needs none of it: vLLM's default (an engine-core process, which keeps
+            # stepping while this one turns outputs into replies) is left alone there.
+            if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+                logger.warning(
+                    "vllm backend: overriding VLLM_ENABLE_V1_MULTIPROCESSING=1 (needs the engine in-process)"
+                )
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            # The model runner whose batch layout the hooks read, as verified here (vLLM's CPU build
+            # has only V1). Model runner V2, the GPU default in 0.32 when Triton is present, has a shim
+            # in vllm_capture that no test here reaches; the position/token check guards it as well.
+            os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         from vllm import LLM
 
         config = load_verifier_config(model_name_or_path)
@@ -248,7 +274,7 @@ class VllmBackend:
         layer_ids = served_layer_ids(ids, fingerprint.num_layers)
 
         user = parse_engine_args(engine_args)
-        check_engine_kwargs(user, max_length=max_length)
+        check_engine_kwargs(user, max_length=max_length, generate_only=generate_only)
         limit = _position_limit(config)
         max_model_len = max_length + 1  # the sequence plus the one token an extraction samples
         if limit is not None and "max_model_len" not in user and max_model_len > limit:
@@ -262,15 +288,22 @@ class VllmBackend:
             )
             max_model_len = limit
         kwargs: dict[str, Any] = {
-            "model": model_name_or_path,
+            # vLLM reads neither `embedded:` nor a bare GGUF's tokenizer: their converted folder.
+            "model": transformers_folder(model_name_or_path),
             "dtype": _DTYPE_NAMES[dtype],
-            "enforce_eager": True,  # hooks do not run inside compiled graphs
-            "enable_prefix_caching": False,  # every prompt token must be computed
             "max_model_len": max_model_len,
             # One forward holds at most this many tokens; longer prompts are chunked by vLLM.
             "max_num_batched_tokens": max_batch_tokens,
-            "worker_extension_cls": _EXTENSION,  # the dflash_* capture calls on every worker
         }
+        if generate_only:
+            # Serving settings: compiled forwards and CUDA graphs (vLLM's default, enforce_eager
+            # unset), shared prefixes computed once, and big batches.
+            kwargs["enable_prefix_caching"] = True
+            kwargs["max_num_seqs"] = min(GENERATE_ONLY_MAX_NUM_SEQS, max_batch_tokens)
+        else:
+            kwargs["enforce_eager"] = True  # hooks do not run inside compiled graphs
+            kwargs["enable_prefix_caching"] = False  # every prompt token must be computed
+            kwargs["worker_extension_cls"] = _EXTENSION  # the dflash_* capture calls on every worker
         world = int(user.get("tensor_parallel_size", 1)) * int(user.get("pipeline_parallel_size", 1))
         if world == 1:
             kwargs["distributed_executor_backend"] = "uni"  # the worker in this process too
@@ -278,9 +311,13 @@ class VllmBackend:
         logger.info("vllm backend: starting the engine with %s", kwargs)
         self.llm: LLM | None = LLM(**kwargs)
 
-        capturing = self.llm.collective_rpc("dflash_install_capture", args=(list(layer_ids),))
-        if not any(capturing):
-            raise RuntimeError("no vLLM worker installed the capture hooks (is TP rank 0 missing?)")
+        self.generation_stream: VllmGenerationStream | None = None
+        if generate_only:
+            self.generation_stream = VllmGenerationStream(self.llm)
+        else:
+            capturing = self.llm.collective_rpc("dflash_install_capture", args=(list(layer_ids),))
+            if not any(capturing):
+                raise RuntimeError("no vLLM worker installed the capture hooks (is TP rank 0 missing?)")
         served_max_length = min(max_length, int(self.llm.llm_engine.model_config.max_model_len) - 1)
         self._info = BackendInfo(
             name="vllm",
@@ -290,13 +327,16 @@ class VllmBackend:
             max_length=served_max_length,
             max_batch_tokens=int(kwargs["max_num_batched_tokens"]),
             eos_token_ids=_eos_token_ids(model_name_or_path, config, tokenizer),
+            generate_only=generate_only,
         )
+        if self.generation_stream is not None:
+            self.generation_stream.eos_token_ids = self._info.eos_token_ids
         self._request_numbers = itertools.count()
         logger.info(
-            "vllm backend: %s in %s, serving layer ids %s, sequences up to %d tokens",
+            "vllm backend: %s in %s, %s, sequences up to %d tokens",
             model_name_or_path,
             self._info.dtype,
-            list(layer_ids),
+            "generation only" if generate_only else f"serving layer ids {list(layer_ids)}",
             served_max_length,
         )
 
@@ -316,6 +356,8 @@ class VllmBackend:
         from vllm.sampling_params import RequestOutputKind
 
         llm = self._engine()
+        if self._info.generate_only:
+            raise RuntimeError("this vllm backend was started for generation only (--generate-only)")
         width, hidden = len(self._info.layer_ids), self._info.fingerprint.hidden_size
         tokens = [s.detach().to("cpu", torch.int64).reshape(-1) for s in sequences]
         for index, seq in enumerate(tokens):
@@ -383,45 +425,27 @@ class VllmBackend:
 
     # -- generation -----------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[list[int]], params: GenerationParams) -> list[GeneratedSequence]:
-        from vllm import SamplingParams
-
+    def generate(
+        self, prompts: Sequence[list[int]], params: GenerationParams | Sequence[GenerationParams]
+    ) -> list[GeneratedSequence]:
         llm = self._engine()
         if not prompts:
             return []
         limit = int(llm.llm_engine.model_config.max_model_len)
         for index, prompt in enumerate(prompts):
-            if not prompt or len(prompt) >= limit:
-                raise ValueError(
-                    f"prompt {index} has {len(prompt)} tokens; generation takes 1..{limit - 1} "
-                    f"(max_model_len {limit})"
-                )
-        if params.max_new_tokens <= 0:
-            return [GeneratedSequence(token_ids=[], finish_reason="length") for _ in prompts]
-        stop_ids = sorted({*self._info.eos_token_ids, *params.stop_token_ids})
-        sampling = params.temperature > 0
-        per_prompt = [
-            SamplingParams(
-                max_tokens=params.max_new_tokens,
-                temperature=params.temperature if sampling else 0.0,
-                top_p=params.top_p if sampling else 1.0,
-                top_k=params.top_k if sampling else 0,  # 0 = off in both conventions
-                # One seed per prompt, as the transformers backend does (seed, seed + 1, ...).
-                seed=params.seed + i if sampling else None,
-                stop_token_ids=stop_ids,
-                detokenize=False,
-            )
-            for i in range(len(prompts))
-        ]
-        outputs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], per_prompt, use_tqdm=False)
-        results = []
-        for output in outputs:
-            completion = output.outputs[0]
-            new = list(completion.token_ids)
-            # vLLM keeps the stop token in token_ids and reports "stop" for eos and stop ids alike;
-            # running into max_model_len is "length", as is max_tokens.
-            finish = "stop" if completion.finish_reason == "stop" else "length"
-            results.append(GeneratedSequence(token_ids=new, finish_reason=finish))
+            _check_prompt(prompt, limit=limit, label=f"prompt {index}")
+        own = per_prompt_params(params, len(prompts))
+        results = [GeneratedSequence(token_ids=[], finish_reason="length") for _ in prompts]
+        work = [i for i, p in enumerate(own) if p.max_new_tokens > 0]
+        if not work:
+            return results
+        outputs = llm.generate(
+            [{"prompt_token_ids": list(prompts[i])} for i in work],
+            [sampling_params(own[i], eos_token_ids=self._info.eos_token_ids) for i in work],
+            use_tqdm=False,
+        )
+        for index, output in zip(work, outputs, strict=True):
+            results[index] = _completion(output)
         return results
 
     def close(self) -> None:
@@ -429,6 +453,95 @@ class VllmBackend:
         if llm is None:
             return
         try:
-            llm.collective_rpc("dflash_remove_capture")
+            if not self._info.generate_only:
+                llm.collective_rpc("dflash_remove_capture")
         finally:
             llm.llm_engine.engine_core.shutdown()
+
+
+# --------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------
+
+
+def sampling_params(params: GenerationParams, *, eos_token_ids: Sequence[int]) -> SamplingParams:
+    """vLLM's SamplingParams for one prompt (its own seed, as given), only the final output kept."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    sampling = params.temperature > 0
+    return SamplingParams(
+        max_tokens=params.max_new_tokens,
+        temperature=params.temperature if sampling else 0.0,
+        top_p=params.top_p if sampling else 1.0,
+        top_k=params.top_k if sampling else 0,  # 0 = off in both conventions
+        seed=params.seed if sampling else None,
+        stop_token_ids=sorted({*eos_token_ids, *params.stop_token_ids}),
+        detokenize=False,
+        output_kind=RequestOutputKind.FINAL_ONLY,
+    )
+
+
+def _check_prompt(prompt: Sequence[int], *, limit: int, label: str) -> None:
+    if not prompt or len(prompt) >= limit:
+        raise ValueError(
+            f"{label} has {len(prompt)} tokens; generation takes 1..{limit - 1} (max_model_len {limit})"
+        )
+
+
+def _completion(output: Any) -> GeneratedSequence:
+    completion = output.outputs[0]
+    # vLLM keeps the stop token in token_ids and reports "stop" for eos and stop ids alike;
+    # running into max_model_len is "length", as is max_tokens.
+    finish = "stop" if completion.finish_reason == "stop" else "length"
+    return GeneratedSequence(token_ids=list(completion.token_ids), finish_reason=finish)
+
+
+class VllmGenerationStream:
+    """The engine's own loop, driven from the scheduler's worker (`base.GenerationStream`).
+
+    `LLM.generate` adds its prompts and steps the engine until all of them finish, so prompts that
+    arrive meanwhile wait for the slowest reply of the batch, and the batch thins out towards its
+    end. Here prompts are added to the engine whenever a Generate call brings them and each step
+    hands back whatever finished: the engine keeps up to max_num_seqs sequences running for as long
+    as there is work. Outputs carry the id we gave (`add_request` returns vLLM's internal one, with
+    a random suffix, which aborts need).
+    """
+
+    def __init__(self, llm: LLM) -> None:
+        self._llm = llm
+        self._internal_ids: dict[str, str] = {}  # our key -> vLLM's internal request id
+        self.eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def unfinished(self) -> int:
+        return len(self._internal_ids)
+
+    def add(self, key: str, prompt: list[int], params: GenerationParams) -> None:
+        engine = self._llm.llm_engine
+        _check_prompt(prompt, limit=int(engine.model_config.max_model_len), label="the prompt")
+        if params.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens {params.max_new_tokens} must be >= 1")
+        internal = engine.add_request(
+            key, {"prompt_token_ids": list(prompt)}, sampling_params(params, eos_token_ids=self.eos_token_ids)
+        )
+        self._internal_ids[key] = internal if isinstance(internal, str) else key
+
+    def step(self) -> list[tuple[str, GeneratedSequence]]:
+        if not self._internal_ids:
+            return []
+        finished = []
+        for output in self._llm.llm_engine.step():
+            if output.finished and self._internal_ids.pop(output.request_id, None) is not None:
+                finished.append((output.request_id, _completion(output)))
+        return finished
+
+    def abort(self, keys: Sequence[str]) -> None:
+        internal = [self._internal_ids.pop(key) for key in keys if key in self._internal_ids]
+        if not internal:
+            return
+        engine = self._llm.llm_engine
+        try:
+            engine.abort_request(internal, internal=True)
+        except TypeError:  # a vLLM whose ids are ours as given: no `internal` keyword
+            engine.abort_request(internal)
