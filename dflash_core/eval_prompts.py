@@ -6,9 +6,11 @@ Sources (`dflash eval --prompts`):
   the verifier's chat template and its generation prompt.
 - a `dflash prepare-data` folder: each row's tokens up to its first supervised (assistant) token,
   so the prompt is exactly what the trainer saw before the reply, assistant header included.
-- a `.json` / `.jsonl` file of chats (`messages` / `conversations`: the turns before the first
-  assistant turn), `{"prompt": "text"}` rows (one user turn) or pre-tokenized rows
-  (`input_ids` + `loss_mask`, cut like a prepared row).
+- a `.json` / `.jsonl` file of chats (`messages` / `conversations`), `{"prompt": "text"}` rows
+  (one user turn) or pre-tokenized rows (`input_ids` + `loss_mask`, cut like a prepared row). A
+  chat that ends with a user turn is a multi-turn prompt: all of it, and the reply to its last
+  turn is decoded. Any other chat gives the turns before its first assistant turn (a training
+  row's first reply). Chats need an assistant turn somewhere, as `parse_row` asks.
 
 Rows that yield no prompt (no user turn before the reply, nothing before the first supervised
 token, a malformed row) are skipped and counted; a source without one usable prompt is an error.
@@ -151,11 +153,7 @@ def _prompt_ids(record: Conversation | TokenizedRow, *, tokenizer: Any) -> list[
         if first == 0:
             return "the first token is already supervised (no prompt before it)"
         return list(record.input_ids[:first])
-    before: list[Message] = []
-    for message in record.messages:
-        if message.role == "assistant":
-            break
-        before.append(message)
+    before = _prompt_turns(record.messages)
     if not any(m.role == "user" for m in before):
         return "no user turn before the first assistant turn"
     try:
@@ -164,3 +162,16 @@ def _prompt_ids(record: Conversation | TokenizedRow, *, tokenizer: Any) -> list[
         return str(exc)
     # No added special tokens: the template writes BOS itself (as prepare-data tokenizes).
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _prompt_turns(messages: list[Message]) -> list[Message]:
+    """The turns a chat's prompt renders: all of them when the last is a user turn, else those before
+    the first assistant turn."""
+    if messages and messages[-1].role == "user":
+        return list(messages)
+    before: list[Message] = []
+    for message in messages:
+        if message.role == "assistant":
+            break
+        before.append(message)
+    return before

@@ -112,6 +112,37 @@ def test_eval_reads_prompt_files(trained, tmp_path, capsys):
     assert "prompts.jsonl (3)" in capsys.readouterr().out
 
 
+def test_a_chat_ending_with_a_user_turn_is_prompted_whole(tmp_path):
+    system = {"role": "system", "content": "Be brief."}
+    chat = [
+        {"role": "user", "content": "Name a red fruit."},
+        {"role": "assistant", "content": "A strawberry."},
+        {"role": "user", "content": "And a yellow one?"},
+    ]
+    sharegpt = [
+        {"from": {"user": "human", "assistant": "gpt"}[t["role"]], "value": t["content"]} for t in chat
+    ]
+    rows = [
+        {"messages": chat},
+        {"messages": [*chat, {"role": "assistant", "content": "A banana."}]},
+        # ShareGPT spelling, with a system turn first.
+        {"conversations": [{"from": "system", "value": system["content"]}, *sharegpt]},
+    ]
+    prompts_file = tmp_path / "chats.jsonl"
+    prompts_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokenizer = make_chat_tokenizer()
+    prompts = load_prompts(str(prompts_file), tokenizer=tokenizer, limit=10)
+
+    def rendered(turns: list[dict]) -> str:
+        return tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+
+    # Ends with a user turn: the whole chat, then the header of the reply to its last turn.
+    assert tokenizer.decode(prompts[0].token_ids) == rendered(chat)
+    assert tokenizer.decode(prompts[2].token_ids) == rendered([system, *chat])
+    # Ends with a reply: as before, the turns before the first assistant turn.
+    assert tokenizer.decode(prompts[1].token_ids) == rendered(chat[:1])
+
+
 def test_prepared_rows_are_cut_before_their_first_supervised_token(trained):
     from dflash_core.data.prepare import load_prepared
 
