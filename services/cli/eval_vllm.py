@@ -16,7 +16,8 @@ Two halves in one file:
 vLLM cannot resolve `embedded:smollm2-135m-instruct` (nor a bare .gguf without its tokenizer
 folder): that verifier is written out as a transformers folder first, and the checkpoint is
 handed to vLLM as a copy whose config.json names that folder as its verifier (the tensors are
-linked, not copied). The report says so.
+linked, not copied). The report says so. vLLM's process starts in the repository's folder, so
+local paths (checkpoint, verifier) are handed over absolute; hub ids as they are.
 """
 
 from __future__ import annotations
@@ -83,10 +84,11 @@ def run_vllm_eval(config: EvalConfig) -> EvalReport:
     with tempfile.TemporaryDirectory(prefix="dflash-eval-vllm-") as work_dir:
         work = Path(work_dir)
         verifier_path = _verifier_for_vllm(verifier_name, work, notes, dtype=config.dtype)
+        checkpoint = Path(os.path.abspath(config.checkpoint))
         checkpoint_path = (
-            str(config.checkpoint)  # vLLM reads z-lab configs natively; they name no verifier
+            str(checkpoint)  # vLLM reads z-lab configs natively; they name no verifier
             if layout == "zlab"
-            else _checkpoint_for_vllm(config.checkpoint, verifier_path, work, notes)
+            else _checkpoint_for_vllm(checkpoint, verifier_path, work, notes)
         )
         request = {
             "verifier": verifier_path,
@@ -110,12 +112,18 @@ def run_vllm_eval(config: EvalConfig) -> EvalReport:
                    num_prompts=len(prompts), notes=notes)  # fmt: skip
 
 
+def _absolute_if_local(name: str) -> str:
+    """`name` as an absolute path when it names something here (vLLM runs from another folder)."""
+    return os.path.abspath(name) if Path(name).exists() else name
+
+
 def _verifier_for_vllm(name: str, work: Path, notes: list[str], *, dtype: str) -> str:
-    """A name vLLM can load: hub ids and folders as they are; the embedded / GGUF verifier written out."""
+    """A name vLLM can load: hub ids as they are, folders absolute; the embedded / GGUF verifier
+    written out."""
     from dflash_core.config import EMBEDDED_VERIFIER
 
     if name != EMBEDDED_VERIFIER and not name.lower().endswith(".gguf"):
-        return name
+        return _absolute_if_local(name)
     import torch
 
     from dflash_core.verifier import load_verifier
@@ -146,15 +154,15 @@ def _checkpoint_for_vllm(checkpoint: Path, verifier_path: str, work: Path, notes
 
     data = json.loads((checkpoint / CONFIG_FILE).read_text())
     verifier = data.setdefault("speculators_config", {}).setdefault("verifier", {})
-    if verifier.get("name_or_path") == verifier_path:
+    named = verifier.get("name_or_path")
+    if named == verifier_path:
         return str(checkpoint)
     folder = work / "checkpoint"
     folder.mkdir()
     (folder / WEIGHTS_FILE).symlink_to((checkpoint / WEIGHTS_FILE).resolve())
-    if verifier.get("name_or_path") and not str(verifier_path).startswith(str(work)):
-        notes.append(
-            f"checkpoint's verifier {verifier.get('name_or_path')!r} overridden by {verifier_path!r}"
-        )
+    # A relative name is the same verifier when it resolves here to the same folder.
+    if named and _absolute_if_local(named) != verifier_path and not str(verifier_path).startswith(str(work)):
+        notes.append(f"checkpoint's verifier {named!r} overridden by {verifier_path!r}")
     verifier["name_or_path"] = verifier_path
     (folder / CONFIG_FILE).write_text(json.dumps(data, indent=2))
     return str(folder)

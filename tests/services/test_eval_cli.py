@@ -214,6 +214,22 @@ def test_vllm_engine_counts_what_our_engine_counts(trained, tmp_path, capsys):
 
 @pytest.mark.slow
 @needs_vllm
+def test_vllm_engine_takes_paths_relative_to_the_callers_folder(trained, tmp_path, monkeypatch):
+    """vLLM runs in a process started from the repository's folder: a checkpoint and a verifier
+    given relative to the caller's folder must reach it as the same folders (hub ids stay as given)."""
+    monkeypatch.chdir(tmp_path)
+    checkpoint = Path(os.path.relpath(trained["checkpoint"], tmp_path))
+    verifier = os.path.relpath(trained["verifier"], tmp_path)
+    report = eval_json(trained, tmp_path, "--engine", "vllm", "--dtype", "float32", "--no-baseline",
+                       "--verifier", verifier, checkpoint=checkpoint)  # fmt: skip
+    assert report["engine"] == "vllm" and report["drafts"] > 0
+    # Reported as the user wrote them.
+    assert report["checkpoint"] == str(checkpoint) and report["verifier"] == verifier
+    assert not any("overridden" in note for note in report["notes"])  # the same verifier, not another
+
+
+@pytest.mark.slow
+@needs_vllm
 def test_vllm_serves_the_zlab_export_with_the_same_acceptance(trained, tmp_path):
     """vLLM reads z-lab configs natively (its aux layers = target_layer_ids + 1) and decodes as we do.
 
