@@ -104,3 +104,27 @@ def make_tiny_verifier(
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
     return TinyVerifier(model=model, tokenizer=tokenizer, path=path)
+
+
+def make_turn_ending_verifier(tmp_path: Path, *, end_logit: float = 5.0, seed: int = 0) -> TinyVerifier:
+    """A tiny verifier whose sampled turns END: `<|im_end|>` leads every next-token distribution.
+
+    Random weights give every token about 1/vocab, so sampled user turns and replies would almost
+    never close. Here dimension 0 of every embedding is a constant that dominates the final
+    norm's output, and `<|im_end|>`'s LM-head row reads it: its logit is about `end_logit` above
+    the others (probability ~0.15 per step with `end_logit` 5 and ~400 tokens). Saved under
+    `tmp_path / "tiny-ending"`.
+    """
+    tiny = make_tiny_verifier(seed=seed)
+    model, tokenizer = tiny.model, tiny.tokenizer
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        model.model.norm.weight[0] = 1.0
+        # After the final norm, dimension 0 is ~sqrt(hidden_size) (it holds nearly all the energy).
+        model.lm_head.weight[end] = 0.0
+        model.lm_head.weight[end, 0] = end_logit / model.config.hidden_size**0.5
+    path = Path(tmp_path) / "tiny-ending"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return TinyVerifier(model=model, tokenizer=tokenizer, path=path)
