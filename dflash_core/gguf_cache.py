@@ -6,9 +6,10 @@ hidden-state service, trainer, evaluation and test that loads it (one quality ru
 loads it about nine times). The converted folder (config, float32 safetensors, tokenizer with
 its chat template) loads in about a second.
 
-- **Key:** the GGUF's resolved path, size and modification time, and the transformers version
-  (another version may dequantize or name things differently). A folder is used only when its
-  marker file, written last, holds the same key: a half-written or stale folder is never read.
+- **Key:** the GGUF's resolved path, size and modification time, the transformers version
+  (another version may dequantize or name things differently) and the folder's `LAYOUT`. A
+  folder is used only when its marker file, written last, holds the same key: a half-written or
+  stale folder is never read.
 - **Atomic:** a conversion is written to a temporary folder beside the final one and renamed into
   place; when two processes convert at once, one rename wins and the other's folder is dropped.
 - **Where:** `$DFLASH_CACHE_DIR`, else `$XDG_CACHE_HOME/dflash`, else `~/.cache/dflash`, under
@@ -32,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 MARKER = "dflash_gguf_conversion.json"
 CACHE_ENV = "DFLASH_CACHE_DIR"
+# How the folder is written; a new layout converts again. 2: a tied embedding is stored under the
+# input embedding's name only (vLLM reads it from there; layout 1 kept it as lm_head.weight).
+LAYOUT = 2
 
 
 def cache_root() -> Path | None:
@@ -59,6 +63,7 @@ def conversion_key(gguf: Path) -> dict[str, str | int]:
         "size": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
         "transformers": transformers.__version__,
+        "layout": LAYOUT,
     }
 
 

@@ -155,13 +155,13 @@ def _converted_gguf(name_or_path: str, folder: str, file_name: str) -> str | Non
     """The GGUF verifier's converted transformers folder (dflash_core.gguf_cache), or None."""
 
     def convert(dest: Path) -> None:
-        from safetensors.torch import save_model
+        from safetensors.torch import save_file
         from transformers import AutoModelForCausalLM
 
         model = _named(AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=torch.float32))
         # transformers refuses `save_pretrained` on a model it loaded from a GGUF (it counts as
         # quantized); its weights are plain float32 tensors by now: write them and the config.
-        save_model(model, str(dest / "model.safetensors"), metadata={"format": "pt"})
+        save_file(_untied_state(model), str(dest / "model.safetensors"), metadata={"format": "pt"})
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config  # the folder holds plain weights: load them as such
         model.config.save_pretrained(dest)
@@ -169,6 +169,19 @@ def _converted_gguf(name_or_path: str, folder: str, file_name: str) -> str | Non
 
     converted = converted_folder(Path(folder) / file_name, convert=convert)
     return str(converted) if converted is not None else None
+
+
+def _untied_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The state dict as `save_pretrained` writes it: a tied output embedding is left out, so the
+    weight is stored once, under the input embedding's name. vLLM loads a tied model's embedding
+    from that name and skips `lm_head.*`: a file holding it only as lm_head.weight (what
+    safetensors' `save_model` keeps of the pair) leaves vLLM's embedding unloaded, silently."""
+    state = model.state_dict()
+    output = model.get_output_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) and output is not None:
+        tied = next(name for name, module in model.named_modules() if module is output)
+        state.pop(f"{tied}.weight", None)
+    return {name: tensor.contiguous() for name, tensor in state.items()}
 
 
 def _named(model: PreTrainedModel) -> PreTrainedModel:

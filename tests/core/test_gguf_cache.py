@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from dflash_core.config import EMBEDDED_VERIFIER
 from dflash_core.gguf_cache import MARKER, converted_folder
@@ -117,3 +118,10 @@ def test_the_converted_smollm2_loads_what_the_gguf_loads(tmp_path, monkeypatch):
     ids = tokenizer("Hello there", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.equal(model(ids).logits, direct(ids).logits)
+    # The tied embedding is written once, under the input embedding's name as Hugging Face writes
+    # it: vLLM skips `lm_head.*` of a tied model, and an embedding kept only as lm_head.weight
+    # left vLLM's embedding unloaded (garbage replies, no error).
+    with safe_open(str(folder / "model.safetensors"), "pt") as weights:
+        names = set(weights.keys())
+    assert model.config.tie_word_embeddings
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
