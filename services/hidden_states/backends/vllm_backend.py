@@ -530,8 +530,13 @@ class VllmGenerationStream:
     def step(self) -> list[tuple[str, GeneratedSequence]]:
         if not self._internal_ids:
             return []
+        engine = self._llm.llm_engine
+        if not engine.has_unfinished_requests():
+            # Stepping an idle engine waits for outputs that never come (engine-core process).
+            lost, self._internal_ids = len(self._internal_ids), {}
+            raise RuntimeError(f"vLLM holds none of the {lost} prompts still expected to finish")
         finished = []
-        for output in self._llm.llm_engine.step():
+        for output in engine.step():
             if output.finished and self._internal_ids.pop(output.request_id, None) is not None:
                 finished.append((output.request_id, _completion(output)))
         return finished

@@ -109,3 +109,20 @@ def test_callers_sharing_the_running_batch_get_what_they_get_alone(stub):
     other_seed = request_of(1)
     other_seed.params.seed += 1
     assert replies(other_seed) != alone[1]
+
+
+def test_a_caller_gone_mid_generation_leaves_the_engine_serving(vllm_service, stub):
+    long = pb.GenerateRequest(
+        prompts=[pb.Prompt(token_ids=[3, 4, 5, i]) for i in range(32)],
+        params=pb.SamplingParams(max_new_tokens=200, temperature=1.0, seed=7),
+    )
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Generate(long, timeout=0.2)
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Its prompts are aborted in the engine; the next caller is served as usual.
+    response = stub.Generate(request_of(0), timeout=CALL_TIMEOUT_S)
+    assert [list(c.token_ids) for c in response.completions] == [
+        list(c.token_ids) for c in stub.Generate(request_of(0), timeout=CALL_TIMEOUT_S).completions
+    ]
+    log = "".join(vllm_service.output)
+    assert "generation step failed" not in log and "in the engine failed" not in log
