@@ -19,7 +19,12 @@ from dataclasses import dataclass
 import torch
 
 from dflash_core.verifier import VerifierFingerprint
-from services.hidden_states.backends.base import BackendInfo, GeneratedSequence, GenerationParams
+from services.hidden_states.backends.base import (
+    BackendInfo,
+    GeneratedSequence,
+    GenerationParams,
+    per_prompt_params,
+)
 
 # Distinct start rows: enough that neighbouring sample ids get different tensors.
 START_ROWS = 61
@@ -95,10 +100,14 @@ class SyntheticBackend:
     def extract(self, sequences: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [expected_planes(self._reference, ids) for ids in sequences]
 
-    def generate(self, prompts: Sequence[list[int]], params: GenerationParams) -> list[GeneratedSequence]:
+    def generate(
+        self, prompts: Sequence[list[int]], params: GenerationParams | Sequence[GenerationParams]
+    ) -> list[GeneratedSequence]:
         # Regeneration is not part of any transport figure; a fixed answer keeps the protocol whole.
-        completion = GeneratedSequence(token_ids=[0] * params.max_new_tokens, finish_reason="length")
-        return [completion for _ in prompts]
+        return [
+            GeneratedSequence(token_ids=[0] * own.max_new_tokens, finish_reason="length")
+            for own in per_prompt_params(params, len(prompts))
+        ]
 
     def close(self) -> None:
         pass
