@@ -119,6 +119,7 @@ class Scheduler:
         self.samples_served = 0
         self._stream: GenerationStream | None = getattr(backend, "generation_stream", None)
         self._streamed: dict[str, tuple[GenerateJob, int]] = {}  # key -> (job, prompt index)
+        self._streamed_jobs: set[GenerateJob] = set()  # the jobs those prompts belong to
         self._keys = itertools.count()
         # What Generate cost the backend: jobs served and `backend.generate` calls (merged jobs
         # share one); tests and benchmarks read them.
@@ -266,7 +267,7 @@ class Scheduler:
         """Add the prompts of newly queued jobs, drop those of callers gone, run one step."""
         for job in self._take_generate_jobs():
             self._add_to_stream(stream, job)
-        for job in {job for job, _ in self._streamed.values() if job.abandoned.is_set()}:
+        for job in [job for job in self._streamed_jobs if job.abandoned.is_set()]:
             self._drop_from_stream(stream, job)
         if not self._streamed:
             return
@@ -284,6 +285,7 @@ class Scheduler:
             job.replies[index] = completion
             job.unfinished -= 1
             if job.unfinished == 0:
+                self._streamed_jobs.discard(job)
                 job.future.set_result(list(job.replies))  # type: ignore[arg-type]
 
     def _add_to_stream(self, stream: GenerationStream, job: GenerateJob) -> None:
@@ -302,9 +304,11 @@ class Scheduler:
             self._drop_from_stream(stream, job)
             job.future.set_exception(exc)
             return
+        self._streamed_jobs.add(job)
         self.generate_jobs += 1
 
     def _drop_from_stream(self, stream: GenerationStream, job: GenerateJob) -> None:
+        self._streamed_jobs.discard(job)
         keys = [key for key in job.keys if self._streamed.pop(key, None) is not None]
         try:
             stream.abort(keys)
@@ -312,7 +316,7 @@ class Scheduler:
             logger.exception("aborting %d prompts in the engine failed", len(keys))
 
     def _fail_streamed(self, exc: BaseException) -> None:
-        jobs = {job for job, _ in self._streamed.values()}
+        jobs, self._streamed_jobs = self._streamed_jobs, set()
         if self._stream is not None:
             try:
                 self._stream.abort(list(self._streamed))
