@@ -41,7 +41,9 @@ __all__ = [
 
 REASONS = ("empty", "role_marker", "too_short", "too_long", "degenerate", "language")
 
-# The word rules need a few words: "Why? Why not?" repeats a word without being degenerate.
+# The repeat rules need a few characters / words: "oof", "lol" or "Why? Why not?" repeat something
+# without being degenerate (too short is the length filter's call).
+MIN_CHARS_FOR_REPEAT = 4
 MIN_WORDS_FOR_REPEAT = 4
 LOOP_NGRAM = 4  # a phrase of this many words seen twice or more counts as looping
 
@@ -171,23 +173,21 @@ def is_degenerate(text: str, *, max_share: float = 0.5) -> bool:
     """True for a text without any letter or digit ("?!", "🙂🙂"), or when more than `max_share` of
     it is one repeated thing:
 
-    - one character, of the non-space characters ("!!!!!!", "aaaa a");
-    - one word, of the words, in a text of at least `MIN_WORDS_FOR_REPEAT` words ("help help help me");
+    - one character, of the non-space characters, once there are `MIN_CHARS_FOR_REPEAT` ("!!!!", "ohhh");
+    - one word, of the words, once there are `MIN_WORDS_FOR_REPEAT` ("help help help me");
     - a looping phrase: the words covered by word `LOOP_NGRAM`-grams that occur more than once
       ("What is the best way? What is the best way? What is ...").
-    Something must occur at least twice: a lone "a" is short, not degenerate.
     """
     words = _WORD.findall(text.casefold())
     if not words:
         return True
     chars = Counter(ch for ch in text if not ch.isspace())
-    count = max(chars.values(), default=0)
-    if count >= 2 and count > max_share * sum(chars.values()):
+    total = sum(chars.values())
+    if total >= MIN_CHARS_FOR_REPEAT and max(chars.values()) > max_share * total:
         return True
     if len(words) < MIN_WORDS_FOR_REPEAT:
         return False
-    count = Counter(words).most_common(1)[0][1]
-    if count >= 2 and count > max_share * len(words):
+    if Counter(words).most_common(1)[0][1] > max_share * len(words):
         return True
     return _looping_share(words) > max_share
 

@@ -61,8 +61,9 @@ def test_char_bounds_are_inclusive_and_ignore_surrounding_whitespace() -> None:
 def test_degenerate_repeats() -> None:
     assert is_degenerate("!!!!!!!!") and is_degenerate("?!") and is_degenerate("🙂🙂🙂")
     assert not is_degenerate("42") and not is_degenerate("a")
-    # One character: more than half of the non-space characters.
+    # One character: more than half of the non-space characters, once there are 4.
     assert is_degenerate("zzzzab") and not is_degenerate("zzzabc")
+    assert is_degenerate("ohhh") and not is_degenerate("oof")
     # One word: more than half of the words, once there are 4 of them.
     assert is_degenerate("help help help me") and not is_degenerate("help help me now")
     assert not is_degenerate("Why? Why not?")
