@@ -8,7 +8,8 @@ The output folder is a Hugging Face `datasets` folder (`Dataset.save_to_disk`) w
 
 plus `token_freq.pt` (int64 tensor [vocab_size]: how often each token id sits at a loss-mask
 position, i.e. the tokens a drafter must predict; it picks the reduced draft vocabulary) and
-`dflash_data.json` (what made the data: model, tokenizer fingerprint, chat template sha256, counts).
+`dflash_data.json` (what made the data: model, tokenizer fingerprint, chat template sha256, counts,
+and the mix: rows per source, distinct prompts and 4-grams, prompt and reply length histograms).
 The trainer refuses data whose tokenizer fingerprint differs from its verifier's.
 
 Order of work: parse every source, shuffle all records with `seed`, then tokenize in that order
@@ -37,6 +38,7 @@ import torch
 
 from dflash_core.config import SELF_DATA, PrepareDataConfig
 from dflash_core.data.formats import Conversation, DataError, RowError, TokenizedRow, read_source
+from dflash_core.data.mix_stats import mix_statistics
 from dflash_core.data.regenerate import Regenerator
 from dflash_core.data.self_prompt import SelfPrompter
 from dflash_core.data.templates import (
@@ -79,6 +81,7 @@ _METADATA_DEFAULTS: dict[str, Any] = {
     "sources": [],
     "regenerated": None,
     "self_prompted": None,
+    "mix": None,
 }
 
 Record = Conversation | TokenizedRow
@@ -304,6 +307,7 @@ def prepare_data(
     )
     metadata["regenerated"] = regenerate.metadata() if regenerate is not None else None
     metadata["self_prompted"] = self_prompter.metadata() if self_prompter is not None else None
+    metadata["mix"] = mix_statistics(rows)
     _write(output, rows=rows, token_freq=token_freq, metadata=metadata)
     report = PrepareReport(
         output=output,

@@ -112,6 +112,7 @@ def test_rows_parse_back_as_alternating_user_and_assistant_turns(verifier, in_pr
         "empty",
         "role_marker",
         "exact_duplicate",
+        "near_duplicate",
         "degenerate",
     }
 
@@ -170,3 +171,12 @@ def test_metadata_records_the_settings(in_process) -> None:
     assert meta["params"]["temperature"] == 1.0 and meta["params"]["stop_token_ids"] == [2]
     assert meta["filters"]["dedup"] == "near"
     json.dumps(meta)  # serialisable as written
+
+
+def test_metadata_records_the_mix(verifier, tmp_path) -> None:
+    chats = write_chats(tmp_path / "chats.jsonl", count=20, seed=3)
+    mixed = prepare(verifier, tmp_path / "mixed", "--max-samples", "10", data=("self", str(chats)))
+    mix = mixed["metadata"]["mix"]
+    assert mix["sources"]["self"]["rows"] == SAMPLES and mix["sources"][str(chats)]["rows"] == 10 - SAMPLES
+    assert mix["overall"]["rows"] == 10
+    assert 0 < mix["sources"]["self"]["distinct_prompt_ratio"] <= 1
