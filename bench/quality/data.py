@@ -260,8 +260,8 @@ def write_and_prepare_with_service(
     single-turn chitchat prompts with regenerated replies, all through the vLLM backend of the
     hidden-state service in generation-only mode: exactly `dflash prepare-data --data self FILE
     --regenerate-with ADDR`, the service started here and stopped before training."""
-    from dflash_core.config import SELF_DATA, ServeHiddenStatesConfig
-    from dflash_core.verifier import load_tokenizer, tokenizer_fingerprint
+    from dflash_core.config import SELF_DATA
+    from dflash_core.verifier import load_tokenizer, tokenizer_fingerprint, transformers_folder
     from services.hidden_states.generate_client import GenerateClient, regenerator_for
     from services.hidden_states.launcher import LocalService
     from services.hidden_states.self_prompting import self_prompter_for
@@ -280,19 +280,16 @@ def write_and_prepare_with_service(
         seed=seed,
         regenerate_max_new_tokens=max_new_tokens,
     )
-    serve = ServeHiddenStatesConfig(
-        model=verifier,
-        backend="vllm",
-        generate_only=True,
-        port=0,
-        dtype="bfloat16",
-        max_length=max_prompt_tokens + max_new_tokens,
-        engine_args=list(engine_args),
-    )
+    # The CLI, which starts the service under $DFLASH_VLLM_PYTHON when this Python lacks vLLM.
+    # vLLM loads the verifier's transformers folder (the embedded GGUF's converted copy).
+    folder = transformers_folder(verifier)
+    command = ["-m", "services.cli.main", "serve-hidden-states", folder, "--backend", "vllm"]
+    command += ["--generate-only", "--dtype", "bfloat16", "--port", "0"]
+    command += ["--max-length", str(max_prompt_tokens + max_new_tokens), "--", *engine_args]
     tokenizer = load_tokenizer(verifier)
     fingerprint = tokenizer_fingerprint(tokenizer)
     t0 = time.monotonic()
-    with LocalService.start(serve, timeout_s=600.0, echo=True) as service:
+    with LocalService.launch(command, timeout_s=900.0, echo=True) as service:
         started = time.monotonic() - t0
         logger.info("vLLM generation service up in %.0f s at %s", started, service.address)
         with GenerateClient([service.address]) as client:
