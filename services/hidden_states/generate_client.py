@@ -32,19 +32,27 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
 from dflash_core.config import PrepareDataConfig
-from dflash_core.data.regenerate import Regenerator, end_of_turn_ids
+from dflash_core.data.regenerate import Complete, Regenerator, end_of_turn_ids
 from dflash_core.wire.codec import MAX_MESSAGE_BYTES
 from dflash_core.wire.identity import fingerprint_from_info
 from dflash_core.wire.pb import hidden_states_pb2 as pb
 from dflash_core.wire.pb import hidden_states_pb2_grpc as pb_grpc
 from services.hidden_states.endpoints import open_channel, parse_endpoint
 
-__all__ = ["RETRYABLE", "GenerateClient", "GenerateError", "regenerator_for"]
+__all__ = [
+    "RETRYABLE",
+    "GenerateClient",
+    "GenerateError",
+    "Generator",
+    "check_same_tokenizer",
+    "regenerator_for",
+    "seeded_complete",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -323,22 +331,80 @@ class GenerateClient:
         self.close()
 
 
-def regenerator_for(
-    client: GenerateClient, config: PrepareDataConfig, *, tokenizer: Any, tokenizer_fingerprint: str
-) -> Regenerator:
-    """The `Regenerator` prepare-data runs with `--regenerate-with`, after checking the service.
+class Generator(Protocol):
+    """What prepare-data generates with: a `GenerateClient` or an `InProcessGenerator`."""
 
-    Refuses (`GenerateError`) a service whose tokenizer or chat template differs from `tokenizer`:
-    its token ids would mean other text, and the "on-policy" replies would be noise.
-    """
-    info = client.info
+    info: pb.ServiceInfo
+    batch_size: int  # prompts per call
+
+    @property
+    def addresses(self) -> list[str]: ...
+
+    @property
+    def max_length(self) -> int: ...
+
+    @property
+    def calls_in_flight(self) -> int: ...
+
+    def complete(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop_token_ids: Sequence[int] = (),
+    ) -> list[list[int]]: ...
+
+
+def check_same_tokenizer(generator: Generator, *, model: str, tokenizer_fingerprint: str) -> None:
+    """Refuse (`GenerateError`) a generator whose tokenizer or chat template differs from prepare-data's:
+    its token ids would mean other text, and the "on-policy" data would be noise."""
+    info = generator.info
     if info.tokenizer_sha256 != tokenizer_fingerprint:
         raise GenerateError(
-            f"the service at {client.addresses[0]} runs verifier {info.verifier_name_or_path!r} with "
+            f"the service at {generator.addresses[0]} runs verifier {info.verifier_name_or_path!r} with "
             f"tokenizer/chat template fingerprint {info.tokenizer_sha256[:16]}, but prepare-data uses "
-            f"--model {config.model!r} with fingerprint {tokenizer_fingerprint[:16]}; regenerate with a "
+            f"--model {model!r} with fingerprint {tokenizer_fingerprint[:16]}; generate with a "
             "service running the same verifier as --model (or pass the service's model as --model)"
         )
+
+
+def seeded_complete(
+    generator: Generator,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    first_seed: int,
+    stop_token_ids: Sequence[int],
+) -> Complete:
+    """A `Complete` on `generator`; seeds continue across calls, so no two sampled prompts share one."""
+    sent = 0
+
+    def complete(prompts: list[list[int]]) -> list[list[int]]:
+        nonlocal sent
+        seed, sent = first_seed + sent, sent + len(prompts)
+        return generator.complete(
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop_token_ids=stop_token_ids,
+        )
+
+    return complete
+
+
+def regenerator_for(
+    client: Generator, config: PrepareDataConfig, *, tokenizer: Any, tokenizer_fingerprint: str
+) -> Regenerator:
+    """The `Regenerator` prepare-data runs with `--regenerate-with`, after checking the generator
+    serves prepare-data's tokenizer (`check_same_tokenizer`). Raises `GenerateError`."""
+    check_same_tokenizer(client, model=config.model, tokenizer_fingerprint=tokenizer_fingerprint)
+    info = client.info
     max_new_tokens = config.regenerate_max_new_tokens
     # Past seq_length - 1 prompt tokens a reply would be truncated away entirely: stop there.
     max_prompt_tokens = min(client.max_length - max_new_tokens, config.seq_length - 1)
@@ -348,21 +414,14 @@ def regenerator_for(
             f"length {client.max_length}; lower it or restart the service with a larger --max-length"
         )
     stop_token_ids = end_of_turn_ids(tokenizer)
-    sent = 0
-
-    def complete(prompts: list[list[int]]) -> list[list[int]]:
-        # Seeds continue across calls, so no two sampled prompts of a run share one.
-        nonlocal sent
-        seed, sent = config.seed + sent, sent + len(prompts)
-        return client.complete(
-            prompts,
-            max_new_tokens=max_new_tokens,
-            temperature=config.regenerate_temperature,
-            top_p=config.regenerate_top_p,
-            seed=seed,
-            stop_token_ids=stop_token_ids,
-        )
-
+    complete = seeded_complete(
+        client,
+        max_new_tokens=max_new_tokens,
+        temperature=config.regenerate_temperature,
+        top_p=config.regenerate_top_p,
+        first_seed=config.seed,
+        stop_token_ids=stop_token_ids,
+    )
     return Regenerator(
         complete=complete,
         tokenizer=tokenizer,

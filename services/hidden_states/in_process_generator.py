@@ -55,6 +55,10 @@ class InProcessGenerator:
     def max_length(self) -> int:
         return self.info.max_length
 
+    @property
+    def calls_in_flight(self) -> int:
+        return 1  # one call at a time: the caller's own thread runs the model
+
     def complete(
         self,
         prompts: Sequence[Sequence[int]],

@@ -180,3 +180,14 @@ def test_metadata_records_the_mix(verifier, tmp_path) -> None:
     assert mix["sources"]["self"]["rows"] == SAMPLES and mix["sources"][str(chats)]["rows"] == 10 - SAMPLES
     assert mix["overall"]["rows"] == 10
     assert 0 < mix["sources"]["self"]["distinct_prompt_ratio"] <= 1
+
+
+def test_in_process_regeneration_of_another_source(verifier, tmp_path) -> None:
+    chats = write_chats(tmp_path / "chats.jsonl", count=4, seed=3)
+    mixed = prepare(
+        verifier, tmp_path / "mixed", "--regenerate-with", "in-process", data=("self", str(chats))
+    )
+    regenerated = mixed["metadata"]["regenerated"]
+    assert regenerated["service"]["endpoints"] == ["in-process"]
+    assert regenerated["counts"]["regenerated"] + regenerated["counts"]["truncated"] >= 1
+    assert {r["source"] for r in mixed["rows"]} == {"self", str(chats)}
