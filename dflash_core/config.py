@@ -372,7 +372,9 @@ class DemoConfig(JobConfig):
         default=Path("output/demo"),
         description="Where data, checkpoints and the control plane's database, log and token go.",
     )
-    max_samples: int = Field(default=500, gt=0, description="Conversations to prepare.")
+    max_samples: int = Field(
+        default=320, gt=0, description="Conversations SmolLM2 writes for training (user turns and replies)."
+    )
     seq_length: int = Field(default=512, gt=1, description="Tokens kept per conversation.")
     total_seq_len: int = Field(default=1024, gt=1, description="Tokens per packed training row.")
     block_size: int = Field(default=8, ge=2)
@@ -380,7 +382,7 @@ class DemoConfig(JobConfig):
         default=2, gt=0, description="Draft layers (5 for real runs; 2 keeps the demo short)."
     )
     max_anchors: int = Field(default=128, gt=0)
-    epochs: int = Field(default=1, gt=0)
+    epochs: int = Field(default=4, gt=0, description="Passes over the written data (a few hundred rows).")
     max_steps: int | None = Field(default=None, gt=0, description="Cap on optimizer steps.")
     lr: float = Field(default=2e-3, gt=0)
     seed: int = 0
