@@ -53,7 +53,11 @@ def trained(tmp_path_factory) -> dict:
     )  # fmt: skip
     questions = ["the cat sat on a mat", "one two three four", "blue red green and then", "it ran to see"]
     prompts = [
-        tiny.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+        list(
+            tiny.tokenizer.apply_chat_template(
+                [{"role": "user", "content": q}], add_generation_prompt=True, return_dict=False
+            )
+        )
         for q in questions
     ]
     prompts = [list(p["input_ids"]) if hasattr(p, "keys") else list(p) for p in prompts]
@@ -73,10 +77,40 @@ def run_probe(trained: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def check_lossless(trained: dict, *, plain: list[list[int]], speculative: list[list[int]]) -> None:
+    """Greedy output with the drafter == without it, except where the verifier itself sees a tie.
+
+    Verification scores a block in one forward where plain decoding scores one token at a time;
+    the float results differ in the last bits, so at a near-tie of the verifier's top two logits
+    the argmax may flip (seen with this random tiny verifier in a repeating pattern). A flip
+    anywhere else means speculative decoding changed the output.
+    """
+    import torch
+
+    from dflash_core.verifier import load_verifier
+
+    model, _ = load_verifier(str(trained["verifier"]), device="cpu")
+    identical = 0
+    for prompt, alone, drafted in zip(trained["prompts"], plain, speculative, strict=True):
+        if alone == drafted:
+            identical += 1
+            continue
+        k = next(i for i, (a, b) in enumerate(zip(alone, drafted, strict=False)) if a != b)
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + alone[:k]])).logits[0, -1].double()
+        top = logits.topk(2)
+        gap = float(top.values[0] - top.values[1])
+        assert {alone[k], drafted[k]} == set(top.indices.tolist()) and gap < 1e-3, (
+            f"speculative decoding changed the greedy output at token {k} ({alone[k]} -> {drafted[k]}) "
+            f"where the verifier's top two logits are {top.indices.tolist()} apart by {gap:.2e}"
+        )
+    assert identical >= len(plain) - 1, "more than one prompt changed: not a rare near-tie"
+
+
 def test_vllm_loads_our_checkpoint_losslessly_and_accepts_drafts(trained):
     assert trained["val_eal"] > 1.2, "the drafter did not learn; the vLLM check below would mean nothing"
     result = run_probe(trained)
-    assert result["speculative"] == result["plain"], "speculative decoding changed the greedy output"
+    check_lossless(trained, plain=result["plain"], speculative=result["speculative"])
     counters = result["counters"]
     drafts = counters["vllm:spec_decode_num_drafts"]
     accepted = counters["vllm:spec_decode_num_accepted_tokens"] or 0

@@ -23,6 +23,9 @@ def main() -> None:
     # A fixed KV cache: by default vLLM's CPU build reserves 92% of RAM and refuses to start when
     # other processes (a second service, a parallel build) already hold some of it.
     engine = {
+        # The checkpoint's own float32: vLLM's CPU build otherwise casts to bfloat16, where the
+        # verifier's near-ties flip between a one-token and a block forward.
+        "dtype": "float32",
         "enforce_eager": True,
         "distributed_executor_backend": "uni",
         "max_model_len": 512,
