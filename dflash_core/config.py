@@ -103,7 +103,7 @@ class PrepareDataConfig(JobConfig):
     )
     self_near_duplicate: float = Field(
         default=0.8,
-        gt=0,
+        ge=0.1,  # lower would call most texts of one language duplicates of each other
         le=1,
         description="Character 5-gram Jaccard similarity at which a user turn is a near-duplicate.",
     )
