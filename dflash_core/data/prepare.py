@@ -273,11 +273,12 @@ def prepare_data(
         raise DataError(f"vocab_size={vocab} is smaller than the tokenizer ({len(tokenizer)} tokens)")
 
     reports = {spec: SourceReport(spec) for spec in dict.fromkeys(config.data)}  # duplicates read once
-    written = _self_written(reports, self_prompter)
     records = _read_sources(reports)
     if any(isinstance(r, Conversation) for r in records):
         check_tokenizer(tokenizer)
     random.Random(config.seed).shuffle(records)
+    # Written after every other source parsed: a broken file fails the run before generation.
+    written = _self_written(reports, self_prompter)
     records = written + records
     with _tokenizer_pool(tokenizer=tokenizer, config=config, vocab_size=vocab) as tokenize:
         if regenerate is not None:

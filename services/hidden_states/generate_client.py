@@ -51,6 +51,7 @@ __all__ = [
     "Generator",
     "check_same_tokenizer",
     "regenerator_for",
+    "reply_tokens",
     "seeded_complete",
 ]
 
@@ -303,14 +304,9 @@ class GenerateClient:
                 f"{address} returned {len(response.completions)} completions "
                 f"for {len(request.prompts)} prompts"
             )
-        replies = []
-        for completion in response.completions:
-            ids = list(completion.token_ids)
-            # Both backends keep the token that stopped the reply; the template writes its own.
-            if completion.finish_reason == "stop" and ids and not keep_stop_token:
-                ids.pop()
-            replies.append(ids)
-        return replies
+        if keep_stop_token:
+            return [list(c.token_ids) for c in response.completions]
+        return [reply_tokens(c.token_ids, c.finish_reason) for c in response.completions]
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
@@ -329,6 +325,13 @@ class GenerateClient:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def reply_tokens(token_ids: Sequence[int], finish_reason: str) -> list[int]:
+    """A completion's new tokens without the stop token that ended it: both backends keep it, and
+    the chat template writes its own end of turn when the reply is rendered again."""
+    ids = list(token_ids)
+    return ids[:-1] if finish_reason == "stop" and ids else ids
 
 
 class Generator(Protocol):

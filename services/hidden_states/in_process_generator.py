@@ -18,6 +18,7 @@ from dflash_core.generation import batched_generate
 from dflash_core.wire.pb import hidden_states_pb2 as pb
 from services.hidden_states.backends.base import SERVICE_DTYPES, GenerationParams
 from services.hidden_states.backends.transformers_backend import TransformersBackend
+from services.hidden_states.generate_client import reply_tokens
 from services.hidden_states.servicer import service_info
 
 __all__ = ["InProcessGenerator"]
@@ -89,9 +90,7 @@ class InProcessGenerator:
             stop_token_ids=tuple(stop_token_ids),
         )
         generated = self.backend.generate([list(p) for p in prompts], params)
-        return [
-            g.token_ids[:-1] if g.finish_reason == "stop" and g.token_ids else g.token_ids for g in generated
-        ]
+        return [reply_tokens(g.token_ids, g.finish_reason) for g in generated]
 
     def _batched(
         self,

@@ -12,6 +12,7 @@ from typing import Any
 
 from dflash_core.config import PrepareDataConfig
 from dflash_core.data.formats import DataError
+from dflash_core.data.prompt_checks import prompt_check
 from dflash_core.data.regenerate import end_of_turn_ids
 from dflash_core.data.self_prompt import SelfPrompter, SelfPromptSettings, end_of_user_turn_ids
 from services.hidden_states.generate_client import Generator, check_same_tokenizer, seeded_complete
@@ -48,8 +49,6 @@ def self_prompter_for(
     Raises `GenerateError` (another tokenizer) or `DataError` (settings that cannot work) before
     anything is generated.
     """
-    from dflash_core.data.prompt_checks import prompt_check
-
     check_same_tokenizer(generator, model=config.model, tokenizer_fingerprint=tokenizer_fingerprint)
     reply_tokens = config.regenerate_max_new_tokens
     max_context = min(generator.max_length - reply_tokens, config.seq_length - 1)
