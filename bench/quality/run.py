@@ -44,6 +44,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -111,9 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--self-max-prompt-tokens", type=int, default=192, help="Longest user turn SmolLM2 writes.")
     add(
         "--vllm-engine-args",
-        nargs="*",
+        type=shlex.split,
         default=["--gpu-memory-utilization", "0.6"],
-        help="vLLM engine arguments of the generation service.",
+        help='vLLM engine arguments of the generation service, one string: "--gpu-memory-utilization 0.6".',
     )
     add("--regen-batch", type=int, default=4096, help="Rows per generate call.")
     add("--regen-round", type=int, default=4096, help="Prompts per regeneration round (prepare-data).")

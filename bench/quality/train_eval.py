@@ -328,7 +328,9 @@ def _plan_main(
     pace, overhead = progress.calibration["pace"], progress.calibration["startup"]
     left = job.budget_s - progress.train_s
     first_left = job.command_end - time.time() - job.eval_s
-    commands = 1 + max(0, math.ceil((left - first_left) / max(60.0, job.command_s - job.eval_s)))
+    # A command that does not end the run trains to its end: the tau runs need time in the last one
+    # only, so n commands hold first_left + (n - 1) * command_s seconds of training.
+    commands = 1 + max(0, math.ceil((left - first_left) / max(60.0, job.command_s)))
     startup = first_startup + (commands - 1) * overhead
     main_steps = max(1, int(0.95 * (left - startup) / pace))
     logger.info(
