@@ -96,6 +96,7 @@ def run_vllm(
     service = LocalService.launch(
         ["-m", "services.cli.main", "serve-hidden-states", folder, "--backend", "vllm", "--generate-only",
          "--dtype", args.dtype, "--max-length", str(args.max_prompt_tokens + args.max_new_tokens),
+         "--engine-replicas", str(args.replicas),
          "--", "--port", "0", *args.vllm_args],
         timeout_s=1200,
         echo=args.echo_service,
@@ -167,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         "--vllm-arg", dest="vllm_args", action="append", default=[],
         help="An engine argument after the service's `--` (repeatable): --vllm-arg=--max-num-seqs=2048",
     )  # fmt: skip
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="vLLM engines in the service (--engine-replicas)."
+    )
     parser.add_argument("--only", choices=["transformers", "vllm"], help="Measure one side only.")
     parser.add_argument("--echo-service", action="store_true", help="Show the service's output as it runs.")
     parser.add_argument(
@@ -213,10 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         results["regeneration_tokens_per_s_vllm"] = (tokens / seconds, "tokens/s")
         results["regeneration_new_tokens_vllm"] = (tokens, "tokens")
         results["regeneration_vllm_service_startup_s"] = (startup_s, "s")
-        engine = " ".join(args.vllm_args) or "(defaults)"
+        engine = " ".join([f"--engine-replicas {args.replicas}", *args.vllm_args])
         notes.append(
-            f"vllm {vllm_version()}: serve-hidden-states --generate-only -- {engine}; GenerateClient: "
-            f"{settings}"
+            f"vllm {vllm_version()}: serve-hidden-states --generate-only {engine}; GenerateClient: {settings}"
         )
         rate = f"{tokens} new tokens in {seconds:.1f} s = {tokens / seconds:,.0f}/s"
         print(f"vllm: {rate} (service up in {startup_s:.0f} s)", flush=True)

@@ -458,6 +458,23 @@ class ServeHiddenStatesConfig(JobConfig):
         "vllm the engine runs as for serving: no capture hooks, CUDA graphs, prefix caching, "
         "--max-num-seqs 1024 unless given after `--`.",
     )
+    engine_replicas: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="With --backend vllm --generate-only: this many engines side by side on the same "
+        "device(s), splitting --gpu-memory-utilization; each prompt goes to the least loaded. A small "
+        "verifier's engine is bound by one CPU core, so replicas raise tokens/s until the GPU is busy.",
+    )
+
+    @model_validator(mode="after")
+    def _replicas_generate_only(self) -> ServeHiddenStatesConfig:
+        if self.engine_replicas > 1 and (self.backend != "vllm" or not self.generate_only):
+            raise ValueError(
+                f"--engine-replicas {self.engine_replicas} needs --backend vllm --generate-only (the "
+                "transformers backend and hidden-state extraction run one engine)"
+            )
+        return self
 
     @field_validator("target_layer_ids")
     @classmethod

@@ -255,6 +255,7 @@ def write_and_prepare_with_service(
     heldout: int,
     seed: int,
     engine_args: Sequence[str],
+    engine_replicas: int = 1,
 ) -> ServicePreparedData:
     """The second edition's data: `self_samples` conversations SmolLM2 writes itself plus `chitchat`
     single-turn chitchat prompts with regenerated replies, all through the vLLM backend of the
@@ -285,6 +286,7 @@ def write_and_prepare_with_service(
     folder = transformers_folder(verifier)
     command = ["-m", "services.cli.main", "serve-hidden-states", folder, "--backend", "vllm"]
     command += ["--generate-only", "--dtype", "bfloat16", "--port", "0"]
+    command += ["--engine-replicas", str(engine_replicas)]
     command += ["--max-length", str(max_prompt_tokens + max_new_tokens), "--", *engine_args]
     tokenizer = load_tokenizer(verifier)
     fingerprint = tokenizer_fingerprint(tokenizer)

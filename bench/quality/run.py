@@ -116,6 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=["--gpu-memory-utilization", "0.6"],
         help='vLLM engine arguments of the generation service, one string: "--gpu-memory-utilization 0.6".',
     )
+    add("--vllm-replicas", type=int, default=1, help="Engines of the generation service (--engine-replicas).")
     add("--regen-batch", type=int, default=4096, help="Rows per generate call.")
     add("--regen-round", type=int, default=4096, help="Prompts per regeneration round (prepare-data).")
     add("--regen-batch-tokens", type=int, default=1 << 21, help="Prompt + new tokens per generate call.")
@@ -392,6 +393,7 @@ def prepare_with_service(args: argparse.Namespace, *, workdir: Path, verifier: s
         seq_length=args.seq_length, max_new_tokens=args.regen_max_new_tokens,
         max_prompt_tokens=args.regen_max_prompt_tokens, self_max_prompt_tokens=args.self_max_prompt_tokens,
         heldout=args.chitchat_eval_prompts, seed=0, engine_args=args.vllm_engine_args,
+        engine_replicas=args.vllm_replicas,
     )  # fmt: skip
     writer, regen = prepared.self_prompter, prepared.regenerator
     new_tokens = writer.counts.prompt_tokens + writer.counts.reply_tokens + regen.counts.new_tokens

@@ -105,7 +105,8 @@ class GenerateClient:
 
         `batch_size`: prompts per Generate call (default by backend, `DEFAULT_BATCH_SIZE`).
         `requests_per_endpoint`: calls in flight per endpoint (default by backend,
-        `DEFAULT_REQUESTS_PER_ENDPOINT`), so the next batches wait on the service while one runs.
+        `DEFAULT_REQUESTS_PER_ENDPOINT`, times the engines the first endpoint runs), so the next
+        batches wait on the service while one runs.
         `max_attempts`: tries per batch over all endpoints. `backoff_s`
         doubles per failure up to `max_backoff_s`. `connect_timeout_s`: how long GetInfo waits for
         an endpoint to come up. `request_timeout_s`: deadline of one Generate call, queueing on the
@@ -134,9 +135,10 @@ class GenerateClient:
             self.close()
             raise
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE.get(self.info.backend, 8)
+        # An endpoint with N engines side by side (--engine-replicas) keeps N times the calls busy.
         self.requests_per_endpoint = requests_per_endpoint or DEFAULT_REQUESTS_PER_ENDPOINT.get(
             self.info.backend, 2
-        )
+        ) * max(1, self.info.engine_replicas)
         self._pool = ThreadPoolExecutor(
             max_workers=len(self._endpoints) * self.requests_per_endpoint, thread_name_prefix="generate"
         )

@@ -39,6 +39,7 @@ def build_backend(config: ServeHiddenStatesConfig) -> Backend:
             max_batch_tokens=config.max_batch_tokens,
             engine_args=config.engine_args,
             generate_only=config.generate_only,
+            engine_replicas=config.engine_replicas,
         )
     if config.engine_args:
         raise SystemExit(

@@ -353,6 +353,7 @@ def service_info(info: BackendInfo, *, max_frame_bytes: int, payload_port: int =
         max_batch_tokens=info.max_batch_tokens,
         server_version=SERVER_VERSION,
         payload_port=payload_port,
+        engine_replicas=info.engine_replicas,
     )
 
 

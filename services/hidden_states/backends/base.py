@@ -33,6 +33,7 @@ class BackendInfo:
     max_batch_tokens: int  # tokens run in one forward
     eos_token_ids: tuple[int, ...] = ()
     generate_only: bool = False  # no hidden states: Extract is refused (--generate-only)
+    engine_replicas: int = 1  # generation engines side by side (--engine-replicas)
 
 
 @dataclass(frozen=True)

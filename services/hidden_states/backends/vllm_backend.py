@@ -38,7 +38,10 @@ prefix caching on (multi-turn regeneration and self-prompting send long shared p
 `GENERATE_ONLY_MAX_NUM_SEQS` sequences at once unless `-- --max-num-seqs` says otherwise, and
 vLLM's own choice of engine process and model runner. Prompts reach the engine through a
 `GenerationStream`: the scheduler adds each Generate call's prompts to the running batch as they
-arrive, so the engine never drains between calls.
+arrive, so the engine never drains between calls. `engine_replicas` > 1 starts that many engines
+on the same device(s), one after another, each with its share of --gpu-memory-utilization, behind
+one `ReplicatedGenerationStream`: a small verifier's engine is bound by the one CPU core of its
+engine-core process, and engines side by side add up until the GPU is busy.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ from services.hidden_states.backends.base import (
     per_prompt_params,
     served_layer_ids,
 )
+from services.hidden_states.backends.replicated_stream import ReplicatedGenerationStream
 from services.hidden_states.backends.vllm_capture import CaptureWorkerExtension
 
 if TYPE_CHECKING:
@@ -80,6 +84,7 @@ _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.floa
 # verifiers decode far faster per token in batches this big, and the KV cache of a 135M-8B model
 # holds them at regeneration lengths. Capped by max_num_batched_tokens, which vLLM requires.
 GENERATE_ONLY_MAX_NUM_SEQS = 1024
+_VLLM_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default share of the device, split among replicas
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,11 +246,15 @@ class VllmBackend:
         max_batch_tokens: int,
         engine_args: list[str],
         generate_only: bool = False,
+        engine_replicas: int = 1,
     ) -> None:
         """`generate_only`: no capture, the engine configured for serving (see the module's
-        docstring); `extract` then raises."""
+        docstring); `extract` then raises. `engine_replicas` engines (generation only) share the
+        device(s) and --gpu-memory-utilization; prompts go to the least loaded."""
         if dtype not in _DTYPE_NAMES:
             raise ValueError(f"dtype {dtype} is not one of {sorted(_DTYPE_NAMES.values())}")
+        if engine_replicas < 1 or (engine_replicas > 1 and not generate_only):
+            raise ValueError(f"--engine-replicas {engine_replicas}: several engines need --generate-only")
         if not generate_only:
             # The engine core in this process: the drain call is then a plain call (no copy), and
             # start-up takes seconds, not half a minute. Required, not just faster: an engine core in
@@ -308,13 +317,25 @@ class VllmBackend:
         if world == 1:
             kwargs["distributed_executor_backend"] = "uni"  # the worker in this process too
         kwargs.update(user)
-        logger.info("vllm backend: starting the engine with %s", kwargs)
-        self.llm: LLM | None = LLM(**kwargs)
+        if engine_replicas > 1:
+            # The memory share is of the whole device, so N engines split what one would take.
+            kwargs["gpu_memory_utilization"] = (
+                float(user.get("gpu_memory_utilization", _VLLM_GPU_MEMORY_UTILIZATION)) / engine_replicas
+            )
+        logger.info("vllm backend: starting %d engine(s) with %s", engine_replicas, kwargs)
+        # One after another: each engine sizes its KV cache from the memory the earlier ones left.
+        self._llms: list[LLM] = []
+        try:
+            for _ in range(engine_replicas):
+                self._llms.append(LLM(**kwargs))
+        except BaseException:
+            for llm in self._llms:
+                llm.llm_engine.engine_core.shutdown()
+            raise
+        self.llm: LLM | None = self._llms[0]  # extraction and the non-streamed generate run here
 
-        self.generation_stream: VllmGenerationStream | None = None
-        if generate_only:
-            self.generation_stream = VllmGenerationStream(self.llm)
-        else:
+        self.generation_stream: VllmGenerationStream | ReplicatedGenerationStream | None = None
+        if not generate_only:
             capturing = self.llm.collective_rpc("dflash_install_capture", args=(list(layer_ids),))
             if not any(capturing):
                 raise RuntimeError("no vLLM worker installed the capture hooks (is TP rank 0 missing?)")
@@ -328,9 +349,12 @@ class VllmBackend:
             max_batch_tokens=int(kwargs["max_num_batched_tokens"]),
             eos_token_ids=_eos_token_ids(model_name_or_path, config, tokenizer),
             generate_only=generate_only,
+            engine_replicas=engine_replicas,
         )
-        if self.generation_stream is not None:
-            self.generation_stream.eos_token_ids = self._info.eos_token_ids
+        if generate_only:
+            eos = self._info.eos_token_ids
+            streams = [VllmGenerationStream(llm, eos_token_ids=eos) for llm in self._llms]
+            self.generation_stream = streams[0] if len(streams) == 1 else ReplicatedGenerationStream(streams)
         self._request_numbers = itertools.count()
         logger.info(
             "vllm backend: %s in %s, %s, sequences up to %d tokens",
@@ -452,11 +476,14 @@ class VllmBackend:
         llm, self.llm = self.llm, None
         if llm is None:
             return
+        if isinstance(self.generation_stream, ReplicatedGenerationStream):
+            self.generation_stream.close()
         try:
             if not self._info.generate_only:
                 llm.collective_rpc("dflash_remove_capture")
         finally:
-            llm.llm_engine.engine_core.shutdown()
+            for engine in self._llms:
+                engine.llm_engine.engine_core.shutdown()
 
 
 # --------------------------------------------------------------------------------------------
@@ -508,20 +535,23 @@ class VllmGenerationStream:
     a random suffix, which aborts need).
     """
 
-    def __init__(self, llm: LLM) -> None:
+    def __init__(self, llm: LLM, *, eos_token_ids: Sequence[int] = ()) -> None:
         self._llm = llm
         self._internal_ids: dict[str, str] = {}  # our key -> vLLM's internal request id
-        self.eos_token_ids: tuple[int, ...] = ()
+        self.eos_token_ids = tuple(eos_token_ids)
 
     @property
     def unfinished(self) -> int:
         return len(self._internal_ids)
 
-    def add(self, key: str, prompt: list[int], params: GenerationParams) -> None:
-        engine = self._llm.llm_engine
-        _check_prompt(prompt, limit=int(engine.model_config.max_model_len), label="the prompt")
+    def check(self, prompt: list[int], params: GenerationParams) -> None:
+        _check_prompt(prompt, limit=int(self._llm.llm_engine.model_config.max_model_len), label="the prompt")
         if params.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens {params.max_new_tokens} must be >= 1")
+
+    def add(self, key: str, prompt: list[int], params: GenerationParams) -> None:
+        self.check(prompt, params)
+        engine = self._llm.llm_engine
         internal = engine.add_request(
             key, {"prompt_token_ids": list(prompt)}, sampling_params(params, eos_token_ids=self.eos_token_ids)
         )

@@ -86,10 +86,10 @@ def test_the_flag_survives_the_hand_over_to_another_python():
     # `--backend vllm` without vLLM here restarts the service under $DFLASH_VLLM_PYTHON with the
     # config written back as flags (`config_to_flags`); the flag must come through that.
     config = ServeHiddenStatesConfig(
-        backend="vllm", generate_only=True, port=0, engine_args=["--enforce-eager"]
+        backend="vllm", generate_only=True, engine_replicas=3, port=0, engine_args=["--enforce-eager"]
     )
     flags = config_to_flags(config)
-    assert "--generate-only" in flags
+    assert "--generate-only" in flags and "--engine-replicas" in flags
     argv, passthrough = split_passthrough(flags)
     parser = argparse.ArgumentParser()
     add_config_arguments(parser, ServeHiddenStatesConfig, positional=("model",))
@@ -97,3 +97,13 @@ def test_the_flag_survives_the_hand_over_to_another_python():
         config_from_args(ServeHiddenStatesConfig, parser.parse_args(argv), environ={}), passthrough
     )
     assert parsed == config
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(backend="transformers", generate_only=True), dict(backend="vllm", generate_only=False)],
+    ids=["transformers", "extraction"],
+)
+def test_several_engines_are_refused_outside_vllm_generation(settings):
+    with pytest.raises(ValueError, match="--engine-replicas 2 needs --backend vllm --generate-only"):
+        ServeHiddenStatesConfig(engine_replicas=2, **settings)

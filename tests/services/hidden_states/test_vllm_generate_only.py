@@ -5,7 +5,8 @@ with vLLM's default engine process. What must hold: the engine starts with servi
 capture hooks, prefix caching on, many sequences at once); GetInfo answers and Extract is refused
 with FAILED_PRECONDITION naming the flag; greedy replies are the verifier's own; and callers whose
 prompts share the engine's running batch (the scheduler adds each call's prompts as it arrives)
-each get exactly the replies they get alone, sampled ones included (per-prompt seeds).
+each get exactly the replies they get alone, sampled ones included (per-prompt seeds). All of it
+holds with one engine and with two side by side (`--engine-replicas 2`).
 """
 
 from __future__ import annotations
@@ -31,12 +32,18 @@ CALL_TIMEOUT_S = 120.0
 CALLERS = 4
 
 
+@pytest.fixture(scope="module", params=[1, 2], ids=["one_engine", "two_engines"])
+def engine_replicas(request) -> int:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def vllm_service(verifier_path):
+def vllm_service(engine_replicas, verifier_path):
     # --enforce-eager: compiling the forward takes a minute on this CPU; the GPU runs compiled.
     service = LocalService.launch(
         ["-m", "services.cli.main", "serve-hidden-states", str(verifier_path), "--backend", "vllm",
          "--generate-only", "--dtype", "float32", "--max-length", "256",
+         "--engine-replicas", str(engine_replicas),
          "--", "--port", "0", "--kv-cache-memory-bytes", "256M", "--enforce-eager"],
         timeout_s=300,
     )  # fmt: skip
@@ -50,16 +57,18 @@ def stub(vllm_service):
         yield pb_grpc.HiddenStatesStub(channel)
 
 
-def test_the_engine_starts_with_serving_settings(vllm_service):
-    (line,) = [line for line in vllm_service.output if "starting the engine with" in line]
+def test_the_engines_start_with_serving_settings(vllm_service, engine_replicas):
+    (line,) = [line for line in vllm_service.output if "engine(s) with" in line]
+    assert f"starting {engine_replicas} engine(s)" in line
     assert "'enable_prefix_caching': True" in line and "'max_num_seqs': 1024" in line
     assert "worker_extension_cls" not in line  # no capture hooks
     assert "'enforce_eager': True" in line  # only because it was passed after `--`
 
 
-def test_get_info_answers_and_extract_is_refused(stub):
+def test_get_info_answers_and_extract_is_refused(engine_replicas, stub):
     info = stub.GetInfo(pb.GetInfoRequest(), timeout=CALL_TIMEOUT_S)
     assert info.backend == "vllm" and info.payload_port == 0
+    assert info.engine_replicas == engine_replicas
     requests = iter([pb.ExtractRequest(sample_id=1, token_ids=[1, 2, 3], layer_ids=[4])])
     with pytest.raises(grpc.RpcError) as raised:
         list(stub.Extract(requests, timeout=CALL_TIMEOUT_S))
@@ -67,10 +76,11 @@ def test_get_info_answers_and_extract_is_refused(stub):
     assert "started with --generate-only" in raised.value.details()
 
 
-def test_greedy_replies_are_the_verifiers_own(vllm_service, reference_model):
+def test_greedy_replies_are_the_verifiers_own(vllm_service, engine_replicas, reference_model):
     prompts = [[5, 17, 33, 101, 7], [9, 8, 7], [300, 2, 44, 45, 46, 47, 48]]
     with GenerateClient([vllm_service.address]) as client:
-        assert (client.batch_size, client.requests_per_endpoint) == (512, 4)
+        # An address with N engines keeps N times the calls in flight.
+        assert (client.batch_size, client.requests_per_endpoint) == (512, 4 * engine_replicas)
         got = client.complete(prompts, max_new_tokens=8, keep_stop_token=True)
     for prompt, reply in zip(prompts, got, strict=True):
         ids = torch.tensor([prompt])
