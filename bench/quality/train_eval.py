@@ -226,6 +226,8 @@ def _run(job: TrainJob, result: dict[str, Any], *, out: Path) -> None:
     if progress.calibration is None:
         _calibrate(job, progress)
         progress.save(state_file)
+        if progress.calibration is None:
+            return  # the timing run was cut short by this command's end: the next one repeats it
     if not progress.main_done:
         main = TrainConfig.model_validate(progress.main_config)
         _train_main(job, progress, main)
@@ -282,8 +284,17 @@ def _calibrate(job: TrainJob, progress: Progress) -> None:
         resume=False,
     )
     calib = calib.model_copy(update={"epochs": epochs_for(calib, job.calibration_steps)})
-    progress.calibration = _timing_run(calib)
-    progress.train_s += progress.calibration["seconds"]
+    timing = _timing_run(calib)
+    progress.train_s += timing["seconds"]
+    if timing["steps"] < calib.max_steps:
+        # A pace taken from a run stopped early is mostly start-up: planning on it sizes the main
+        # run to a handful of steps.
+        logger.warning(
+            "block %d: the timing run stopped at step %d of %d; the next command runs it again",
+            job.block_size, timing["steps"], calib.max_steps,
+        )  # fmt: skip
+        return
+    progress.calibration = timing
     # The main run follows the timing run in this process (flex_attention, the block mask and the
     # page cache are warm): half its start-up, at least 10 s, is the guess for the first command.
     overhead = progress.calibration["startup"]
