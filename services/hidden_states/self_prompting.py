@@ -65,6 +65,9 @@ def self_prompter_for(
         max_context_tokens=max_context,
         system_prompt=config.self_system_prompt,
         topics=topics_of(config.self_topics),
+        # As for regeneration: every call in flight twice over per round, so that engines side by
+        # side (--engine-replicas) all stay full until the round's tail.
+        round_size=max(SelfPromptSettings.round_size, 2 * generator.batch_size * generator.calls_in_flight),
     )
     user_stop = end_of_user_turn_ids(tokenizer)
     write = seeded_complete(
