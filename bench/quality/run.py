@@ -177,6 +177,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add("--live-eval-prompts", type=int, default=8, help="Prompts for the live tau.")
     add("--speed-prompts", type=int, default=6, help="Prompts for tokens/s with and without the drafter.")
+    add(
+        "--vllm-cross-check",
+        action="store_true",
+        help="Also tau by vLLM's own DFlash decoding and counters (`dflash eval --engine vllm`) on the same "
+        "checkpoints and held-out prompts: rows tau_vllm_blockB.",
+    )
     add("--device-name", default=None, help="Label for the rows (default: detected).")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -309,10 +315,14 @@ def run(args: argparse.Namespace, *, workdir: Path) -> int:
         )
         return 1 if failed else RUN_AGAIN
 
-    # 3. speed, with the GPU to itself
+    # 3. speed, with the GPU to itself; then vLLM's own count of the same drafts
     t0 = time.time()
     speed = measure_speed(args, results=results, verifier=verifier)
     phases["speed_s"] = time.time() - t0
+    if args.vllm_cross_check:
+        t0 = time.time()
+        cross_check_with_vllm(args, results=results, verifier=verifier, workdir=workdir)
+        phases["vllm_cross_check_s"] = time.time() - t0
     phases["total_s"] = time.time() - began
 
     # 4. rows and the whole record
@@ -563,6 +573,38 @@ def measure_speed(
     return speed
 
 
+def cross_check_with_vllm(
+    args: argparse.Namespace, *, results: dict[int, dict[str, Any]], verifier: str, workdir: Path
+) -> None:
+    """tau of each checkpoint on the held-out prompts by vLLM's DFlash decoding (its counters), kept
+    in the block's result.json as `eval_vllm` so that a command run again does not repeat it."""
+    from dflash_core.eval_config import EvalConfig
+    from dflash_core.evaluation import run_eval
+
+    for block in args.blocks:
+        result = results.get(block, {})
+        if "checkpoint" not in result or "eval" not in result or "eval_vllm" in result:
+            continue
+        # vLLM's start-up (~1-2 min) plus the decoding the transformers engine took (an upper bound).
+        estimate = 120 + result["eval_s"]
+        if time.time() + estimate > STARTED + 60 * args.max_minutes:
+            logger.warning("block %d: no time for vLLM's cross-check (~%.0f s); skipped", block, estimate)
+            continue
+        report = run_eval(
+            EvalConfig(
+                checkpoint=Path(result["checkpoint"]), verifier=verifier, engine="vllm",
+                prompts=str(args.prompts), num_prompts=args.eval_prompts,
+                max_new_tokens=args.eval_max_new_tokens, baseline=False,
+            )
+        )  # fmt: skip
+        result["eval_vllm"] = report.to_json()
+        (workdir / f"b{block}" / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+        logger.info(
+            "block %d: tau %.3f by vLLM's counters against %.3f by ours, %d prompts",
+            block, report.tau, result["eval"]["tau"], report.num_prompts,
+        )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------
 # Rows
 # ---------------------------------------------------------------------------------------------
@@ -658,7 +700,7 @@ def write_rows(
     for block in args.blocks:
         result = results.get(block, {})
         figures: dict[str, tuple[float, str]] = {}
-        for key, tag in (("eval", ""), ("eval_chitchat", "chitchat_")):
+        for key, tag in (("eval", ""), ("eval_chitchat", "chitchat_"), ("eval_vllm", "vllm_")):
             if result.get(key):
                 figures.update(tau_figures(result[key], block=block, tag=tag))
         if result.get("eval", {}).get("per_prompt"):
