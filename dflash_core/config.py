@@ -467,6 +467,37 @@ class ServeHiddenStatesConfig(JobConfig):
         "verifier's engine is bound by one CPU core, so replicas raise tokens/s until the GPU is busy.",
     )
 
+    token_file: Path | None = Field(
+        default=None,
+        description="File holding the shared secret every call but health checks must carry (default: "
+        "$DFLASH_SERVICE_TOKEN, else none). Clients read $DFLASH_SERVICE_TOKEN or "
+        "$DFLASH_SERVICE_TOKEN_FILE. Required to listen beyond loopback, unless --insecure.",
+    )
+    tls_cert_file: Path | None = Field(
+        default=None, description="PEM certificate (chain) of the gRPC port: TLS on (with --tls-key-file)."
+    )
+    tls_key_file: Path | None = Field(default=None, description="PEM private key of --tls-cert-file.")
+    tls_client_ca_file: Path | None = Field(
+        default=None,
+        description="PEM CA: clients must show a certificate it signed (mutual TLS; clients set "
+        "$DFLASH_SERVICE_CLIENT_CERT_FILE and $DFLASH_SERVICE_CLIENT_KEY_FILE).",
+    )
+    reflection: bool = Field(
+        default=False, description="Serve gRPC reflection (grpcurl without the .proto); token-checked too."
+    )
+    insecure: bool = Field(
+        default=False,
+        description="Listen beyond loopback with no token: anyone who reaches the port may use the verifier.",
+    )
+
+    @model_validator(mode="after")
+    def _tls_files_together(self) -> ServeHiddenStatesConfig:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("--tls-cert-file and --tls-key-file go together: give both or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("--tls-client-ca-file needs TLS on: give --tls-cert-file and --tls-key-file too")
+        return self
+
     @model_validator(mode="after")
     def _replicas_generate_only(self) -> ServeHiddenStatesConfig:
         if self.engine_replicas > 1 and (self.backend != "vllm" or not self.generate_only):

@@ -35,8 +35,9 @@ from pydantic_core import PydanticUndefined
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 ENV_PREFIX = "DFLASH_"
-# The services' pydantic-settings prefixes (control plane, trainer agent): their variables are theirs.
-RESERVED_ENV_PREFIXES = ("DFLASH_CONTROL_PLANE_", "DFLASH_AGENT_")
+# The services' pydantic-settings prefixes (control plane, trainer agent) and the hidden-state
+# service's credentials (services/hidden_states/credentials.py): their variables are theirs.
+RESERVED_ENV_PREFIXES = ("DFLASH_CONTROL_PLANE_", "DFLASH_AGENT_", "DFLASH_SERVICE_")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 

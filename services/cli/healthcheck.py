@@ -61,7 +61,10 @@ def check_grpc(args: argparse.Namespace) -> str | None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.address) as channel:
+    from services.hidden_states.endpoints import open_channel
+
+    # The environment's credentials: health needs no token, but a TLS port needs its CA.
+    with open_channel(args.address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import grpc
 
 from dflash_core.wire.codec import MAX_MESSAGE_BYTES
+from services.hidden_states.credentials import client_credentials, secure_channel
 
 # Both ends raise gRPC's 4 MiB default; frames stay well below this (DESIGN 2.4).
 CHANNEL_OPTIONS = [
@@ -48,4 +49,6 @@ def parse_endpoint(endpoint: str) -> str:
 
 
 def open_channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    """A channel to a hidden-state service, with the credentials the environment gives
+    (services/hidden_states/credentials.py: the token on every call, TLS when a CA is set)."""
+    return secure_channel(address, CHANNEL_OPTIONS, client_credentials())

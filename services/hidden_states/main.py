@@ -18,8 +18,14 @@ import threading
 
 from dflash_core.config import ServeHiddenStatesConfig
 from services.hidden_states.backends.base import SERVICE_DTYPES, Backend
+from services.hidden_states.credentials import (
+    CredentialsError,
+    check_exposure,
+    server_credentials,
+    service_token,
+)
 from services.hidden_states.engine_args import config_with_engine_args
-from services.hidden_states.server import HiddenStateServer
+from services.hidden_states.server import HiddenStateServer, ServiceAccess
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +64,27 @@ def build_backend(config: ServeHiddenStatesConfig) -> Backend:
     )
 
 
+def access_of(config: ServeHiddenStatesConfig) -> ServiceAccess:
+    """Token, TLS and reflection as configured; refuses an open port beyond loopback (before any
+    model is loaded). Raises `CredentialsError`."""
+    token = service_token(config.token_file)
+    tls = (
+        server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+        if config.tls_cert_file is not None and config.tls_key_file is not None
+        else None
+    )
+    warning = check_exposure(config.host, token=token, tls=tls is not None, insecure=config.insecure)
+    if warning:
+        logger.warning("%s", warning)
+    return ServiceAccess(token=token, tls=tls, reflection=config.reflection)
+
+
 def serve(config: ServeHiddenStatesConfig) -> int:
+    try:
+        access = access_of(config)
+    except CredentialsError as exc:
+        print(f"error: {exc}", file=sys.stderr)  # noqa: T201 - the CLI's answer to a bad setting
+        return 2
     backend = build_backend(config)
     server = HiddenStateServer(
         backend,
@@ -69,6 +95,7 @@ def serve(config: ServeHiddenStatesConfig) -> int:
         max_pending_per_stream=config.max_pending_per_stream,
         # Hidden-state bytes are all the payload port carries: none to carry here.
         payload_port=0 if config.generate_only else config.payload_port,
+        access=access,
     ).start()
     stopping = threading.Event()
 

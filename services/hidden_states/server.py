@@ -5,7 +5,9 @@
     server.wait()                  # until stop() or a signal
 
 Health reports SERVING for "" and "dflash.v1.HiddenStates" once the backend is loaded, and
-NOT_SERVING while the server drains on shutdown, so load balancers stop sending first.
+NOT_SERVING while the server drains on shutdown, so load balancers stop sending first. With a
+token (`ServiceAccess`) every other method refuses calls without it; reflection is served only when
+asked for; under TLS the payload side channel is off.
 
 Beside the gRPC port the server listens on a payload port (`payload_port`: None = a free port
 picked now, 0 = none) on the same host: trainers move hidden-state bytes over it off gRPC
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from dflash_core.wire.pb import hidden_states_pb2 as pb
 from services.hidden_states.backends.base import Backend
+from services.hidden_states.credentials import TokenInterceptor
 from services.hidden_states.endpoints import CHANNEL_OPTIONS
 from services.hidden_states.payload_listener import PayloadListener
 from services.hidden_states.scheduler import Scheduler
@@ -31,6 +35,15 @@ from services.hidden_states.servicer import HiddenStatesServicer, register
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HiddenStates"].full_name
+
+
+@dataclass(frozen=True)
+class ServiceAccess:
+    """Who may call (services/hidden_states/credentials.py): no token and no TLS = anyone who reaches it."""
+
+    token: str | None = None
+    tls: grpc.ServerCredentials | None = None
+    reflection: bool = False
 
 
 class HiddenStateServer:
@@ -44,7 +57,13 @@ class HiddenStateServer:
         max_streams: int = 64,
         max_pending_per_stream: int = 64,
         payload_port: int | None = None,
+        access: ServiceAccess | None = None,
     ) -> None:
+        access = access or ServiceAccess()
+        if access.tls is not None and payload_port != 0:
+            # The side channel is plain TCP: under TLS every frame stays on the encrypted gRPC stream.
+            logger.info("TLS is on: the payload side channel is off, hidden states travel on gRPC")
+            payload_port = 0
         self.backend = backend
         self.scheduler = Scheduler(backend)
         # Every live Extract stream holds a pool thread for its responses; the spare threads keep
@@ -54,6 +73,7 @@ class HiddenStateServer:
             futures.ThreadPoolExecutor(max_workers=max_streams + spare, thread_name_prefix="grpc"),
             options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=max_streams + spare,
+            interceptors=[TokenInterceptor(access.token)] if access.token is not None else None,
         )
         self.payload_listener = (
             PayloadListener(host, payload_port or 0) if payload_port != 0 else None
@@ -68,15 +88,19 @@ class HiddenStateServer:
         register(self.servicer, self._server)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection(
-            [
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            self._server,
-        )
-        bound = self._server.add_insecure_port(f"{host}:{port}")
+        if access.reflection:
+            reflection.enable_server_reflection(
+                [
+                    SERVICE_NAME,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ],
+                self._server,
+            )
+        if access.tls is not None:
+            bound = self._server.add_secure_port(f"{host}:{port}", access.tls)
+        else:
+            bound = self._server.add_insecure_port(f"{host}:{port}")
         if bound == 0:
             if self.payload_listener is not None:
                 self.payload_listener.stop()

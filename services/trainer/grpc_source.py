@@ -252,6 +252,11 @@ class GrpcSource:
                         pb.GetInfoRequest(), timeout=min(5.0, max(deadline - time.monotonic(), 0.1))
                     )
                 except grpc.RpcError as exc:
+                    if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                        # A missing or wrong token: waiting does not fix it.
+                        raise HiddenStateServiceError(
+                            f"{endpoint.address}: {exc.details()} ({exc.code().name})"
+                        ) from None
                     errors[endpoint.address] = f"{exc.code().name}: {exc.details()}"
             infos = [e for e in self._endpoints if e.info is not None]
             now = time.monotonic()

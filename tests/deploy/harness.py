@@ -18,9 +18,11 @@ import yaml
 from services.cli.args import RESERVED_ENV_PREFIXES, env_name, split_passthrough
 from services.cli.flags_doc import COMMANDS
 from services.cli.main import build_parser
+from services.hidden_states.credentials import CREDENTIAL_ENVS
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
+TEST_SERVICE_TOKEN = "compose-test-token"
 ENV_EXAMPLE = REPO / ".env.example"
 DOCKERFILES = sorted(REPO.glob("services/*/Dockerfile"))
 # The job configs whose fields DFLASH_<FIELD> variables set, by subcommand.
@@ -61,7 +63,12 @@ def compose_config(
         ],
         capture_output=True,
         text=True,
-        env={"PATH": "/usr/local/bin:/usr/bin:/bin", **(variables or {})},
+        # The one variable without a default (the service's token): a test value unless given.
+        env={
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "DFLASH_SERVICE_TOKEN": TEST_SERVICE_TOKEN,
+            **(variables or {}),
+        },
         timeout=120,
     )
     if result.returncode != 0:
@@ -154,7 +161,7 @@ def cli_problems(argv: list[str], environment: dict[str, str] | None = None) -> 
         cls.model_config["env_prefix"] + name.upper()
         for cls in (ControlPlaneSettings, AgentSettings)
         for name in cls.model_fields
-    }
+    } | set(CREDENTIAL_ENVS)
     config_cls = CONFIG_OF_SUBCOMMAND.get(args.command)
     job_vars = {env_name(name) for name in config_cls.model_fields} if config_cls else set()
     for variable in environment or {}:
@@ -162,7 +169,7 @@ def cli_problems(argv: list[str], environment: dict[str, str] | None = None) -> 
             continue
         if variable.startswith(RESERVED_ENV_PREFIXES):
             if variable not in settings_vars:
-                problems.append(f"${variable}: no control-plane or trainer-agent setting reads it")
+                problems.append(f"${variable}: no service setting or credential reads it")
         elif variable not in job_vars:
             problems.append(f"${variable}: `dflash {args.command}` has no such field")
     return problems

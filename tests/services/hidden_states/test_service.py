@@ -34,7 +34,7 @@ from dflash_core.wire.pb import hidden_states_pb2_grpc as pb_grpc
 from services.hidden_states.endpoints import open_channel
 from services.hidden_states.engine_args import config_with_engine_args
 from services.hidden_states.launcher import LocalService
-from services.hidden_states.server import HiddenStateServer
+from services.hidden_states.server import HiddenStateServer, ServiceAccess
 from tests.factories.services import running_service, start_service_process
 from tests.factories.verifiers import make_tiny_verifier
 from tests.services.hidden_states.conftest import HIDDEN_SIZE, NUM_LAYERS
@@ -110,8 +110,9 @@ def assert_matches_direct(
 @pytest.fixture(scope="module")
 def server(verifier_path: Path) -> Iterator[HiddenStateServer]:
     with running_service(
-        verifier_path, target_layer_ids=TARGET_LAYERS, max_length=MAX_LENGTH, max_frame_bytes=FRAME_BYTES
-    ) as running:
+        verifier_path, target_layer_ids=TARGET_LAYERS, max_length=MAX_LENGTH, max_frame_bytes=FRAME_BYTES,
+        access=ServiceAccess(reflection=True),
+    ) as running:  # fmt: skip
         yield running
 
 
@@ -309,6 +310,7 @@ def test_health_is_serving_for_the_server_and_the_service(channel):
 
 
 def test_reflection_lists_and_describes_the_service(channel):
+    # On when asked for (--reflection); off by default (tests/services/hidden_states/test_access.py).
     database = ProtoReflectionDescriptorDatabase(channel)
     services = set(database.get_services())
     assert {"dflash.v1.HiddenStates", "grpc.health.v1.Health"} <= services
