@@ -443,6 +443,17 @@ class ServeHiddenStatesConfig(JobConfig):
     max_streams: int = Field(
         default=64, gt=0, description="Concurrent calls served; more are refused with RESOURCE_EXHAUSTED."
     )
+    max_generate_prompts: int = Field(
+        default=4096, gt=0, le=1 << 20, description="Prompts one Generate call may carry (more are refused)."
+    )
+    max_generate_tokens: int = Field(
+        default=1 << 20,
+        gt=0,
+        le=1 << 26,
+        description="Prompt tokens plus max_new_tokens, summed over a Generate call's prompts, at most. With "
+        "--max-length and --max-generate-prompts it sets the largest request the service reads: a bigger "
+        "message is refused before it is parsed.",
+    )
     max_pending_per_stream: int = Field(
         default=64,
         gt=0,

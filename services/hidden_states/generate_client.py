@@ -134,7 +134,13 @@ class GenerateClient:
         except BaseException:
             self.close()
             raise
-        self.batch_size = batch_size or DEFAULT_BATCH_SIZE.get(self.info.backend, 8)
+        # Within what every endpoint takes in one call (0 = no cap, from a service that says none).
+        prompt_caps = [i.max_generate_prompts for i in self.infos.values() if i.max_generate_prompts]
+        token_caps = [i.max_generate_tokens for i in self.infos.values() if i.max_generate_tokens]
+        self.max_call_tokens = min(token_caps, default=None)
+        self.batch_size = min(
+            batch_size or DEFAULT_BATCH_SIZE.get(self.info.backend, 8), min(prompt_caps, default=1 << 31)
+        )
         # An endpoint with N engines side by side (--engine-replicas) keeps N times the calls busy.
         self.requests_per_endpoint = requests_per_endpoint or DEFAULT_REQUESTS_PER_ENDPOINT.get(
             self.info.backend, 2
@@ -239,21 +245,28 @@ class GenerateClient:
         return replies
 
     def _batches(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int) -> list[tuple[int, int]]:
-        """(start, end) of each call's prompts: at most `batch_size`, and the request and its
-        replies under MAX_CALL_BYTES each (a prompt alone is always sent, the service judges it)."""
+        """(start, end) of each call's prompts: at most `batch_size`, the request and its replies
+        under MAX_CALL_BYTES each, and prompt + new tokens within the services' per-call cap (a
+        prompt alone is always sent, the service judges it)."""
         batches: list[tuple[int, int]] = []
-        start, request_bytes, reply_bytes = 0, 0, 0
+        start, request_bytes, reply_bytes, tokens = 0, 0, 0, 0
+        max_tokens = self.max_call_tokens or 1 << 62
         for end, prompt in enumerate(prompts):
             prompt_bytes = _BYTES_PER_TOKEN * len(prompt) + _BYTES_PER_PROMPT
             new_bytes = _BYTES_PER_TOKEN * max_new_tokens + _BYTES_PER_PROMPT
             full = end - start >= self.batch_size or (
-                end > start and max(request_bytes + prompt_bytes, reply_bytes + new_bytes) > MAX_CALL_BYTES
+                end > start
+                and (
+                    max(request_bytes + prompt_bytes, reply_bytes + new_bytes) > MAX_CALL_BYTES
+                    or tokens + len(prompt) + max_new_tokens > max_tokens
+                )
             )
             if full:
                 batches.append((start, end))
-                start, request_bytes, reply_bytes = end, 0, 0
+                start, request_bytes, reply_bytes, tokens = end, 0, 0, 0
             request_bytes += prompt_bytes
             reply_bytes += new_bytes
+            tokens += len(prompt) + max_new_tokens
         if start < len(prompts):
             batches.append((start, len(prompts)))
         return batches

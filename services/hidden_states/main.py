@@ -26,6 +26,7 @@ from services.hidden_states.credentials import (
 )
 from services.hidden_states.engine_args import config_with_engine_args
 from services.hidden_states.server import HiddenStateServer, ServiceAccess
+from services.hidden_states.servicer import GenerateLimits
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ def serve(config: ServeHiddenStatesConfig) -> int:
         max_frame_bytes=config.max_frame_bytes,
         max_streams=config.max_streams,
         max_pending_per_stream=config.max_pending_per_stream,
+        generate_limits=GenerateLimits(config.max_generate_prompts, config.max_generate_tokens),
         # Hidden-state bytes are all the payload port carries: none to carry here.
         payload_port=0 if config.generate_only else config.payload_port,
         access=access,

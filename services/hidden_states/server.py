@@ -30,7 +30,7 @@ from services.hidden_states.credentials import TokenInterceptor
 from services.hidden_states.endpoints import CHANNEL_OPTIONS
 from services.hidden_states.payload_listener import PayloadListener
 from services.hidden_states.scheduler import Scheduler
-from services.hidden_states.servicer import HiddenStatesServicer, register
+from services.hidden_states.servicer import GenerateLimits, HiddenStatesServicer, max_request_bytes, register
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class HiddenStateServer:
         max_pending_per_stream: int = 64,
         payload_port: int | None = None,
         access: ServiceAccess | None = None,
+        generate_limits: GenerateLimits | None = None,
     ) -> None:
         access = access or ServiceAccess()
         if access.tls is not None and payload_port != 0:
@@ -69,9 +70,14 @@ class HiddenStateServer:
         # Every live Extract stream holds a pool thread for its responses; the spare threads keep
         # GetInfo, Generate and health answering while all streams are busy.
         spare = 8
+        generate_limits = generate_limits or GenerateLimits()
+        # Requests carry token ids only: a message bigger than the largest valid one is refused by
+        # gRPC before it is parsed (a huge request would otherwise grow the process many times over).
+        receive = ("grpc.max_receive_message_length", max_request_bytes(backend.info, generate_limits))
+        options = [o for o in CHANNEL_OPTIONS if o[0] != receive[0]]
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_streams + spare, thread_name_prefix="grpc"),
-            options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
+            options=[*options, receive, ("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=max_streams + spare,
             interceptors=[TokenInterceptor(access.token)] if access.token is not None else None,
         )
@@ -84,6 +90,7 @@ class HiddenStateServer:
             max_pending_per_stream=max_pending_per_stream,
             max_streams=max_streams,
             payload_listener=self.payload_listener,
+            generate_limits=generate_limits,
         )
         register(self.servicer, self._server)
         self._health = health.HealthServicer()

@@ -24,6 +24,7 @@ import queue
 import socket
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import grpc
 import torch
@@ -54,6 +55,25 @@ GENERATE_ONLY_REFUSAL = (
 )
 
 
+# A token id takes at most 5 bytes on the wire (varint), a repeated field's entry a few more.
+_BYTES_PER_TOKEN, _BYTES_PER_ENTRY, _MESSAGE_SLACK = 5, 16, 4096
+
+
+@dataclass(frozen=True)
+class GenerateLimits:
+    """What one Generate call may ask for (--max-generate-prompts, --max-generate-tokens)."""
+
+    max_prompts: int = 4096
+    max_tokens: int = 1 << 20  # prompt tokens + max_new_tokens, summed over the call's prompts
+
+
+def max_request_bytes(info: BackendInfo, limits: GenerateLimits) -> int:
+    """The largest request message a valid call can need: the server refuses bigger ones unparsed."""
+    extract = _BYTES_PER_TOKEN * info.max_length + _BYTES_PER_ENTRY * len(info.layer_ids)
+    generate = _BYTES_PER_TOKEN * limits.max_tokens + _BYTES_PER_ENTRY * limits.max_prompts
+    return max(extract, generate) + _MESSAGE_SLACK
+
+
 class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
     def __init__(
         self,
@@ -63,8 +83,10 @@ class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
         max_pending_per_stream: int,
         max_streams: int,
         payload_listener: PayloadListener | None = None,
+        generate_limits: GenerateLimits | None = None,
     ) -> None:
         self.scheduler = scheduler
+        self.generate_limits = generate_limits or GenerateLimits()
         self.payload_listener = payload_listener
         self.samples_on_payload_channel = 0  # how many went off gRPC (tests and the bench read it)
         self._count_lock = threading.Lock()
@@ -80,7 +102,9 @@ class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
     # ------------------------------------------------------------------ GetInfo
     def GetInfo(self, request: pb.GetInfoRequest, context: grpc.ServicerContext) -> pb.ServiceInfo:
         port = self.payload_listener.port if self.payload_listener is not None else 0
-        return service_info(self.info, max_frame_bytes=self.max_frame_bytes, payload_port=port)
+        return service_info(
+            self.info, max_frame_bytes=self.max_frame_bytes, payload_port=port, limits=self.generate_limits
+        )
 
     # ------------------------------------------------------------------ Extract
     def Extract(self, request_iterator, context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -202,26 +226,29 @@ class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
         outbox.close()
 
     def _validate(self, request: pb.ExtractRequest, outbox: StreamOutbox) -> ExtractJob | ComputedSample:
-        token_ids = torch.tensor(list(request.token_ids), dtype=torch.long)
-        layer_ids = [int(i) for i in request.layer_ids]
+        # Lengths first: no tensor or list is built for a request that is refused.
+        count, served = len(request.token_ids), list(self.info.layer_ids)
+        layer_ids = [int(i) for i in request.layer_ids] if len(request.layer_ids) <= len(served) else []
         problem = None
-        if token_ids.numel() == 0:
+        if count == 0:
             problem = "token_ids is empty"
-        elif token_ids.numel() > self.info.max_length:
+        elif count > self.info.max_length:
             problem = (
-                f"{token_ids.numel()} tokens is longer than this service's max length {self.info.max_length} "
+                f"{count} tokens is longer than this service's max length {self.info.max_length} "
                 "(dflash serve-hidden-states --max-length)"
             )
-        elif int(token_ids.max()) >= self.info.fingerprint.vocab_size:
+        elif (largest := max(request.token_ids)) >= self.info.fingerprint.vocab_size:
             problem = (
-                f"token id {int(token_ids.max())} is outside the verifier's vocabulary of "
+                f"token id {largest} is outside the verifier's vocabulary of "
                 f"{self.info.fingerprint.vocab_size}: was the data tokenized for another model?"
             )
+        elif len(request.layer_ids) > len(served):
+            problem = f"{len(request.layer_ids)} layer ids asked for; this service serves {served}"
         elif not layer_ids:
-            problem = f"layer_ids is empty; this service serves {list(self.info.layer_ids)}"
+            problem = f"layer_ids is empty; this service serves {served}"
         elif unknown := [i for i in layer_ids if i not in self._columns]:
             problem = (
-                f"layer ids {unknown} are not served here; this service captures {list(self.info.layer_ids)} "
+                f"layer ids {unknown} are not served here; this service captures {served} "
                 "(restart it with the trainer's --target-layer-ids)"
             )
         elif len(set(layer_ids)) != len(layer_ids):
@@ -229,7 +256,7 @@ class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
         if problem is not None:
             return ComputedSample(
                 sample_id=request.sample_id,
-                token_ids=token_ids,
+                token_ids=torch.empty(0, dtype=torch.long),
                 layer_ids=layer_ids,
                 tensor=None,
                 error_code=grpc.StatusCode.INVALID_ARGUMENT,
@@ -237,7 +264,7 @@ class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
             )
         return ExtractJob(
             sample_id=request.sample_id,
-            token_ids=token_ids,
+            token_ids=torch.tensor(request.token_ids, dtype=torch.long),
             layer_columns=[self._columns[i] for i in layer_ids],
             layer_ids=layer_ids,
             outbox=outbox,
@@ -276,9 +303,22 @@ class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
 
     # ------------------------------------------------------------------ Generate
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
-        params = request.params
+        params, limits = request.params, self.generate_limits
         if not request.prompts:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no prompts")
+        if len(request.prompts) > limits.max_prompts:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{len(request.prompts)} prompts in one call; this service takes at most "
+                f"{limits.max_prompts} (--max-generate-prompts): split the request",
+            )
+        tokens = sum(len(p.token_ids) for p in request.prompts) + len(request.prompts) * params.max_new_tokens
+        if tokens > limits.max_tokens:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{tokens} tokens (prompts + max_new_tokens each) in one call; this service takes at most "
+                f"{limits.max_tokens} (--max-generate-tokens): split the request",
+            )
         if params.max_new_tokens < 1:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "params.max_new_tokens must be >= 1")
         if params.temperature < 0 or not 0 <= params.top_p <= 1:
@@ -336,8 +376,10 @@ class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
         )
 
 
-def service_info(info: BackendInfo, *, max_frame_bytes: int, payload_port: int = 0) -> pb.ServiceInfo:
-    fp = info.fingerprint
+def service_info(
+    info: BackendInfo, *, max_frame_bytes: int, payload_port: int = 0, limits: GenerateLimits | None = None
+) -> pb.ServiceInfo:
+    fp, limits = info.fingerprint, limits or GenerateLimits()
     return pb.ServiceInfo(
         verifier_name_or_path=fp.name_or_path,
         architecture=fp.architecture,
@@ -354,6 +396,8 @@ def service_info(info: BackendInfo, *, max_frame_bytes: int, payload_port: int =
         server_version=SERVER_VERSION,
         payload_port=payload_port,
         engine_replicas=info.engine_replicas,
+        max_generate_prompts=limits.max_prompts,
+        max_generate_tokens=limits.max_tokens,
     )
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64\x66lash/v1/hidden_states.proto\x12\tdflash.v1\"\x10\n\x0eGetInfoRequest\"\xda\x02\n\x0bServiceInfo\x12\x1d\n\x15verifier_name_or_path\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x18\n\x10tokenizer_sha256\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x12\n\nmax_length\x18\x08 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\t \x01(\t\x12\x11\n\tlayer_ids\x18\n \x03(\r\x12\x17\n\x0fmax_frame_bytes\x18\x0b \x01(\x04\x12\x18\n\x10max_batch_tokens\x18\x0c \x01(\r\x12\x16\n\x0eserver_version\x18\r \x01(\t\x12\x14\n\x0cpayload_port\x18\x0e \x01(\r\x12\x17\n\x0f\x65ngine_replicas\x18\x0f \x01(\r\"I\n\x0e\x45xtractRequest\x12\x11\n\tsample_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x11\n\tlayer_ids\x18\x03 \x03(\r\"l\n\x0cTensorHeader\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x11\n\tlayer_ids\x18\x03 \x03(\r\x12\x18\n\x10token_ids_sha256\x18\x04 \x01(\x0c\x12\x11\n\tnum_bytes\x18\x05 \x01(\x04\",\n\x0bSampleError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xab\x01\n\x0f\x45xtractResponse\x12\x11\n\tsample_id\x18\x01 \x01(\x04\x12\'\n\x06header\x18\x02 \x01(\x0b\x32\x17.dflash.v1.TensorHeader\x12\x13\n\x0b\x66rame_index\x18\x03 \x01(\r\x12\x12\n\nnum_frames\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12%\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x16.dflash.v1.SampleError\"\x81\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\"\x1b\n\x06Prompt\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"`\n\x0fGenerateRequest\x12\"\n\x07prompts\x18\x01 \x03(\x0b\x32\x11.dflash.v1.Prompt\x12)\n\x06params\x18\x02 \x01(\x0b\x32\x19.dflash.v1.SamplingParams\"6\n\nCompletion\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\">\n\x10GenerateResponse\x12*\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x15.dflash.v1.Completion2\xd7\x01\n\x0cHiddenStates\x12<\n\x07GetInfo\x12\x19.dflash.v1.GetInfoRequest\x1a\x16.dflash.v1.ServiceInfo\x12\x44\n\x07\x45xtract\x12\x19.dflash.v1.ExtractRequest\x1a\x1a.dflash.v1.ExtractResponse(\x01\x30\x01\x12\x43\n\x08Generate\x12\x1a.dflash.v1.GenerateRequest\x1a\x1b.dflash.v1.GenerateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64\x66lash/v1/hidden_states.proto\x12\tdflash.v1\"\x10\n\x0eGetInfoRequest\"\x95\x03\n\x0bServiceInfo\x12\x1d\n\x15verifier_name_or_path\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x18\n\x10tokenizer_sha256\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x12\n\nmax_length\x18\x08 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\t \x01(\t\x12\x11\n\tlayer_ids\x18\n \x03(\r\x12\x17\n\x0fmax_frame_bytes\x18\x0b \x01(\x04\x12\x18\n\x10max_batch_tokens\x18\x0c \x01(\r\x12\x16\n\x0eserver_version\x18\r \x01(\t\x12\x14\n\x0cpayload_port\x18\x0e \x01(\r\x12\x17\n\x0f\x65ngine_replicas\x18\x0f \x01(\r\x12\x1c\n\x14max_generate_prompts\x18\x10 \x01(\r\x12\x1b\n\x13max_generate_tokens\x18\x11 \x01(\x04\"I\n\x0e\x45xtractRequest\x12\x11\n\tsample_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x11\n\tlayer_ids\x18\x03 \x03(\r\"l\n\x0cTensorHeader\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x11\n\tlayer_ids\x18\x03 \x03(\r\x12\x18\n\x10token_ids_sha256\x18\x04 \x01(\x0c\x12\x11\n\tnum_bytes\x18\x05 \x01(\x04\",\n\x0bSampleError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xab\x01\n\x0f\x45xtractResponse\x12\x11\n\tsample_id\x18\x01 \x01(\x04\x12\'\n\x06header\x18\x02 \x01(\x0b\x32\x17.dflash.v1.TensorHeader\x12\x13\n\x0b\x66rame_index\x18\x03 \x01(\r\x12\x12\n\nnum_frames\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12%\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x16.dflash.v1.SampleError\"\x81\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\"\x1b\n\x06Prompt\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"`\n\x0fGenerateRequest\x12\"\n\x07prompts\x18\x01 \x03(\x0b\x32\x11.dflash.v1.Prompt\x12)\n\x06params\x18\x02 \x01(\x0b\x32\x19.dflash.v1.SamplingParams\"6\n\nCompletion\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\">\n\x10GenerateResponse\x12*\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x15.dflash.v1.Completion2\xd7\x01\n\x0cHiddenStates\x12<\n\x07GetInfo\x12\x19.dflash.v1.GetInfoRequest\x1a\x16.dflash.v1.ServiceInfo\x12\x44\n\x07\x45xtract\x12\x19.dflash.v1.ExtractRequest\x1a\x1a.dflash.v1.ExtractResponse(\x01\x30\x01\x12\x43\n\x08Generate\x12\x1a.dflash.v1.GenerateRequest\x1a\x1b.dflash.v1.GenerateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,25 +34,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETINFOREQUEST']._serialized_start=44
   _globals['_GETINFOREQUEST']._serialized_end=60
   _globals['_SERVICEINFO']._serialized_start=63
-  _globals['_SERVICEINFO']._serialized_end=409
-  _globals['_EXTRACTREQUEST']._serialized_start=411
-  _globals['_EXTRACTREQUEST']._serialized_end=484
-  _globals['_TENSORHEADER']._serialized_start=486
-  _globals['_TENSORHEADER']._serialized_end=594
-  _globals['_SAMPLEERROR']._serialized_start=596
-  _globals['_SAMPLEERROR']._serialized_end=640
-  _globals['_EXTRACTRESPONSE']._serialized_start=643
-  _globals['_EXTRACTRESPONSE']._serialized_end=814
-  _globals['_SAMPLINGPARAMS']._serialized_start=817
-  _globals['_SAMPLINGPARAMS']._serialized_end=946
-  _globals['_PROMPT']._serialized_start=948
-  _globals['_PROMPT']._serialized_end=975
-  _globals['_GENERATEREQUEST']._serialized_start=977
-  _globals['_GENERATEREQUEST']._serialized_end=1073
-  _globals['_COMPLETION']._serialized_start=1075
-  _globals['_COMPLETION']._serialized_end=1129
-  _globals['_GENERATERESPONSE']._serialized_start=1131
-  _globals['_GENERATERESPONSE']._serialized_end=1193
-  _globals['_HIDDENSTATES']._serialized_start=1196
-  _globals['_HIDDENSTATES']._serialized_end=1411
+  _globals['_SERVICEINFO']._serialized_end=468
+  _globals['_EXTRACTREQUEST']._serialized_start=470
+  _globals['_EXTRACTREQUEST']._serialized_end=543
+  _globals['_TENSORHEADER']._serialized_start=545
+  _globals['_TENSORHEADER']._serialized_end=653
+  _globals['_SAMPLEERROR']._serialized_start=655
+  _globals['_SAMPLEERROR']._serialized_end=699
+  _globals['_EXTRACTRESPONSE']._serialized_start=702
+  _globals['_EXTRACTRESPONSE']._serialized_end=873
+  _globals['_SAMPLINGPARAMS']._serialized_start=876
+  _globals['_SAMPLINGPARAMS']._serialized_end=1005
+  _globals['_PROMPT']._serialized_start=1007
+  _globals['_PROMPT']._serialized_end=1034
+  _globals['_GENERATEREQUEST']._serialized_start=1036
+  _globals['_GENERATEREQUEST']._serialized_end=1132
+  _globals['_COMPLETION']._serialized_start=1134
+  _globals['_COMPLETION']._serialized_end=1188
+  _globals['_GENERATERESPONSE']._serialized_start=1190
+  _globals['_GENERATERESPONSE']._serialized_end=1252
+  _globals['_HIDDENSTATES']._serialized_start=1255
+  _globals['_HIDDENSTATES']._serialized_end=1470
 # @@protoc_insertion_point(module_scope)

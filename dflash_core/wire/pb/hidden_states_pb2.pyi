@@ -11,7 +11,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServiceInfo(_message.Message):
-    __slots__ = ("verifier_name_or_path", "architecture", "num_layers", "hidden_size", "vocab_size", "tokenizer_sha256", "dtype", "max_length", "backend", "layer_ids", "max_frame_bytes", "max_batch_tokens", "server_version", "payload_port", "engine_replicas")
+    __slots__ = ("verifier_name_or_path", "architecture", "num_layers", "hidden_size", "vocab_size", "tokenizer_sha256", "dtype", "max_length", "backend", "layer_ids", "max_frame_bytes", "max_batch_tokens", "server_version", "payload_port", "engine_replicas", "max_generate_prompts", "max_generate_tokens")
     VERIFIER_NAME_OR_PATH_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,8 @@ class ServiceInfo(_message.Message):
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_PORT_FIELD_NUMBER: _ClassVar[int]
     ENGINE_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_GENERATE_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_GENERATE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     verifier_name_or_path: str
     architecture: str
     num_layers: int
@@ -42,7 +44,9 @@ class ServiceInfo(_message.Message):
     server_version: str
     payload_port: int
     engine_replicas: int
-    def __init__(self, verifier_name_or_path: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., tokenizer_sha256: _Optional[str] = ..., dtype: _Optional[str] = ..., max_length: _Optional[int] = ..., backend: _Optional[str] = ..., layer_ids: _Optional[_Iterable[int]] = ..., max_frame_bytes: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., server_version: _Optional[str] = ..., payload_port: _Optional[int] = ..., engine_replicas: _Optional[int] = ...) -> None: ...
+    max_generate_prompts: int
+    max_generate_tokens: int
+    def __init__(self, verifier_name_or_path: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., tokenizer_sha256: _Optional[str] = ..., dtype: _Optional[str] = ..., max_length: _Optional[int] = ..., backend: _Optional[str] = ..., layer_ids: _Optional[_Iterable[int]] = ..., max_frame_bytes: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., server_version: _Optional[str] = ..., payload_port: _Optional[int] = ..., engine_replicas: _Optional[int] = ..., max_generate_prompts: _Optional[int] = ..., max_generate_tokens: _Optional[int] = ...) -> None: ...
 
 class ExtractRequest(_message.Message):
     __slots__ = ("sample_id", "token_ids", "layer_ids")
