@@ -443,6 +443,18 @@ class ServeHiddenStatesConfig(JobConfig):
     max_streams: int = Field(
         default=64, gt=0, description="Concurrent calls served; more are refused with RESOURCE_EXHAUSTED."
     )
+    max_pending_bytes: int = Field(
+        default=8 << 30,
+        ge=1 << 20,
+        description="Bytes of hidden states all Extract streams may hold at once (queued, computed or being "
+        "sent); readers stop taking requests beyond it, so clients feel back-pressure, never the host OOM.",
+    )
+    stall_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="An Extract stream whose client takes none of its samples for this long is cancelled "
+        "(its samples freed); trainers reconnect and ask again.",
+    )
     max_generate_prompts: int = Field(
         default=4096, gt=0, le=1 << 20, description="Prompts one Generate call may carry (more are refused)."
     )

@@ -95,6 +95,8 @@ def serve(config: ServeHiddenStatesConfig) -> int:
         max_streams=config.max_streams,
         max_pending_per_stream=config.max_pending_per_stream,
         generate_limits=GenerateLimits(config.max_generate_prompts, config.max_generate_tokens),
+        max_pending_bytes=config.max_pending_bytes,
+        stall_timeout_s=config.stall_timeout_s,
         # Hidden-state bytes are all the payload port carries: none to carry here.
         payload_port=0 if config.generate_only else config.payload_port,
         access=access,

@@ -16,8 +16,10 @@ running batch as soon as the job arrives, and the worker steps it while any prom
 a job whose caller went away (cancelled, deadline) has its prompts aborted.
 
 Memory stays bounded: each stream holds at most `max_pending` samples (queued, computed or being
-sent); its reader stops pulling requests off the network beyond that, and HTTP/2 flow control
-pushes back on the client.
+sent), and all streams together at most `ByteBudget.limit` bytes of hidden states (each sample
+charged its tensor's size when its request is read, refunded once it is sent or dropped); a
+reader stops pulling requests off the network beyond either, and HTTP/2 flow control pushes back
+on the client. A cancelled stream's samples are refunded however far they got.
 """
 
 from __future__ import annotations
@@ -53,28 +55,89 @@ class ComputedSample:
     tensor: torch.Tensor | None  # [t, len(layer_ids), H]; None on error
     error_code: grpc.StatusCode | None = None
     error: str = ""
+    charge: int = 0  # bytes held in the service's ByteBudget until this sample is sent or dropped
+
+
+class ByteBudget:
+    """Bytes of hidden states that all streams may hold at once (queued, computed or being sent)."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"a byte budget must be positive, got {limit}")
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, nbytes: int, cancelled: threading.Event) -> int | None:
+        """Wait until `nbytes` fit, then hold them; the bytes held (a sample bigger than the whole
+        budget waits until it runs alone), or None once `cancelled` is set."""
+        nbytes = min(nbytes, self.limit)
+        with self._cond:
+            while self.used > 0 and self.used + nbytes > self.limit:
+                if cancelled.is_set():
+                    return None
+                self._cond.wait(timeout=0.2)
+            self.used += nbytes
+            return nbytes
+
+    def release(self, nbytes: int) -> None:
+        if nbytes:
+            with self._cond:
+                self.used -= nbytes
+                self._cond.notify_all()
 
 
 class StreamOutbox:
-    """What one Extract stream is owed: computed samples in completion order, bounded in count."""
+    """What one Extract stream is owed: computed samples in completion order, bounded in count
+    (`max_pending`) and, with the other streams, in bytes (`budget`)."""
 
-    def __init__(self, max_pending: int) -> None:
+    def __init__(self, max_pending: int, budget: ByteBudget | None = None) -> None:
         self.results: queue.Queue[ComputedSample | None] = queue.Queue()
         self._slots = threading.BoundedSemaphore(max_pending)
+        self._budget = budget
+        self._lock = threading.Lock()
+        self._drained = False
         self.cancelled = threading.Event()
 
-    def reserve(self) -> bool:
-        """Block until the stream may hold one more sample; False once the stream is cancelled."""
+    def reserve(self, nbytes: int = 0) -> int | None:
+        """Block until the stream may hold one more sample of `nbytes`; the bytes charged, or None
+        once the stream is cancelled."""
         while not self.cancelled.is_set():
             if self._slots.acquire(timeout=0.2):
-                return True
-        return False
+                if self._budget is None:
+                    return 0
+                charged = self._budget.acquire(nbytes, self.cancelled)
+                if charged is not None:
+                    return charged
+                self._slots.release()
+                return None
+        return None
 
-    def release(self) -> None:
+    def release(self, charge: int = 0) -> None:
+        """A sample reserved with `reserve` is sent, or will never be: free its slot and bytes."""
         self._slots.release()
+        if self._budget is not None:
+            self._budget.release(charge)
 
     def put(self, sample: ComputedSample) -> None:
-        self.results.put(sample)
+        with self._lock:
+            if not self._drained:
+                self.results.put(sample)
+                return
+        self.release(sample.charge)  # nobody will send it: the stream is over
+
+    def drain(self) -> None:
+        """The stream is over: refund every sample still queued, and any that arrives later."""
+        self.cancelled.set()
+        with self._lock:
+            self._drained = True
+            while True:
+                try:
+                    sample = self.results.get_nowait()
+                except queue.Empty:
+                    return
+                if sample is not None:
+                    self.release(sample.charge)
 
     def close(self) -> None:
         """No more samples will come (the reader saw the end of the requests)."""
@@ -88,6 +151,7 @@ class ExtractJob:
     layer_columns: list[int]  # positions in backend.info.layer_ids, in the requested order
     layer_ids: list[int]
     outbox: StreamOutbox
+    charge: int = 0  # bytes reserved for its result in the service's ByteBudget
 
 
 @dataclass(eq=False)  # hashed by identity
@@ -177,7 +241,8 @@ class Scheduler:
             except queue.Empty:
                 return batch
             if job.outbox.cancelled.is_set():
-                continue  # the client went away: its samples are nobody's
+                job.outbox.release(job.charge)  # the client went away: its samples are nobody's
+                continue
             batch.append(job)
             tokens += int(job.token_ids.numel())
             if tokens >= budget:
@@ -213,6 +278,7 @@ class Scheduler:
                     token_ids=job.token_ids,
                     layer_ids=job.layer_ids,
                     tensor=tensor.contiguous(),
+                    charge=job.charge,
                 )
             )
 
@@ -336,4 +402,5 @@ def _failed(job: ExtractJob, code: grpc.StatusCode, message: str) -> ComputedSam
         tensor=None,
         error_code=code,
         error=message,
+        charge=job.charge,
     )

@@ -59,6 +59,8 @@ class HiddenStateServer:
         payload_port: int | None = None,
         access: ServiceAccess | None = None,
         generate_limits: GenerateLimits | None = None,
+        max_pending_bytes: int = 8 << 30,
+        stall_timeout_s: float = 120.0,
     ) -> None:
         access = access or ServiceAccess()
         if access.tls is not None and payload_port != 0:
@@ -91,6 +93,8 @@ class HiddenStateServer:
             max_streams=max_streams,
             payload_listener=self.payload_listener,
             generate_limits=generate_limits,
+            max_pending_bytes=max_pending_bytes,
+            stall_timeout_s=stall_timeout_s,
         )
         register(self.servicer, self._server)
         self._health = health.HealthServicer()
@@ -147,6 +151,7 @@ class HiddenStateServer:
     def stop(self, grace: float = 5.0) -> None:
         self._health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
+        self.servicer.close()
         if self.payload_listener is not None:
             self.payload_listener.stop()
         self.scheduler.stop()

@@ -23,6 +23,7 @@ import logging
 import queue
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -44,7 +45,7 @@ from dflash_core.wire.pb import hidden_states_pb2 as pb
 from dflash_core.wire.pb import hidden_states_pb2_grpc as pb_grpc
 from services.hidden_states.backends.base import BackendInfo, GenerationParams
 from services.hidden_states.payload_listener import PayloadBinding, PayloadListener
-from services.hidden_states.scheduler import ComputedSample, ExtractJob, Scheduler, StreamOutbox
+from services.hidden_states.scheduler import ByteBudget, ComputedSample, ExtractJob, Scheduler, StreamOutbox
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +85,20 @@ class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
         max_streams: int,
         payload_listener: PayloadListener | None = None,
         generate_limits: GenerateLimits | None = None,
+        max_pending_bytes: int = 8 << 30,
+        stall_timeout_s: float = 120.0,
     ) -> None:
         self.scheduler = scheduler
         self.generate_limits = generate_limits or GenerateLimits()
+        # All streams' hidden states held at once, in bytes; a stream whose client takes none of
+        # its samples for stall_timeout_s is cancelled, so one client cannot hold the rest hostage.
+        self.budget = ByteBudget(max_pending_bytes)
+        self.stall_timeout_s = stall_timeout_s
+        self._sending: dict[int, tuple[grpc.ServicerContext, float]] = {}  # stream -> (call, since)
+        self._sending_lock = threading.Lock()
+        self._watching = threading.Event()
+        self._watcher = threading.Thread(target=self._cancel_stalled_streams, name="stall-watch", daemon=True)
+        self._watcher.start()
         self.payload_listener = payload_listener
         self.samples_on_payload_channel = 0  # how many went off gRPC (tests and the bench read it)
         self._count_lock = threading.Lock()
@@ -149,7 +161,7 @@ class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
     def _serve_stream(
         self, request_iterator, context: grpc.ServicerContext, binding: PayloadBinding | None
     ) -> Iterator[bytes]:
-        outbox = StreamOutbox(self.max_pending_per_stream)
+        outbox = StreamOutbox(self.max_pending_per_stream, self.budget)
         context.add_callback(outbox.cancelled.set)
         if binding is not None:
             context.add_callback(binding.close)  # wakes a send blocked on a client that went away
@@ -170,15 +182,41 @@ class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
                     if sock is not None:
                         self._send_end(sock)
                     return
+                with self._sending_lock:
+                    self._sending[id(outbox)] = (context, time.monotonic())
                 try:
                     if sock is not None and sample.tensor is not None:
                         self._send_on_payload_channel(sock, sample, outbox, context)
                     else:  # errors always, and samples computed before the connection was bound
                         yield from self._encode(sample)
                 finally:
-                    outbox.release()
+                    with self._sending_lock:
+                        self._sending.pop(id(outbox), None)
+                    outbox.release(sample.charge)
         finally:
-            outbox.cancelled.set()
+            outbox.drain()
+
+    def _cancel_stalled_streams(self) -> None:
+        while not self._watching.wait(timeout=min(1.0, self.stall_timeout_s / 4)):
+            now = time.monotonic()
+            with self._sending_lock:
+                stalled = [
+                    (key, ctx)
+                    for key, (ctx, since) in self._sending.items()
+                    if now - since > self.stall_timeout_s
+                ]
+                for key, _ in stalled:
+                    self._sending.pop(key, None)
+            for _, context in stalled:
+                logger.warning(
+                    "an Extract client took no sample for %.0f s: cancelling its stream (its hidden states "
+                    "held the service's memory)",
+                    self.stall_timeout_s,
+                )
+                context.cancel()
+
+    def close(self) -> None:
+        self._watching.set()
 
     def _send_on_payload_channel(
         self, sock: socket.socket, sample: ComputedSample, outbox: StreamOutbox, context: grpc.ServicerContext
@@ -203,9 +241,11 @@ class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
     def _read_requests(self, request_iterator, outbox: StreamOutbox) -> None:
         try:
             for request in request_iterator:
-                if not outbox.reserve():
-                    return
                 job_or_error = self._validate(request, outbox)
+                charge = outbox.reserve(self._bytes_of(job_or_error))
+                if charge is None:
+                    return
+                job_or_error.charge = charge
                 if isinstance(job_or_error, ExtractJob):
                     self.scheduler.submit_extract(job_or_error)
                 else:
@@ -217,11 +257,18 @@ class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
         finally:
             self._close_when_drained(outbox)
 
+    def _bytes_of(self, job: ExtractJob | ComputedSample) -> int:
+        """The hidden states a valid request will produce ([t, layers, H] of the wire dtype)."""
+        if not isinstance(job, ExtractJob):
+            return 0
+        per_row = len(job.layer_ids) * self.info.fingerprint.hidden_size * self.info.dtype.itemsize
+        return int(job.token_ids.numel()) * per_row
+
     def _close_when_drained(self, outbox: StreamOutbox) -> None:
         # Every reserved slot is released once its sample is sent; holding all of them means
         # nothing is queued or in flight any more, so the response stream may end.
         for _ in range(self.max_pending_per_stream):
-            if not outbox.reserve():
+            if outbox.reserve() is None:
                 return
         outbox.close()
 

@@ -4,11 +4,14 @@ A real service on 127.0.0.1 (transformers backend, the tiny verifier). Requests 
 only, so the largest valid request is known from --max-length and the Generate caps: a bigger
 message is refused by gRPC unparsed (RESOURCE_EXHAUSTED), and the service keeps serving. Generate
 calls over --max-generate-prompts or --max-generate-tokens are refused by name, and the client
-reads both caps from GetInfo and cuts its calls to fit.
+reads both caps from GetInfo and cuts its calls to fit. The hidden states all streams hold stay
+under --max-pending-bytes, and a client that stops reading is cancelled after --stall-timeout-s
+instead of holding them (and the other clients) for good.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -111,3 +114,49 @@ def test_the_client_reads_the_caps_and_cuts_its_calls_to_fit(server, stub):
     # 13 prompts of 30 tokens and 30 new ones: three fit in 200 tokens, so 5 calls (the prompt cap
     # alone would make 4, which the service would refuse).
     assert server.scheduler.generate_jobs - calls_before == 5
+
+
+# ---------------------------------------------------------------------------- memory in bytes
+
+TOKENS = 1024
+SAMPLE_BYTES = TOKENS * len(LAYERS) * 128 * 4  # [t, 2 layers, H = 128] float32: 1 MiB
+BUDGET = 3 * SAMPLE_BYTES + 1000
+
+
+def wait_for(condition, timeout_s: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def requests(count: int, first_id: int) -> list[pb.ExtractRequest]:
+    return [
+        pb.ExtractRequest(sample_id=first_id + i, token_ids=[(7 * i + j) % 300 + 1 for j in range(TOKENS)],
+                          layer_ids=LAYERS)
+        for i in range(count)
+    ]  # fmt: skip
+
+
+def test_a_client_that_stops_reading_holds_at_most_the_byte_bound_then_is_cancelled(verifier_path):
+    with running_service(
+        verifier_path, target_layer_ids=LAYERS, max_pending_bytes=BUDGET, stall_timeout_s=2.0
+    ) as server, open_channel(server.address) as channel:  # fmt: skip
+        stub, budget = pb_grpc.HiddenStatesStub(channel), server.servicer.budget
+        # A sends 60 requests (60 MiB) and never reads an answer: flow control stops the service.
+        stalled = stub.Extract(iter(requests(60, first_id=0)), timeout=TIMEOUT_S)
+        wait_for(lambda: budget.used > 0)
+        held = []
+        for _ in range(50):
+            held.append(budget.used)
+            time.sleep(0.02)
+        assert 0 < max(held) <= BUDGET
+        # B reads: it is served once the stalled stream is cancelled, not never.
+        started = time.monotonic()
+        answers = list(stub.Extract(iter(requests(5, first_id=100)), timeout=TIMEOUT_S))
+        assert sorted({a.sample_id for a in answers}) == list(range(100, 105))
+        assert time.monotonic() - started < TIMEOUT_S / 2
+        with pytest.raises(grpc.RpcError) as raised:
+            list(stalled)
+        assert raised.value.code() == grpc.StatusCode.CANCELLED
+        wait_for(lambda: budget.used == 0)  # every charge refunded, the cancelled stream's included
