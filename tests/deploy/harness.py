@@ -22,7 +22,6 @@ from services.hidden_states.credentials import CREDENTIAL_ENVS
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
-TEST_SERVICE_TOKEN = "compose-test-token"
 ENV_EXAMPLE = REPO / ".env.example"
 DOCKERFILES = sorted(REPO.glob("services/*/Dockerfile"))
 # The job configs whose fields DFLASH_<FIELD> variables set, by subcommand.
@@ -63,12 +62,7 @@ def compose_config(
         ],
         capture_output=True,
         text=True,
-        # The one variable without a default (the service's token): a test value unless given.
-        env={
-            "PATH": "/usr/local/bin:/usr/bin:/bin",
-            "DFLASH_SERVICE_TOKEN": TEST_SERVICE_TOKEN,
-            **(variables or {}),
-        },
+        env={"PATH": "/usr/local/bin:/usr/bin:/bin", **(variables or {})},
         timeout=120,
     )
     if result.returncode != 0:

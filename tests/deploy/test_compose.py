@@ -60,7 +60,8 @@ def test_gpus_are_pinned_per_service_from_variables(tmp_path, config):
     moved = compose_config(tmp_path, variables={"HIDDEN_STATES_GPU_IDS": "4", "TRAINER_GPU_IDS": "5,6,7"})
     assert device_ids(moved, "hidden-states") == ["4"] and device_ids(moved, "trainer") == ["5,6,7"]
     for name in CPU_SERVICES | {"control-plane"}:
-        assert "deploy" not in config["services"][name], f"{name} must run without GPUs"
+        resources = config["services"][name].get("deploy", {}).get("resources", {})
+        assert "reservations" not in resources, f"{name} must run without GPUs"
 
 
 def test_compose_config_rejects_a_broken_gpu_reservation(tmp_path):
@@ -156,3 +157,24 @@ def test_env_example_documents_every_variable_with_the_compose_defaults(tmp_path
     assert used == documented, f"missing in .env.example: {used - documented}; unused: {documented - used}"
     # Copying .env.example to .env changes nothing: its values are the file's defaults.
     assert compose_config(tmp_path, env_file=ENV_EXAMPLE) == config
+
+
+def test_every_container_is_hardened_and_holds_no_secret_in_its_environment(config):
+    """No privilege escalation, no capabilities, a memory limit, no host IPC namespace; tokens come
+    from secret files mounted at /run/secrets, never from variables (`docker inspect` shows those)."""
+    for name, service in config["services"].items():
+        assert service.get("security_opt") == ["no-new-privileges:true"], name
+        assert service.get("cap_drop") == ["ALL"], name
+        assert service["deploy"]["resources"]["limits"]["memory"], name
+        assert "ipc" not in service, name
+        environment = service.get("environment", {})
+        for variable, value in environment.items():
+            if "TOKEN" in variable and variable != "HF_TOKEN":
+                assert variable.endswith("_FILE") and str(value).startswith("/run/secrets/"), (name, variable)
+        mounted = {s if isinstance(s, str) else s["source"] for s in service.get("secrets", [])}
+        wanted = {str(v).removeprefix("/run/secrets/") for v in environment.values()} & set(config["secrets"])
+        assert wanted <= mounted, (name, wanted - mounted)
+    # The hidden-state services read their token from the secret (they listen beyond loopback).
+    for name in ("hidden-states", "hidden-states-cpu"):
+        command = " ".join(command_of(config["services"][name]))
+        assert "--token-file /run/secrets/service_token" in command.replace("=", " "), name

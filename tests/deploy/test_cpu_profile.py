@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shlex
 import signal
 import socket
@@ -85,6 +86,10 @@ class Localizer:
                 lambda m, o=other: f"127.0.0.1:{self.port(o, int(m.group(1)))}",
                 value,
             )
+        # Secrets: compose mounts each named file at /run/secrets/<name>.
+        for secret in self.config["services"][service].get("secrets", []):
+            name = secret if isinstance(secret, str) else secret["source"]
+            value = value.replace(f"/run/secrets/{name}", self.config["secrets"][name]["file"])
         # Mount paths (longest first: /var/lib/dflash-agent before /var/lib/dflash).
         mounts = [v.split(":")[:2] for v in self.config["services"][service].get("volumes", [])]
         for volume, target in sorted(mounts, key=lambda m: len(m[1]), reverse=True):
@@ -167,6 +172,11 @@ class System:
     config: dict
     localizer: Localizer
     services: dict[str, Service]
+    token: str  # the control plane's, from its secret file
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
 
     def url(self, service: str, port: int) -> str:
         return f"http://127.0.0.1:{self.localizer.port(service, port)}"
@@ -213,7 +223,10 @@ def system(tmp_path_factory) -> Iterator[System]:
     if not TRAINER_AGENT_MODULE.exists():
         pytest.skip("services/cli/trainer_agent.py (`dflash trainer-agent`) is not in this tree yet")
     root = tmp_path_factory.mktemp("cpu-profile")
-    config = compose_config(root)
+    tokens = {"SERVICE_TOKEN_FILE": root / "service_token", "CONTROL_PLANE_TOKEN_FILE": root / "cp_token"}
+    for path in tokens.values():
+        path.write_text(secrets.token_hex(16) + "\n")
+    config = compose_config(root, variables={name: str(path) for name, path in tokens.items()})
     localizer = Localizer(config, root)
     # Allocate every service's own ports before any rewriting refers to them.
     for name in CPU_PROFILE:
@@ -223,7 +236,9 @@ def system(tmp_path_factory) -> Iterator[System]:
     services = {
         name: build_service(config, localizer, name, root) for name in start_order(config, CPU_PROFILE)
     }
-    running = System(config, localizer, services)
+    running = System(
+        config, localizer, services, token=tokens["CONTROL_PLANE_TOKEN_FILE"].read_text().strip()
+    )
     try:
         for service in services.values():
             service.start()
@@ -294,7 +309,8 @@ def test_a_job_trains_across_the_three_services(system):
         "report_to": ["jsonl"],
     }
     base = system.url("control-plane", 8600)
-    submitted = httpx.post(base + "/v1/jobs", json=job, timeout=30)
+    assert httpx.post(base + "/v1/jobs", json=job, timeout=30).status_code == 401  # the token is on
+    submitted = httpx.post(base + "/v1/jobs", json=job, headers=system.auth, timeout=30)
     assert submitted.status_code == 201, submitted.text
     job_id = submitted.json()["id"]
     deadline = time.monotonic() + 600
