@@ -7,7 +7,9 @@ computes. Generate jobs go through the same worker, between batches: one backend
 no locking inside backends.
 
 Generate jobs queued at the same time run as one `backend.generate` call (vLLM batches all their
-prompts together; transformers runs them one after another as before). Every prompt keeps the
+prompts together; transformers runs them one after another as before), in slices of at most the
+backend's token budget (prompt + max_new_tokens), with an Extract batch between two slices: a long
+Generate call slows the trainers' streams but never stops them. Every prompt keeps the
 params and seed of its own request (`per_prompt_params`: prompt i of a request samples with
 seed + i), so each caller gets exactly the replies it would get alone; should the merged call
 fail, each job is run again alone, so one caller's bad request fails that caller only. A backend
@@ -184,6 +186,7 @@ class Scheduler:
         self._stream: GenerationStream | None = getattr(backend, "generation_stream", None)
         self._streamed: dict[str, tuple[GenerateJob, int]] = {}  # key -> (job, prompt index)
         self._streamed_jobs: set[GenerateJob] = set()  # the jobs those prompts belong to
+        self._generating: list[GenerateJob] = []  # without a stream: jobs in progress, oldest first
         self._keys = itertools.count()
         # What Generate cost the backend: jobs served and `backend.generate` calls (merged jobs
         # share one); tests and benchmarks read them.
@@ -218,7 +221,8 @@ class Scheduler:
     def _run(self) -> None:
         while not self._stopping.is_set():
             with self._wake:
-                if self._extract.empty() and self._generate.empty() and not self._streamed:
+                idle = self._extract.empty() and self._generate.empty()
+                if idle and not self._streamed and not self._generating:
                     self._wake.wait(timeout=0.5)
             if self._stream is not None:
                 self._step_stream(self._stream)
@@ -229,6 +233,8 @@ class Scheduler:
                 self._run_extract(batch)
         if self._streamed:  # stopping: nobody will step these any more
             self._fail_streamed(RuntimeError("the service is stopping"))
+        for job in self._generating:
+            job.future.set_exception(RuntimeError("the service is stopping"))
 
     def _take_batch(self) -> list[ExtractJob]:
         """FIFO jobs of live streams up to the token budget (always at least one job)."""
@@ -294,38 +300,74 @@ class Scheduler:
                 jobs.append(job)
 
     def _run_generate_jobs(self) -> None:
-        jobs = self._take_generate_jobs()
-        if len(jobs) > 1:
-            try:
-                replies = self._generate_merged(jobs)
-            except Exception:
-                logger.exception("backend generate failed for %d merged jobs; running each alone", len(jobs))
-            else:
-                for job, reply in zip(jobs, replies, strict=True):
-                    job.future.set_result(reply)
-                return
-        for job in jobs:
-            try:
-                job.future.set_result(self._generate_merged([job])[0])
-            except Exception as exc:
+        """One slice of the Generate work: prompts of the jobs in progress (oldest first) up to the
+        backend's token budget, in one `backend.generate` call. The worker runs an Extract batch
+        between slices, so a long Generate call never holds the trainers' streams for its whole
+        length; each prompt keeps its own params and seed, so slicing changes no reply."""
+        for job in self._take_generate_jobs():
+            job.replies = []
+            self._generating.append(job)
+            self.generate_jobs += 1
+        self._generating = [job for job in self._generating if not job.abandoned.is_set()]
+        if not self._generating:
+            return
+        budget = self.backend.info.max_batch_tokens
+        parts: list[tuple[GenerateJob, int, int]] = []  # (job, first prompt, end)
+        tokens = 0
+        for job in self._generating:
+            start = end = len(job.replies)
+            while end < len(job.prompts) and (
+                tokens == 0 or tokens + len(job.prompts[end]) + job.params.max_new_tokens <= budget
+            ):
+                tokens += len(job.prompts[end]) + job.params.max_new_tokens
+                end += 1
+            if end > start:
+                parts.append((job, start, end))
+            if end < len(job.prompts):
+                break  # the budget is spent: the rest waits for the next slice
+        results: list[list[GeneratedSequence] | Exception]
+        try:
+            results = list(self._generate_parts(parts))
+        except Exception as exc:
+            if len(parts) == 1:
                 logger.exception("backend generate failed")
-                job.future.set_exception(exc)
+                results = [exc]
+            else:  # one caller's bad request must fail that caller only
+                logger.exception("backend generate failed for %d merged jobs; running each alone", len(parts))
+                results = [self._generate_alone(part) for part in parts]
+        for (job, _, _), result in zip(parts, results, strict=True):
+            if isinstance(result, Exception):
+                job.future.set_exception(result)
+                self._generating.remove(job)
+                continue
+            job.replies.extend(result)
+            if len(job.replies) == len(job.prompts):
+                job.future.set_result(list(job.replies))  # type: ignore[arg-type]
+                self._generating.remove(job)
 
-    def _generate_merged(self, jobs: Sequence[GenerateJob]) -> list[list[GeneratedSequence]]:
-        """One `backend.generate` call for the prompts of `jobs`; each job's replies, in order."""
-        prompts = [prompt for job in jobs for prompt in job.prompts]
-        params = [p for job in jobs for p in per_prompt_params(job.params, len(job.prompts))]
+    def _generate_alone(self, part: tuple[GenerateJob, int, int]) -> list[GeneratedSequence] | Exception:
+        try:
+            return self._generate_parts([part])[0]
+        except Exception as exc:
+            logger.exception("backend generate failed")
+            return exc
+
+    def _generate_parts(self, parts: Sequence[tuple[GenerateJob, int, int]]) -> list[list[GeneratedSequence]]:
+        """One `backend.generate` call for prompts [start, end) of each job; each part's replies."""
+        prompts = [prompt for job, start, end in parts for prompt in job.prompts[start:end]]
+        params = [
+            p for job, start, end in parts for p in per_prompt_params(job.params, len(job.prompts))[start:end]
+        ]
         self.generate_calls += 1
-        self.generate_jobs += len(jobs)
         completions = self.backend.generate(prompts, params)
         if len(completions) != len(prompts):
             raise RuntimeError(
                 f"the backend returned {len(completions)} completions for {len(prompts)} prompts"
             )
-        replies, start = [], 0
-        for job in jobs:
-            replies.append(completions[start : start + len(job.prompts)])
-            start += len(job.prompts)
+        replies, first = [], 0
+        for _, start, end in parts:
+            replies.append(completions[first : first + end - start])
+            first += end - start
         return replies
 
     # ------------------------------------------------------------------ streamed generation

@@ -5,6 +5,7 @@ threads: one long call keeps the worker busy while several callers send sampled 
 seeds of their own; those queue up and are merged into one `backend.generate` call. Each caller
 must get exactly the replies it gets when its request runs alone (prompt i of a request samples
 with seed + i whatever else shares the call), and the scheduler's counters must show the merge.
+A long call runs in slices of the backend's token budget with Extract batches between them.
 """
 
 from __future__ import annotations
@@ -90,3 +91,34 @@ def test_generate_jobs_queued_together_are_merged_and_each_gets_its_own_replies(
     assert scheduler.generate_jobs - jobs_before == 1 + CALLERS
     # The blocker alone, then every caller in one merged call.
     assert scheduler.generate_calls - calls_before == 2
+
+
+def test_a_long_generate_call_runs_in_slices_and_extract_is_served_between_them(verifier_path, stub):
+    """A token budget of 40 holds one prompt (4 + 32 tokens) a slice: 60 slices for the long call."""
+    long_call = pb.GenerateRequest(
+        prompts=[pb.Prompt(token_ids=[7, 8, 9, i]) for i in range(60)],
+        params=pb.SamplingParams(max_new_tokens=32, temperature=1.0, seed=5),
+    )
+    with (
+        running_service(verifier_path, target_layer_ids=[1], max_batch_tokens=40) as sliced,
+        open_channel(sliced.address) as channel,
+    ):
+        sliced_stub = pb_grpc.HiddenStatesStub(channel)
+        result: list[pb.GenerateResponse] = []
+        thread = threading.Thread(
+            target=lambda: result.append(sliced_stub.Generate(long_call, timeout=CALL_TIMEOUT_S))
+        )
+        thread.start()
+        deadline = time.monotonic() + 30
+        while sliced.scheduler.generate_calls < 2:  # the long call is under way
+            assert time.monotonic() < deadline, "the long call never reached the backend"
+            time.sleep(0.005)
+        request = pb.ExtractRequest(sample_id=1, token_ids=[5, 6, 7, 8], layer_ids=[1])
+        (answer,) = list(sliced_stub.Extract(iter([request]), timeout=CALL_TIMEOUT_S))
+        assert answer.sample_id == 1 and not answer.HasField("error")
+        assert thread.is_alive(), "Extract waited for the whole Generate call"
+        thread.join(CALL_TIMEOUT_S)
+        assert sliced.scheduler.generate_calls >= 60
+    # Slicing changes no reply: each prompt keeps its own seed.
+    whole = stub.Generate(long_call, timeout=CALL_TIMEOUT_S)
+    assert replies(result[0]) == replies(whole)
