@@ -34,11 +34,20 @@ def run(args: argparse.Namespace) -> int:
     from services.control_plane.main import create_app
     from services.control_plane.migrations import SchemaTooNew
     from services.control_plane.settings import ControlPlaneSettings
+    from services.hidden_states.credentials import is_loopback
 
     settings = settings_from_args(ControlPlaneSettings, args, secret=SECRET_FIELDS)
     if isinstance(settings, str):
         print(settings)
         return 2
+    if settings.token is None and not is_loopback(settings.host):
+        if not settings.insecure:
+            print(
+                f"error: --host {settings.host} lets other machines submit and cancel jobs, and no token is "
+                "set: give one with --token-file FILE (or $DFLASH_CONTROL_PLANE_TOKEN), or pass --insecure"
+            )
+            return 2
+        print(f"warning: --insecure: anyone who reaches {settings.host}:{settings.port} may run jobs here")
     try:
         app = create_app(settings)
     except (SchemaTooNew, SQLAlchemyError, OSError) as exc:

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from services.control_plane.browser_guard import CLIENT_HEADER
 from services.control_plane.states import TERMINAL_STATES, JobState
 
 
@@ -42,7 +43,8 @@ class JobsClient:
     def __init__(self, url: str, *, token: str | None = None, timeout_s: float = 30.0) -> None:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        # X-DFlash-Client: what a cross-site page cannot send (services/control_plane/browser_guard.py).
+        self._headers = {CLIENT_HEADER: "dflash", **({"Authorization": f"Bearer {token}"} if token else {})}
         # No proxy: $http_proxy without a no_proxy entry would send 127.0.0.1 requests through it.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 

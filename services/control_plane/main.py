@@ -23,6 +23,7 @@ from services.control_plane.agents import AgentNotFound, AgentRegistry
 from services.control_plane.api.deps import ControlPlane
 from services.control_plane.api.routes import agents as agent_routes
 from services.control_plane.api.routes import checkpoints, hidden_states, jobs, logs, metrics, system
+from services.control_plane.browser_guard import BrowserGuard, allowed_hosts
 from services.control_plane.checkpoints import CheckpointNotFound
 from services.control_plane.events import JobEvents
 from services.control_plane.executors.agent import AgentExecutor
@@ -186,4 +187,8 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         limit_for=route_limits(default=settings.max_body_bytes, metrics=settings.max_metrics_body_bytes),
     )
     app.add_middleware(RequestMetricsMiddleware, metrics=request_metrics)
+    hosts = allowed_hosts(
+        bind_host=settings.host, public_url=settings.public_url, extra=settings.allowed_hosts.split(",")
+    )
+    app.add_middleware(BrowserGuard, token_set=settings.token is not None, hosts=hosts)
     return app

@@ -86,6 +86,16 @@ class ControlPlaneSettings(BaseSettings):
     poll_interval_s: float = Field(
         default=1.0, gt=0, description="Scheduler period: start queued jobs, collect exits."
     )
+    allowed_hosts: str = Field(
+        default="",
+        description="Without a token: Host names the control plane answers besides loopback, the bound "
+        "host and --public-url's (`a.example,10.0.0.5`; `*`: any), against DNS rebinding.",
+    )
+    insecure: bool = Field(
+        default=False,
+        description="Listen beyond loopback with no token: anyone who reaches the port may submit, "
+        "cancel and read jobs.",
+    )
     max_body_bytes: int = Field(default=MIB, gt=0, description="Largest request body (413 beyond).")
     max_metrics_body_bytes: int = Field(
         default=16 * MIB,

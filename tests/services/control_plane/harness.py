@@ -75,7 +75,7 @@ class Api:
 
     def __init__(self, url: str, token: str | None = None) -> None:
         self.url = url
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        headers = {"X-DFlash-Client": "tests", **({"Authorization": f"Bearer {token}"} if token else {})}
         self.client = httpx.Client(base_url=url, headers=headers, timeout=60)
 
     def job(self, job_id: str) -> dict:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -11,6 +14,8 @@ from pydantic import ValidationError
 
 from services.control_plane.settings import ControlPlaneSettings
 from tests.services.control_plane.harness import TOKEN
+
+REPO = Path(__file__).resolve().parents[3]
 
 MUTATING = [
     ("POST", "/v1/jobs", {"data_path": "prepared"}),
@@ -57,12 +62,56 @@ def test_mutating_routes_need_the_token(secured):
     assert secured.client.get("/healthz").json()["auth"] is True
 
 
-def test_without_a_token_every_route_is_open(server):
+def test_without_a_token_every_route_is_open_to_clients_but_not_to_cross_site_pages(server):
     with httpx.Client(base_url=server.url, timeout=30) as anonymous:
         job = anonymous.post("/v1/jobs", json={"data_path": "prepared"})
         assert job.status_code == 201
-        assert anonymous.post(f"/v1/jobs/{job.json()['id']}/cancel").status_code == 200
+        cancel = f"/v1/jobs/{job.json()['id']}/cancel"
+        # What a page can send cross-site without a preflight: a form post, a text/plain fetch.
+        for headers in (
+            {},
+            {"Content-Type": "application/x-www-form-urlencoded"},
+            {"Content-Type": "text/plain"},
+        ):
+            refused = anonymous.post(cancel, content=b"x=1", headers=headers)
+            assert refused.status_code == 403 and "X-DFlash-Client" in refused.json()["detail"], headers
+            assert anonymous.post("/v1/agents/any/goodbye", headers=headers).status_code == 403
+        assert server.job(job.json()["id"])["state"] == "queued"  # nothing changed
+        # Our clients send JSON or the header (a page could only after a preflight, never granted).
+        assert anonymous.post(cancel, headers={"X-DFlash-Client": "curl"}).status_code == 200
+        preflight = anonymous.options(cancel, headers={
+            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "x-dflash-client",
+        })  # fmt: skip
+        assert "access-control-allow-origin" not in preflight.headers
     assert server.client.get("/healthz").json()["auth"] is False
+
+
+def test_without_a_token_only_its_own_host_names_are_answered(server):
+    """DNS rebinding: a page whose domain now resolves to 127.0.0.1 sends its own Host."""
+    with httpx.Client(base_url=server.url, timeout=30) as anonymous:
+        for host in ("evil.example", "evil.example:8600", "10.1.2.3"):
+            refused = anonymous.get("/v1/jobs", headers={"Host": host})
+            assert refused.status_code == 421 and "--allowed-hosts" in refused.json()["detail"], host
+        port = server.url.rsplit(":", 1)[1]
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"):
+            assert anonymous.get("/v1/jobs", headers={"Host": host}).status_code == 200, host
+
+
+def test_allowed_hosts_and_a_token_open_other_names(start_server):
+    listed = start_server(allowed_hosts="trainer-net.internal")
+    assert httpx.get(listed.url + "/v1/jobs", headers={"Host": "trainer-net.internal:80"}).status_code == 200
+    assert httpx.get(listed.url + "/v1/jobs", headers={"Host": "other.internal"}).status_code == 421
+    tokened = start_server(token=TOKEN)  # the bearer token guards it: any name, any client
+    assert httpx.get(tokened.url + "/v1/jobs", headers={"Host": "cp.example"}).status_code == 200
+
+
+def test_the_cli_refuses_an_open_port_beyond_loopback(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DFLASH_")}
+    command = [sys.executable, "-m", "services.cli.main", "control-plane", "--host", "0.0.0.0", "--port", "1",
+               "--db", str(tmp_path / "cp.db")]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, cwd=REPO)
+    assert result.returncode == 2 and "no token is set" in result.stdout
 
 
 def test_the_token_appears_in_no_output_record_or_log(secured):

@@ -159,7 +159,8 @@ function authHeaders() {
 }
 
 async function api(path, { method = "GET", body } = {}) {
-  const headers = { Accept: "application/json", ...authHeaders() };
+  // X-DFlash-Client: a header a cross-site page cannot send without a preflight (browser_guard.py).
+  const headers = { Accept: "application/json", "X-DFlash-Client": "dashboard", ...authHeaders() };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   let response;
   try {
