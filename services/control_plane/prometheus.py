@@ -1,8 +1,9 @@
 """`GET /metrics` in the Prometheus text format (version 0.0.4), written by hand: no dependency.
 
 HTTP requests are counted and timed by `RequestMetrics` (ASGI middleware) under the route
-template (`/v1/jobs/{job_id}`), never the raw path, so the number of series stays bounded;
-requests no route matched count as `unmatched`. Job counts by state come from the store at
+template (`/v1/jobs/{job_id}`), never the raw path, and under the method only when it is a
+standard one (`other` otherwise), so the number of series stays bounded; requests no route
+matched count as `unmatched`. Job counts by state come from the store at
 scrape time. Streaming routes (SSE, log follow, archives) are timed to the end of the stream.
 """
 
@@ -52,6 +53,9 @@ class Exposition:
         return "\n".join(self.lines) + "\n"
 
 
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class RequestMetrics:
     """Request count and latency histogram per (method, route, status)."""
 
@@ -63,6 +67,9 @@ class RequestMetrics:
         self._sum: dict[tuple[str, str], float] = defaultdict(float)
 
     def observe(self, *, method: str, route: str, status: int, seconds: float) -> None:
+        # Any token is a valid HTTP method: unknown ones share one label, or each would add series.
+        method = method if method in KNOWN_METHODS else "other"
+        status = status if 100 <= status <= 599 else 0
         with self._lock:
             self._count[(method, route, str(status))] += 1
             buckets = self._buckets.setdefault((method, route), [0] * (len(BUCKETS) + 1))

@@ -59,6 +59,17 @@ def test_prometheus_metrics_count_jobs_and_requests(server):
     again = parse(server.client.get("/metrics").text)
     metrics_route = frozenset({("method", "GET"), ("route", "/metrics"), ("status", "200")})
     assert again[("dflash_control_plane_http_requests_total", metrics_route)] == 1
+    # Made-up methods and paths add no series of their own: past the first few (method `other`,
+    # route `unmatched`), the scrape stays the same size however many come.
+    sizes = []
+    for round_ in range(2):
+        for i in range(60):
+            server.client.request(f"BREW{round_}X{i}", f"/v1/jobs/x{i}")
+            server.client.request("GET", f"/made/up/{round_}/{i}")
+        scrape = server.client.get("/metrics").text
+        sizes.append(len(scrape.splitlines()))
+        assert "BREW" not in scrape and "/made/up" not in scrape
+    assert sizes[0] == sizes[1]
 
 
 def test_healthz_openapi_and_docs(server):
