@@ -36,8 +36,16 @@ class Roots:
         return (self.checkpoints, self.data) if field == "from_pretrained" else (self.data, self.checkpoints)
 
 
-# TrainConfig fields that name files or folders on this host.
+# TrainConfig fields that name files or folders on this host (`eval_prompts` too when path-like).
 PATH_FIELDS = ("data_path", "save_path", "hidden_states_cache", "from_pretrained", "control_plane_token_file")
+
+
+def is_path_like(value: object) -> bool:
+    """A value that names a file or folder rather than a named set: a separator, a leading `.` or
+    `~`, or a file suffix."""
+    if not isinstance(value, str) or not value:
+        return False
+    return "/" in value or os.sep in value or value.startswith((".", "~")) or bool(PurePath(value).suffix)
 
 
 class PathOutsideRoots(ValueError):

@@ -21,7 +21,7 @@ from dflash_core.config import TrainConfig
 from services.control_plane.events import JobEvents
 from services.control_plane.executors.base import Executor
 from services.control_plane.job_logs import JobFiles, append_line, tail
-from services.control_plane.paths import PATH_FIELDS, PathOutsideRoots, Roots, confine
+from services.control_plane.paths import PATH_FIELDS, PathOutsideRoots, Roots, confine, is_path_like
 from services.control_plane.schemas import JobCreate, JobRecord, MetricRowIn
 from services.control_plane.states import (
     ACTIONS,
@@ -33,6 +33,9 @@ from services.control_plane.states import (
 from services.control_plane.store import JobStore
 
 logger = logging.getLogger(__name__)
+# A CPU job's trainer processes (`nproc` without GPUs): enough for any CPU host's useful
+# parallelism, and no way to ask a host for thousands of processes.
+MAX_CPU_PROCESSES = 16
 
 REASON_LINES = 20  # log lines quoted in a failed job's reason
 REASON_MAX_CHARS = 4000
@@ -121,8 +124,20 @@ class JobService:
                     fields[name] = str(confine(name, fields[name], self.roots))
             if fields.get("save_path") is None:
                 fields["save_path"] = str(confine("save_path", job_id, self.roots))
+            # A file of prompts is data; a named set (`chitchat`) is not a path.
+            if is_path_like(fields.get("eval_prompts")):
+                fields["eval_prompts"] = str(confine("eval_prompts", fields["eval_prompts"], self.roots))
         except PathOutsideRoots as exc:
             raise JobRejected.field(exc.field, str(exc)) from None
+        if Path(fields["save_path"]) == self.roots.checkpoints:
+            raise JobRejected.field(
+                "save_path", "save_path is the checkpoint root itself: name a folder inside it"
+            )
+        if gpus == 0 and int(fields.get("nproc", 1)) > MAX_CPU_PROCESSES:
+            raise JobRejected.field(
+                "nproc",
+                f"nproc {fields['nproc']} on CPU: at most {MAX_CPU_PROCESSES} processes without GPUs",
+            )
         try:
             config = TrainConfig.model_validate(fields)
         except ValidationError as exc:
@@ -166,9 +181,12 @@ class JobService:
         return gpus
 
     def _save_path_holder(self, save_path: Path, job_id: str) -> JobRecord | None:
-        """Another queued or active job writing to the same folder would clobber its checkpoints."""
+        """Another queued or active job writing to the same folder, or to one inside it or around
+        it, would clobber (or delete, on rotation) its checkpoints."""
         for other in self.store.jobs_in({JobState.QUEUED, *ACTIVE_STATES}):
-            if other.id != job_id and other.save_path == save_path:
+            theirs = Path(other.save_path)
+            nested = theirs == save_path or theirs in save_path.parents or save_path in theirs.parents
+            if other.id != job_id and nested:
                 return other
         return None
 

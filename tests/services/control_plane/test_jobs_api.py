@@ -136,6 +136,9 @@ def outside(tmp_path: Path) -> Path:
         ("from_pretrained", "{outside}"),
         ("control_plane_token_file", "/etc/passwd"),
         ("data_path", "~/data"),
+        ("eval_prompts", "/etc/passwd"),  # a file of prompts is data too
+        ("eval_prompts", "../prompts.jsonl"),
+        ("eval_prompts", "{outside}/prompts.jsonl"),
     ],
 )
 def test_paths_outside_the_roots_are_422_naming_the_field(server, outside, field, value):
@@ -256,3 +259,30 @@ def test_bodies_over_the_limit_are_413(start_server):
     rows = [{"step": i, "time": 1.0, "metrics": {f"m{k}": 0.5 for k in range(20)}} for i in range(100)]
     response = server.client.post(f"/v1/jobs/{job['id']}/metrics", json={"rows": rows})
     assert response.status_code == 200 and response.json() == {"accepted": 100}
+
+
+def test_named_prompt_sets_stay_names_and_prompt_files_resolve_in_the_data_root(server):
+    data_root = Path(server.settings.data_root).resolve()
+    assert (
+        server.submit({"data_path": "prepared", "eval_prompts": "chitchat"})["config"]["eval_prompts"]
+        == "chitchat"
+    )
+    job = server.submit({"data_path": "prepared", "eval_prompts": "held_out.jsonl", "save_path": "other"})
+    assert job["config"]["eval_prompts"] == str(data_root / "held_out.jsonl")
+
+
+def test_save_paths_may_not_nest_in_each_other_nor_be_the_root(server):
+    server.submit({"data_path": "prepared", "save_path": "runs/a"})
+    for save_path, holder in (("runs/a/inner", True), ("runs", True), ("runs/b", False), (".", False)):
+        response = server.client.post("/v1/jobs", json={"data_path": "prepared", "save_path": save_path})
+        if save_path == ".":
+            assert response.status_code == 422 and "checkpoint root itself" in response.text
+        elif holder:
+            assert response.status_code == 422 and "in use by job" in response.text, save_path
+        else:
+            assert response.status_code == 201, response.text
+
+
+def test_cpu_jobs_ask_for_a_bounded_number_of_processes(server):
+    response = server.client.post("/v1/jobs", json={"data_path": "prepared", "gpus": 0, "nproc": 5000})
+    assert response.status_code == 422 and "at most 16 processes without GPUs" in response.text
