@@ -14,10 +14,13 @@ Progress bars rewrite their line with `\r`; readers get each line as a terminal 
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 TAIL_BLOCK = 64 * 1024
 TAIL_MAX_BYTES = 8 << 20  # a tail never reads more than this from the end of the file
@@ -57,11 +60,17 @@ def as_shown(line: str) -> str:
 
 
 def append_line(path: Path, text: str) -> None:
-    """One line from the control plane itself, marked as such (O_APPEND: safe beside the trainer)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """One line from the control plane itself, marked as such (O_APPEND: safe beside the trainer).
+
+    Best effort: a log that cannot be written (a full disk) costs the line, never the state change
+    it describes, which callers make right after."""
     stamp = time.strftime("%H:%M:%S")
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(f"[control plane {stamp}] {text}\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(f"[control plane {stamp}] {text}\n")
+    except OSError as exc:
+        logger.warning("job log %s: cannot write %r (%s)", path, text, exc.strerror or exc)
 
 
 def tail(path: Path, lines: int) -> list[str]:

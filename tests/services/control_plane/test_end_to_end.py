@@ -193,3 +193,23 @@ def test_a_starting_job_can_be_cancelled_and_a_stuck_one_is_killed(start_server,
     assert (
         not Path(f"/proc/{trainer}").exists() or "Z" in Path(f"/proc/{trainer}/stat").read_text().split()[2]
     )
+
+
+def test_a_full_disk_under_the_job_log_never_loses_the_trainers_end_state(start_server, workspace):
+    """The log is /dev/full (every write: ENOSPC): the job still ends, with its real exit state,
+    and the queue moves on."""
+    server = start_server(data_root=workspace["root"], max_concurrent_jobs=1, cancel_grace_s=1.0)
+    (workspace["root"] / "empty").mkdir(exist_ok=True)
+    holder = server.submit(tiny_job(workspace, hidden_states_endpoint=[f"127.0.0.1:{free_port()}"]))["id"]
+    server.wait_pid(holder)  # the slot is taken: the next job stays queued
+    doomed = server.submit(
+        {**tiny_job(workspace, data_path=str(workspace["root"] / "empty")), "save_path": "full"}
+    )
+    log = Path(server.settings.resolved_jobs_dir) / doomed["id"] / "train.log"
+    log.unlink()
+    log.symlink_to("/dev/full")
+    server.client.post(f"/v1/jobs/{holder}/cancel").raise_for_status()
+    failed = server.wait_state(doomed["id"], "failed")
+    assert failed["exit_code"] not in (0, None)
+    after = server.submit({**tiny_job(workspace), "save_path": "after"})["id"]
+    server.wait_pid(after)  # the queue was not blocked
