@@ -93,7 +93,7 @@ class StreamOutbox:
     """What one Extract stream is owed: computed samples in completion order, bounded in count
     (`max_pending`) and, with the other streams, in bytes (`budget`)."""
 
-    def __init__(self, max_pending: int, budget: ByteBudget | None = None) -> None:
+    def __init__(self, max_pending: int, budget: ByteBudget) -> None:
         self.results: queue.Queue[ComputedSample | None] = queue.Queue()
         self._slots = threading.BoundedSemaphore(max_pending)
         self._budget = budget
@@ -106,8 +106,6 @@ class StreamOutbox:
         once the stream is cancelled."""
         while not self.cancelled.is_set():
             if self._slots.acquire(timeout=0.2):
-                if self._budget is None:
-                    return 0
                 charged = self._budget.acquire(nbytes, self.cancelled)
                 if charged is not None:
                     return charged
@@ -118,8 +116,7 @@ class StreamOutbox:
     def release(self, charge: int = 0) -> None:
         """A sample reserved with `reserve` is sent, or will never be: free its slot and bytes."""
         self._slots.release()
-        if self._budget is not None:
-            self._budget.release(charge)
+        self._budget.release(charge)
 
     def put(self, sample: ComputedSample) -> None:
         with self._lock:
@@ -327,7 +324,7 @@ class Scheduler:
                 break  # the budget is spent: the rest waits for the next slice
         results: list[list[GeneratedSequence] | Exception]
         try:
-            results = list(self._generate_parts(parts))
+            results = list(self._generate_parts(parts))  # a list of either kind
         except Exception as exc:
             if len(parts) == 1:
                 logger.exception("backend generate failed")

@@ -30,7 +30,14 @@ from services.hidden_states.credentials import TokenInterceptor
 from services.hidden_states.endpoints import CHANNEL_OPTIONS
 from services.hidden_states.payload_listener import PayloadListener
 from services.hidden_states.scheduler import Scheduler
-from services.hidden_states.servicer import GenerateLimits, HiddenStatesServicer, max_request_bytes, register
+from services.hidden_states.servicer import (
+    DEFAULT_MAX_PENDING_BYTES,
+    DEFAULT_STALL_TIMEOUT_S,
+    GenerateLimits,
+    HiddenStatesServicer,
+    max_request_bytes,
+    register,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +66,8 @@ class HiddenStateServer:
         payload_port: int | None = None,
         access: ServiceAccess | None = None,
         generate_limits: GenerateLimits | None = None,
-        max_pending_bytes: int = 8 << 30,
-        stall_timeout_s: float = 120.0,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
     ) -> None:
         access = access or ServiceAccess()
         if access.tls is not None and payload_port != 0:

@@ -31,6 +31,7 @@ import grpc
 import torch
 from pydantic import ValidationError
 
+from dflash_core.config import ServeHiddenStatesConfig
 from dflash_core.verifier import VerifierFingerprint
 from dflash_core.wire.codec import DTYPE_NAMES, encode_sample_frames, error_response
 from dflash_core.wire.identity import EXPECT_VERIFIER_KEY
@@ -58,14 +59,18 @@ GENERATE_ONLY_REFUSAL = (
 
 # A token id takes at most 5 bytes on the wire (varint), a repeated field's entry a few more.
 _BYTES_PER_TOKEN, _BYTES_PER_ENTRY, _MESSAGE_SLACK = 5, 16, 4096
+# The service's defaults are its config's (one place: `dflash serve-hidden-states --help`).
+_SERVE = ServeHiddenStatesConfig.model_fields
+DEFAULT_MAX_PENDING_BYTES: int = _SERVE["max_pending_bytes"].default
+DEFAULT_STALL_TIMEOUT_S: float = _SERVE["stall_timeout_s"].default
 
 
 @dataclass(frozen=True)
 class GenerateLimits:
     """What one Generate call may ask for (--max-generate-prompts, --max-generate-tokens)."""
 
-    max_prompts: int = 4096
-    max_tokens: int = 1 << 20  # prompt tokens + max_new_tokens, summed over the call's prompts
+    max_prompts: int = _SERVE["max_generate_prompts"].default
+    max_tokens: int = _SERVE["max_generate_tokens"].default  # prompts + max_new_tokens, summed
 
 
 def max_request_bytes(info: BackendInfo, limits: GenerateLimits) -> int:
@@ -85,8 +90,8 @@ class HiddenStatesServicer(pb_grpc.HiddenStatesServicer):
         max_streams: int,
         payload_listener: PayloadListener | None = None,
         generate_limits: GenerateLimits | None = None,
-        max_pending_bytes: int = 8 << 30,
-        stall_timeout_s: float = 120.0,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
     ) -> None:
         self.scheduler = scheduler
         self.generate_limits = generate_limits or GenerateLimits()

@@ -84,7 +84,6 @@ _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.floa
 # verifiers decode far faster per token in batches this big, and the KV cache of a 135M-8B model
 # holds them at regeneration lengths. Capped by max_num_batched_tokens, which vLLM requires.
 GENERATE_ONLY_MAX_NUM_SEQS = 1024
-_VLLM_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default share of the device, split among replicas
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,9 +318,10 @@ class VllmBackend:
         kwargs.update(user)
         if engine_replicas > 1:
             # The memory share is of the whole device, so N engines split what one would take.
-            kwargs["gpu_memory_utilization"] = (
-                float(user.get("gpu_memory_utilization", _VLLM_GPU_MEMORY_UTILIZATION)) / engine_replicas
-            )
+            from vllm.engine.arg_utils import EngineArgs
+
+            share = float(user.get("gpu_memory_utilization", EngineArgs.gpu_memory_utilization))
+            kwargs["gpu_memory_utilization"] = share / engine_replicas
         logger.info("vllm backend: starting %d engine(s) with %s", engine_replicas, kwargs)
         # One after another: each engine sizes its KV cache from the memory the earlier ones left.
         self._llms: list[LLM] = []
