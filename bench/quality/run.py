@@ -76,6 +76,7 @@ FINAL_METRICS = (
 )  # the end of a command kept for stopping the trainers, the rows and the summary
 
 PROMPTS = Path(__file__).resolve().parent / "prompts.jsonl"
+TOPICS = PROMPTS.with_name("topics.txt")
 # Verifier ids (DESIGN 2.1: id L = the residual entering decoder layer L) for SmolLM2's 30 layers:
 # five planes spread from the bottom to near the top, the last one two layers below the output.
 TARGET_LAYER_IDS = [2, 8, 15, 21, 28]
@@ -110,6 +111,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add("--chitchat-samples", type=int, default=0, help="With --self-samples: chitchat prompts regenerated.")
     add("--self-max-prompt-tokens", type=int, default=192, help="Longest user turn SmolLM2 writes.")
+    add(
+        "--self-topics",
+        default=str(TOPICS),
+        help="Topics steering the user turns SmolLM2 writes (prepare-data --self-topics); '' for none.",
+    )
+    add("--self-temperature", type=float, default=0.7, help="Sampling temperature of the written user turns.")
+    add("--self-top-p", type=float, default=0.95, help="Nucleus cut-off of the written user turns.")
     add(
         "--vllm-engine-args",
         type=shlex.split,
@@ -402,6 +410,8 @@ def prepare_with_service(args: argparse.Namespace, *, workdir: Path, verifier: s
         verifier=verifier, workdir=workdir, self_samples=args.self_samples, chitchat=args.chitchat_samples,
         seq_length=args.seq_length, max_new_tokens=args.regen_max_new_tokens,
         max_prompt_tokens=args.regen_max_prompt_tokens, self_max_prompt_tokens=args.self_max_prompt_tokens,
+        self_topics=args.self_topics or None, self_temperature=args.self_temperature,
+        self_top_p=args.self_top_p,
         heldout=args.chitchat_eval_prompts, seed=0, engine_args=args.vllm_engine_args,
         engine_replicas=args.vllm_replicas,
     )  # fmt: skip
@@ -618,10 +628,12 @@ def recipe(args: argparse.Namespace, block: int | None = None) -> str:
         if args.known_pace is None
         else f"no timing run: {args.known_pace:g} s/step given"
     )
+    steering = f"steered by the topics of {args.self_topics}" if args.self_topics else "unsteered"
     data = (
         f"{args.self_samples} conversations SmolLM2 wrote itself (user turns <= "
-        f"{args.self_max_prompt_tokens} "
-        f"tokens) and {args.chitchat_samples} chitchat user messages, replies greedy (<= "
+        f"{args.self_max_prompt_tokens} tokens, temperature {args.self_temperature:g}, top-p "
+        f"{args.self_top_p:g}, {steering}) and {args.chitchat_samples} chitchat user messages, replies "
+        f"greedy (<= "
         f"{args.regen_max_new_tokens} new tokens), all through the vLLM generation service; prepare_data"
         if args.self_samples
         else f"chitchat_dataset user messages as single-turn prompts, replies regenerated greedily by the "
