@@ -36,6 +36,22 @@ def config_to_flags(config: ServeHiddenStatesConfig) -> list[str]:
     return [*flags, "--", *config.engine_args] if config.engine_args else flags
 
 
+# Words of a line that says why a child failed. vLLM's engine runs in a process of its own: the
+# cause is printed there, long before the service's last lines (a traceback that only says "See
+# root cause above").
+_CAUSE_WORDS = ("Error", "ERROR", "Exception", "CRITICAL")
+
+
+def failure_excerpt(output: list[str], *, tail: int = 40, causes: int = 20) -> str:
+    """The child's last `tail` lines, after the earlier lines that name an error (the first `causes`)."""
+    head, last = output[:-tail], output[-tail:]
+    cause = [line for line in head if any(word in line for word in _CAUSE_WORDS)][:causes]
+    if not cause:
+        return "".join(last)
+    skipped = len(head) - len(cause)
+    return "".join(cause) + f"[... {skipped} other lines ...]\n" + "".join(last)
+
+
 class LocalService:
     def __init__(self, process: subprocess.Popen, host: str, port: int, output: list[str]) -> None:
         self.process = process
@@ -95,7 +111,7 @@ class LocalService:
                 process.wait()
                 raise RuntimeError(
                     f"`{' '.join(args)}` did not start the hidden-state service (exit code "
-                    f"{process.returncode}):\n" + "".join(output[-40:])
+                    f"{process.returncode}):\n" + failure_excerpt(output)
                 )
         host, _, port = bound[0].rpartition(":")
         return cls(process, host, int(port), output)
