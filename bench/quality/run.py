@@ -66,6 +66,8 @@ logger = logging.getLogger("quality")
 STARTED = time.time()  # this command's start: --max-minutes counts from here
 RUN_AGAIN = 3  # exit status: progress was kept, run the same command again to go on
 ROWS_RESERVE_S = 45.0
+# A later command's time before its trainers start: imports, reading the data record.
+LATER_COMMAND_SETUP_S = 20.0
 # Training metrics reported as rows: (metrics.jsonl key, row name, unit); eval/tau is the live tau
 # on the prompts past the tau ones (--live-eval-every), at the last evaluation.
 FINAL_METRICS = (
@@ -94,6 +96,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--verifier", default=None, help="Default: the embedded SmolLM2-135M-Instruct.")
     add("--blocks", type=int, nargs="+", default=[8, 16], help="One drafter per block size.")
     add("--train-minutes", type=float, default=20.0, help="Wall-clock training budget per drafter.")
+    add(
+        "--commands",
+        type=int,
+        default=None,
+        help="Commands the run may take, this one included: training gets all the time they leave "
+        "after the data, the tau runs and the rows (fixed when the first command starts training; "
+        "replaces --train-minutes).",
+    )
     add("--max-minutes", type=float, default=9.5, help="This command's wall time; run again to go on.")
     add("--eval-minutes", type=float, default=2.0, help="Expected tau runs; started only when they fit.")
     # data
@@ -458,6 +468,24 @@ def live_prompts_file(args: argparse.Namespace, workdir: Path) -> Path:
     return path
 
 
+def training_budget_s(args: argparse.Namespace, *, workdir: Path, command_end: float) -> float:
+    """Each drafter's training wall time over all commands: `--train-minutes`, or with `--commands N`
+    what this command and the N - 1 after it leave once the tau runs are reserved, fixed the first
+    time (`<workdir>/train_budget.json`) since the cosine schedule is sized to it."""
+    if args.commands is None:
+        return 60 * args.train_minutes
+    record = workdir / "train_budget.json"
+    if record.is_file():
+        return float(json.loads(record.read_text())["budget_s"])
+    later = (args.commands - 1) * (60 * args.max_minutes - ROWS_RESERVE_S - LATER_COMMAND_SETUP_S)
+    budget_s = command_end - time.time() + later - 60 * args.eval_minutes
+    if budget_s < 60:
+        raise SystemExit(f"--commands {args.commands} leaves {budget_s:.0f} s of training: give it more")
+    record.write_text(json.dumps({"budget_s": budget_s, "commands": args.commands}) + "\n")
+    logger.info("training budget: %.1f min per drafter over %d command(s)", budget_s / 60, args.commands)
+    return budget_s
+
+
 def train_all(
     args: argparse.Namespace, *, workdir: Path, data: dict[str, Any], verifier: str, device: str
 ) -> dict[int, dict[str, Any]]:
@@ -467,6 +495,7 @@ def train_all(
     cores = os.cpu_count() or 2
     # Training and tau end here; what is left of the command writes the rows and measures speed.
     command_end = STARTED + 60 * args.max_minutes - ROWS_RESERVE_S
+    args.train_minutes = training_budget_s(args, workdir=workdir, command_end=command_end) / 60
     jobs = []
     for block in args.blocks:
         folder = workdir / f"b{block}"
