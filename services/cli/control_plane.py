@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import gc
+
     import uvicorn
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -53,6 +55,11 @@ def run(args: argparse.Namespace) -> int:
     except (SchemaTooNew, SQLAlchemyError, OSError) as exc:
         print(f"error: {exc}")
         return 2
+    # The app, its imports (torch among them) and its state live as long as the process: freezing
+    # them keeps every full garbage collection from walking ~230k objects (a 100-200 ms pause,
+    # and so every request's p99, under load).
+    gc.collect()
+    gc.freeze()
     print(f"control plane on {settings.own_url} (API docs: {settings.own_url}/docs)", flush=True)
     # timeout_graceful_shutdown: live streams (SSE, log follow) never end on their own.
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, timeout_graceful_shutdown=5)
