@@ -1,6 +1,6 @@
 """Typed job configurations shared by the CLI, the REST API and YAML files.
 
-Every default is written once, here. `services.cli.args` turns these fields (their types,
+Every default is written once, here. `dflash_core.config_args` turns these fields (their types,
 defaults and descriptions) into argparse flags, so `dflash <cmd> --help` is this file's text.
 Cross-field rules run when a config is built and name the flag to change.
 """

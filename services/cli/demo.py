@@ -42,7 +42,7 @@ from dflash_core.config import (
     PrepareDataConfig,
     ServeHiddenStatesConfig,
 )
-from services.cli.args import add_config_arguments, config_from_args
+from dflash_core.config_args import add_config_arguments, config_from_args
 from services.control_plane.client import JobsClient, job_ended
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

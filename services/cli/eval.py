@@ -18,7 +18,7 @@ import argparse
 import json
 
 from dflash_core.eval_config import EvalConfig
-from services.cli.args import add_config_arguments, config_from_args
+from dflash_core.config_args import add_config_arguments, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

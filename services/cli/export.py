@@ -16,7 +16,7 @@ import argparse
 import logging
 
 from dflash_core.eval_config import ExportConfig
-from services.cli.args import add_config_arguments, config_from_args
+from dflash_core.config_args import add_config_arguments, config_from_args
 
 logger = logging.getLogger(__name__)
 

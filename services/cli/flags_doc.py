@@ -21,7 +21,7 @@ from dflash_core.config import (
     ServeHiddenStatesConfig,
     TrainConfig,
 )
-from services.cli.args import help_text, strip_optional
+from dflash_core.config_args import help_text, strip_optional
 
 BEGIN = "<!-- BEGIN GENERATED FLAGS (python -m services.cli.flags_doc --write README.md) -->"
 END = "<!-- END GENERATED FLAGS -->"

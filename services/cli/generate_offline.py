@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from dflash_core.config import GenerateOfflineConfig
-from services.cli.args import add_config_arguments, config_from_args
+from dflash_core.config_args import add_config_arguments, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ import importlib
 import logging
 import sys
 
-from services.cli.args import split_passthrough
+from dflash_core.config_args import split_passthrough
 
 # (subcommand, module under services.cli, one-line help)
 SUBCOMMANDS: list[tuple[str, str, str]] = [

@@ -25,7 +25,7 @@ import argparse
 import contextlib
 
 from dflash_core.config import PrepareDataConfig
-from services.cli.args import add_config_arguments, config_from_args
+from dflash_core.config_args import add_config_arguments, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 
 from dflash_core.config import ServeHiddenStatesConfig
-from services.cli.args import add_config_arguments, config_from_args
+from dflash_core.config_args import add_config_arguments, config_from_args
+from dflash_core.config_handover import handover_args
 from services.hidden_states.engine_args import config_with_engine_args
 
 ACCEPTS_PASSTHROUGH = True
@@ -52,9 +53,7 @@ def _run_in_vllm_environment(config: ServeHiddenStatesConfig) -> int:
         return 2
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    from services.hidden_states.launcher import config_to_flags
-
-    argv = [python, "-m", "services.hidden_states.main", *config_to_flags(config)]
+    argv = [python, "-m", "services.hidden_states.main", *handover_args(config)]
     sys.stdout.flush()
     os.execve(python, argv, env)
     return 0  # not reached

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
-from services.cli.args import format_validation_error, strip_optional
+from dflash_core.config_args import format_validation_error, strip_optional
 
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)
 

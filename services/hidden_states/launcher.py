@@ -4,8 +4,9 @@
         train(..., hidden_states_endpoint=[service.address])
 
 `dflash demo` uses this to run the real service beside the trainer on 127.0.0.1; tests use it
-to kill and restart services mid-stream. The child is `python -m services.hidden_states.main`,
-which prints `READY_LINE HOST:PORT` once it accepts calls (with `port=0`, the port it picked).
+to kill and restart services mid-stream. The child is `python -m services.hidden_states.main`
+with the config handed over whole (`dflash_core.config_handover`); it prints `READY_LINE
+HOST:PORT` once it accepts calls (with `port=0`, the port it picked).
 """
 
 from __future__ import annotations
@@ -19,22 +20,10 @@ import time
 from pathlib import Path
 
 from dflash_core.config import ServeHiddenStatesConfig
+from dflash_core.config_handover import handover_args
 from services.hidden_states.main import READY_LINE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def config_to_flags(config: ServeHiddenStatesConfig) -> list[str]:
-    """The same config as the command line of `python -m services.hidden_states.main`."""
-    flags: list[str] = []
-    for name, value in config.model_dump(exclude_defaults=True, exclude={"engine_args"}).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):  # argparse's BooleanOptionalAction: --flag / --no-flag
-            flags.append(flag if value else "--no-" + flag[2:])
-        else:
-            flags += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
-    return [*flags, "--", *config.engine_args] if config.engine_args else flags
-
 
 # Words of a line that says why a child failed. vLLM's engine runs in a process of its own: the
 # cause is printed there, long before the service's last lines (a traceback that only says "See
@@ -66,7 +55,7 @@ class LocalService:
     @classmethod
     def start(cls, config: ServeHiddenStatesConfig, **launch_kwargs) -> LocalService:
         """The service of `config`; see `launch` for the keyword arguments."""
-        return cls.launch(["-m", "services.hidden_states.main", *config_to_flags(config)], **launch_kwargs)
+        return cls.launch(["-m", "services.hidden_states.main", *handover_args(config)], **launch_kwargs)
 
     @classmethod
     def launch(

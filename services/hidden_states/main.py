@@ -1,7 +1,11 @@
 """Run the hidden-state service in the foreground until SIGINT/SIGTERM.
 
-    python -m services.hidden_states.main MODEL --target-layer-ids 2 18 33 [-- <engine args>]
     dflash serve-hidden-states MODEL --target-layer-ids 2 18 33 [--backend vllm] [-- <engine args>]
+    python -m services.hidden_states.main --resolved-config JSON   # a config resolved by a parent
+
+The second form is how a parent process starts the service (`LocalService`, `dflash
+serve-hidden-states` handing over to vLLM's Python): the config arrives whole, no layer applied
+again (`dflash_core.config_handover`).
 
 Prints one line `hidden-state service ready on HOST:PORT` once it accepts calls (scripts and
 tests wait for it; with `--port 0` it names the port picked). The payload side channel's port
@@ -10,13 +14,13 @@ tests wait for it; with `--port 0` it names the port picked). The payload side c
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import sys
 import threading
 
 from dflash_core.config import ServeHiddenStatesConfig
+from dflash_core.config_handover import config_from_handover
 from services.hidden_states.backends.base import SERVICE_DTYPES, Backend
 from services.hidden_states.credentials import (
     CredentialsError,
@@ -24,7 +28,6 @@ from services.hidden_states.credentials import (
     server_credentials,
     service_token,
 )
-from services.hidden_states.engine_args import config_with_engine_args
 from services.hidden_states.server import HiddenStateServer, ServiceAccess
 from services.hidden_states.servicer import GenerateLimits
 
@@ -117,14 +120,9 @@ def serve(config: ServeHiddenStatesConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from services.cli.args import add_config_arguments, config_from_args, split_passthrough
-
-    argv, passthrough = split_passthrough(list(sys.argv[1:] if argv is None else argv))
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_config_arguments(parser, ServeHiddenStatesConfig, positional=("model",))
-    args = parser.parse_args(argv)
+    config = config_from_handover(ServeHiddenStatesConfig, sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return serve(config_with_engine_args(config_from_args(ServeHiddenStatesConfig, args), passthrough))
+    return serve(config)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from services.cli.args import RESERVED_ENV_PREFIXES, env_name, split_passthrough
+from dflash_core.config_args import RESERVED_ENV_PREFIXES, env_name, split_passthrough
 from services.cli.flags_doc import COMMANDS
 from services.cli.main import build_parser
 from services.hidden_states.credentials import CREDENTIAL_ENVS

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from dflash_core.config import ServeHiddenStatesConfig
 from services.hidden_states.backends.transformers_backend import TransformersBackend
 from services.hidden_states.launcher import LocalService
 from services.hidden_states.server import HiddenStateServer
@@ -61,12 +62,11 @@ def running_service(
         server.stop(grace=1.0)
 
 
-def start_service_process(
-    model_path: Path | str, layer_ids: Sequence[int], *, port: int = 0, extra_args: Sequence[str] = ()
-) -> LocalService:
+def start_service_process(model_path: Path | str, layer_ids: Sequence[int], *, port: int = 0) -> LocalService:
     """`python -m services.hidden_states.main` as its own process, on CPU in float32 (tests compare
     with float32 references): to SIGKILL it mid-stream, restart it on the same port, read its
     exit code."""
-    args = ["-m", "services.hidden_states.main", str(model_path), "--target-layer-ids", *map(str, layer_ids),
-            "--device", "cpu", "--dtype", "float32", "--port", str(port), *extra_args]  # fmt: skip
-    return LocalService.launch(args, timeout_s=120)
+    config = ServeHiddenStatesConfig(
+        model=str(model_path), target_layer_ids=list(layer_ids), device="cpu", dtype="float32", port=port
+    )
+    return LocalService.start(config, timeout_s=120)

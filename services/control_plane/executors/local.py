@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from dflash_core.config import TrainConfig
-from services.cli.args import env_name
+from dflash_core.config_args import env_name
 from services.control_plane.executors.base import ExecutorError, ProcessExit, TrainerJob
 from services.control_plane.executors.launcher import exit_status
 from services.control_plane.job_logs import JobFiles, append_line
@@ -92,7 +92,7 @@ class LocalExecutor:
     def environment(self, job: TrainerJob) -> dict[str, str]:
         env = dict(os.environ)
         env.pop(TOKEN_ENV, None)
-        # DFLASH_<FIELD> variables set job-config fields (services/cli/args.py): one set on the
+        # DFLASH_<FIELD> variables set job-config fields (dflash_core/config_args.py): one set on the
         # control plane's or agent's host must not quietly override every job's own config.
         for name in TrainConfig.model_fields:
             variable = env_name(name)

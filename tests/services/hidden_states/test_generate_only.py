@@ -8,7 +8,6 @@ it with FAILED_PRECONDITION naming the flag, never a retry loop or a hang.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterator
 
 import grpc
@@ -16,13 +15,11 @@ import pytest
 import torch
 
 from dflash_core.config import ServeHiddenStatesConfig
+from dflash_core.config_handover import config_from_handover, handover_args
 from dflash_core.wire.pb import hidden_states_pb2 as pb
 from dflash_core.wire.pb import hidden_states_pb2_grpc as pb_grpc
-from services.cli.args import add_config_arguments, config_from_args, split_passthrough
 from services.hidden_states.backends.transformers_backend import TransformersBackend
 from services.hidden_states.endpoints import open_channel
-from services.hidden_states.engine_args import config_with_engine_args
-from services.hidden_states.launcher import config_to_flags
 from services.hidden_states.server import HiddenStateServer
 from services.trainer.grpc_source import GrpcSource, HiddenStateServiceError
 from services.trainer.sources import SampleRequest
@@ -82,21 +79,29 @@ def test_a_trainer_pointed_at_it_stops_with_the_reason(server):
         source.close()
 
 
-def test_the_flag_survives_the_hand_over_to_another_python():
-    # `--backend vllm` without vLLM here restarts the service under $DFLASH_VLLM_PYTHON with the
-    # config written back as flags (`config_to_flags`); the flag must come through that.
+def test_the_config_survives_the_hand_over_to_another_python(monkeypatch):
+    # `--backend vllm` without vLLM here restarts the service under $DFLASH_VLLM_PYTHON, and
+    # LocalService starts it the same way: the resolved config as one JSON argument.
     config = ServeHiddenStatesConfig(
         backend="vllm", generate_only=True, engine_replicas=3, port=0, engine_args=["--enforce-eager"]
     )
-    flags = config_to_flags(config)
-    assert "--generate-only" in flags and "--engine-replicas" in flags
-    argv, passthrough = split_passthrough(flags)
-    parser = argparse.ArgumentParser()
-    add_config_arguments(parser, ServeHiddenStatesConfig, positional=("model",))
-    parsed = config_with_engine_args(
-        config_from_args(ServeHiddenStatesConfig, parser.parse_args(argv), environ={}), passthrough
-    )
-    assert parsed == config
+    # A variable the child inherits must not change what the parent resolved.
+    monkeypatch.setenv("DFLASH_ENGINE_REPLICAS", "1")
+    monkeypatch.setenv("DFLASH_BACKEND", "transformers")
+    assert config_from_handover(ServeHiddenStatesConfig, handover_args(config)) == config
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "x"], "expected `--resolved-config JSON`"),
+        (["--resolved-config", "{not json"], "Invalid JSON"),
+        (["--resolved-config", '{"engine_replicas": 0}'], "engine_replicas"),
+    ],
+)
+def test_a_malformed_hand_over_is_refused_with_the_reason(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        config_from_handover(ServeHiddenStatesConfig, argv)
 
 
 @pytest.mark.parametrize(

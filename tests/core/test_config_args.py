@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from dflash_core.config import PrepareDataConfig, ServeHiddenStatesConfig, TrainConfig
-from services.cli.args import RESERVED_ENV_PREFIXES, add_config_arguments, config_from_args, env_name
+from dflash_core.config_args import RESERVED_ENV_PREFIXES, add_config_arguments, config_from_args, env_name
 from services.cli.flags_doc import main as flags_doc_main
 from services.cli.main import build_parser
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 
 # The tutorial's single-GPU training command, verbatim apart from the program name.
 TUTORIAL_TRAIN = [
