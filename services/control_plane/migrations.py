@@ -117,9 +117,16 @@ def _v2_agents(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE jobs ADD COLUMN agent_id VARCHAR(64)"))
 
 
+def _v3_metric_rows_by_job_and_id(conn: Connection) -> None:
+    # A job's rows in arrival (id) order straight from the index: with only (job_id, step), every
+    # history read and every poll `after_id` sorted the job's rows first.
+    conn.execute(text("CREATE INDEX ix_metric_rows_job_id ON metric_rows (job_id, id)"))
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "jobs and metric rows", _v1_jobs_and_metrics),
     Migration(2, "trainer agents; jobs.agent_id", _v2_agents),
+    Migration(3, "index metric_rows (job_id, id)", _v3_metric_rows_by_job_and_id),
 ]
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,14 +62,14 @@ class JobCreate(TrainConfig):
 
 @dataclass
 class JobRecord:
-    """A row of the jobs table. `config` is the TrainConfig JSON as stored (resolved paths)."""
+    """A row of the jobs table. `config_json` is the TrainConfig JSON as stored (resolved paths)."""
 
     id: str
     seq: int
     name: str | None
     state: JobState
     reason: str | None
-    config: dict[str, Any]
+    config_json: str
     gpus_requested: int
     gpus: list[int]
     executor: str
@@ -85,6 +86,11 @@ class JobRecord:
     finished_at: float | None
     agent_id: str | None = None  # the agent running it (agent executor); None for local jobs
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        # Parsed on first use: a page of jobs answered from `config_json` never needs it.
+        return json.loads(self.config_json)
 
     @property
     def save_path(self) -> Path:
@@ -130,28 +136,32 @@ class JobPublic(BaseModel):
 
     @classmethod
     def of(cls, job: JobRecord) -> JobPublic:
-        return cls(
-            id=job.id,
-            name=job.name,
-            state=job.state,
-            reason=job.reason,
-            config=job.train_config(),
-            gpus_requested=job.gpus_requested,
-            gpus=job.gpus,
-            executor=job.executor,
-            agent_id=job.agent_id,
-            pid=job.pid,
-            exit_code=job.exit_code,
-            attempt=job.attempt,
-            step=job.step,
-            total_steps=job.total_steps,
-            epoch=job.epoch,
-            cancel_requested=job.cancel_requested_at is not None,
-            created_at=_utc(job.created_at),  # type: ignore[arg-type]
-            updated_at=_utc(job.updated_at),  # type: ignore[arg-type]
-            started_at=_utc(job.started_at),
-            finished_at=_utc(job.finished_at),
-        )
+        return cls(config=job.train_config(), **cls.fields_of(job))
+
+    @staticmethod
+    def fields_of(job: JobRecord) -> dict[str, Any]:
+        """Every field but `config`, from the record (public_json.py writes them without a model)."""
+        return {
+            "id": job.id,
+            "name": job.name,
+            "state": job.state,
+            "reason": job.reason,
+            "gpus_requested": job.gpus_requested,
+            "gpus": job.gpus,
+            "executor": job.executor,
+            "agent_id": job.agent_id,
+            "pid": job.pid,
+            "exit_code": job.exit_code,
+            "attempt": job.attempt,
+            "step": job.step,
+            "total_steps": job.total_steps,
+            "epoch": job.epoch,
+            "cancel_requested": job.cancel_requested_at is not None,
+            "created_at": _utc(job.created_at),
+            "updated_at": _utc(job.updated_at),
+            "started_at": _utc(job.started_at),
+            "finished_at": _utc(job.finished_at),
+        }
 
 
 class JobsPublic(BaseModel):

@@ -12,9 +12,10 @@ win, with one process or several sharing the database.
 from __future__ import annotations
 
 import json
+import math
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     Column,
@@ -29,13 +30,14 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    null,
     select,
     update,
 )
-from sqlalchemy.engine import RowMapping
+from sqlalchemy.engine import Row, RowMapping
 
 from services.control_plane.migrations import migrate
-from services.control_plane.schemas import AgentRecord, AgentState, JobRecord, MetricRowIn, MetricRowPublic
+from services.control_plane.schemas import AgentRecord, AgentState, JobRecord, MetricRowIn
 from services.control_plane.states import ACTIVE_STATES, JobState
 
 metadata = MetaData()
@@ -90,6 +92,9 @@ metric_rows = Table(
     Column("metrics", Text, nullable=False),
 )
 
+# A stored job row's values in this order (what `select(jobs)` gives).
+JOB_COLUMNS = tuple(jobs.columns.keys())
+
 # Fields callers may set through transition()/update(); JSON columns are encoded here.
 _JSON_FIELDS = {"config", "gpus"}
 _WRITABLE = {c.name for c in jobs.columns} - {"seq", "id", "created_at"}
@@ -98,7 +103,14 @@ _WRITABLE = {c.name for c in jobs.columns} - {"seq", "id", "created_at"}
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         # Threads of one process share the engine; 30 s busy timeout rides out a concurrent writer.
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        # One connection per concurrent request is kept (past the default 5, each request opened a
+        # fresh one, its PRAGMAs and a cold page cache: ~1 ms); beyond 16 nobody waits for one.
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            pool_size=16,
+            max_overflow=-1,
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -111,14 +123,15 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def _record(row: RowMapping) -> JobRecord:
+def job_record(row: Mapping[str, Any]) -> JobRecord:
+    """A stored job row (by column name) as the service sees it."""
     return JobRecord(
         id=row["id"],
         seq=row["seq"],
         name=row["name"],
         state=JobState(row["state"]),
         reason=row["reason"],
-        config=json.loads(row["config"]),
+        config_json=row["config"],
         gpus_requested=row["gpus_requested"],
         gpus=json.loads(row["gpus"]),
         executor=row["executor"],
@@ -150,6 +163,25 @@ def _agent(row: RowMapping) -> AgentRecord:
     )
 
 
+class StoredMetricRow(NamedTuple):
+    """A metric row as stored; `metrics` is its JSON text (name -> number or null)."""
+
+    id: int
+    attempt: int
+    step: int
+    time: float
+    metrics: str
+    # The database's word that `metrics` can go into an answer as is (strict JSON, no NaN or
+    # Infinity); None where it cannot say. public_json.py parses only the other rows.
+    verbatim: bool | None
+
+
+def _metrics_text(metrics: dict[str, float | None]) -> str:
+    # Strict JSON: NaN and Inf are stored as null (what the API has always answered for them).
+    finite = {k: (v if v is None or math.isfinite(v) else None) for k, v in metrics.items()}
+    return json.dumps(finite, separators=(",", ":"), allow_nan=False)
+
+
 def _encode(values: dict[str, Any]) -> dict[str, Any]:
     unknown = set(values) - _WRITABLE
     if unknown:
@@ -164,6 +196,17 @@ class JobStore:
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
         self.schema_version = migrate(self.engine)
+        # A SQLite file in WAL mode: readers never wait for the writer, and a read is answered from
+        # memory (public_json.answer runs the read routes on the event loop for it).
+        self.is_sqlite = self.engine.dialect.name == "sqlite"
+        # Whether a row's metrics text may be copied into an answer as is: strict JSON, checked in
+        # SQLite's C (~1 us per KiB), without the NaN and Infinity that older releases stored and
+        # that SQLite 3.42-3.44 call valid. Elsewhere the answer parses the text itself.
+        text = metric_rows.c.metrics
+        verbatim = (
+            func.json_valid(text) & (func.instr(text, "NaN") == 0) & (func.instr(text, "Infinity") == 0)
+        )
+        self._metrics_verbatim = (verbatim if self.is_sqlite else null()).label("verbatim")
 
     def close(self) -> None:
         self.engine.dispose()
@@ -201,7 +244,7 @@ class JobStore:
     def get_job(self, job_id: str) -> JobRecord | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
-        return _record(row) if row is not None else None
+        return job_record(row) if row is not None else None
 
     def list_jobs(
         self,
@@ -210,23 +253,24 @@ class JobStore:
         limit: int,
         before_seq: int | None = None,
         offset: int = 0,
-    ) -> tuple[list[JobRecord], int]:
-        """(newest-first page, count of all jobs matching `states`)."""
+    ) -> tuple[Sequence[Row[Any]], int]:
+        """(newest-first page of stored rows, count of all jobs matching `states`). The rows are
+        raw (JOB_COLUMNS): public_json.py answers a repeated row without decoding it again."""
         where = [jobs.c.state.in_([s.value for s in states])] if states else []
         query = select(jobs).where(*where)
         if before_seq is not None:
             query = query.where(jobs.c.seq < before_seq)
         query = query.order_by(jobs.c.seq.desc()).limit(limit).offset(offset)
         with self.engine.connect() as conn:
-            rows = conn.execute(query).mappings().all()
+            rows = conn.execute(query).all()
             count = conn.execute(select(func.count()).select_from(jobs).where(*where)).scalar_one()
-        return [_record(r) for r in rows], int(count)
+        return rows, int(count)
 
     def jobs_in(self, states: Iterable[JobState]) -> list[JobRecord]:
         """Jobs in `states`, oldest first (the order queued jobs are started in)."""
         query = select(jobs).where(jobs.c.state.in_([s.value for s in states])).order_by(jobs.c.seq)
         with self.engine.connect() as conn:
-            return [_record(r) for r in conn.execute(query).mappings().all()]
+            return [job_record(r) for r in conn.execute(query).mappings().all()]
 
     def transition(
         self, job_id: str, *, expect: Iterable[JobState], to: JobState | None = None, **values: Any
@@ -323,7 +367,7 @@ class JobStore:
                 "attempt": attempt,
                 "step": row.step,
                 "time": row.time,
-                "metrics": json.dumps(row.metrics),
+                "metrics": _metrics_text(row.metrics),
             }
             for row in rows
         ]
@@ -332,26 +376,19 @@ class JobStore:
 
     def metric_rows(
         self, job_id: str, *, since_step: int | None = None, after_id: int | None = None, limit: int
-    ) -> list[MetricRowPublic]:
+    ) -> list[StoredMetricRow]:
         """Rows in arrival order: with step >= since_step and id > after_id, at most `limit`."""
-        query = select(metric_rows).where(metric_rows.c.job_id == job_id)
+        c = metric_rows.c
+        query = select(c.id, c.attempt, c.step, c.time, c.metrics, self._metrics_verbatim)
+        query = query.where(c.job_id == job_id)
         if since_step is not None:
-            query = query.where(metric_rows.c.step >= since_step)
+            query = query.where(c.step >= since_step)
         if after_id is not None:
-            query = query.where(metric_rows.c.id > after_id)
-        query = query.order_by(metric_rows.c.id).limit(limit)
+            query = query.where(c.id > after_id)
+        query = query.order_by(c.id).limit(limit)
         with self.engine.connect() as conn:
-            rows = conn.execute(query).mappings().all()
-        return [
-            MetricRowPublic(
-                id=r["id"],
-                attempt=r["attempt"],
-                step=r["step"],
-                time=r["time"],
-                metrics=json.loads(r["metrics"]),
-            )
-            for r in rows
-        ]
+            rows = conn.execute(query).all()
+        return [StoredMetricRow(*row[:5], verbatim=None if row[5] is None else bool(row[5])) for row in rows]
 
     def metric_row_count(self, job_id: str) -> int:
         query = select(func.count()).select_from(metric_rows).where(metric_rows.c.job_id == job_id)

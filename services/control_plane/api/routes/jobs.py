@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Response, status
 
+from services.control_plane import public_json
 from services.control_plane.api.deps import Authorized, ServiceDep
 from services.control_plane.schemas import JobCreate, JobPublic, JobsPublic
 from services.control_plane.states import JobState
@@ -31,8 +32,8 @@ def submit_job(body: JobCreate, service: ServiceDep, response: Response) -> JobP
     return JobPublic.of(job)
 
 
-@router.get("")
-def list_jobs(
+@router.get("", response_model=JobsPublic)
+async def list_jobs(
     service: ServiceDep,
     state: Annotated[
         list[JobState] | None, Query(description="Only jobs in these states (repeatable).")
@@ -42,7 +43,7 @@ def list_jobs(
     offset: Annotated[
         int | None, Query(ge=0, description="Skip this many jobs (instead of a cursor).")
     ] = None,
-) -> JobsPublic:
+) -> Response:
     """Jobs, newest first. Page with `cursor` (stable while jobs are added) or `offset`."""
     if cursor is not None and offset is not None:
         raise HTTPException(422, "give `cursor` or `offset`, not both")
@@ -51,22 +52,23 @@ def list_jobs(
         if not cursor.isdigit():
             raise HTTPException(422, f"cursor {cursor!r} is not one this API returned")
         before = int(cursor)
-    # One row more than asked for says whether another page exists.
-    records, count = service.store.list_jobs(
-        states=state, limit=limit + 1, before_seq=before, offset=offset or 0
-    )
-    more, records = len(records) > limit, records[:limit]
-    return JobsPublic(
-        data=[JobPublic.of(job) for job in records],
-        count=count,
-        next_cursor=str(records[-1].seq) if more else None,
-    )
+
+    def page() -> str:
+        # One row more than asked for says whether another page exists.
+        rows, count = service.store.list_jobs(
+            states=state, limit=limit + 1, before_seq=before, offset=offset or 0
+        )
+        more, rows = len(rows) > limit, rows[:limit]
+        next_cursor = str(rows[-1].seq) if more else None
+        return public_json.jobs_page_json(rows, count=count, next_cursor=next_cursor)
+
+    return await public_json.answer(service.store, page, rows=limit)
 
 
-@router.get("/{job_id}", responses=JOB_ERRORS)
-def get_job(job_id: str, service: ServiceDep) -> JobPublic:
+@router.get("/{job_id}", response_model=JobPublic, responses=JOB_ERRORS)
+async def get_job(job_id: str, service: ServiceDep) -> Response:
     """One job: state, reason, progress, config, assigned GPUs."""
-    return JobPublic.of(service.get(job_id))
+    return await public_json.answer(service.store, lambda: public_json.job_json(service.get(job_id)), rows=1)
 
 
 @router.post("/{job_id}/cancel", dependencies=[Authorized], responses={**JOB_ERRORS, **AUTH_ERRORS})

@@ -7,12 +7,13 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from services.control_plane import public_json
 from services.control_plane.api import sse
 from services.control_plane.api.deps import Authorized, ServiceDep
-from services.control_plane.schemas import JobPublic, MetricsAccepted, MetricsIn, MetricsPublic
+from services.control_plane.schemas import MetricsAccepted, MetricsIn, MetricsPublic
 from services.control_plane.service import JobNotFound, JobService
 from services.control_plane.states import TERMINAL_STATES
 
@@ -28,18 +29,26 @@ def post_metrics(job_id: str, body: MetricsIn, service: ServiceDep) -> MetricsAc
     return MetricsAccepted(accepted=service.record_metrics(job_id, body.rows))
 
 
-@router.get("", responses={404: {"description": "No such job"}})
-def get_metrics(
+@router.get("", response_model=MetricsPublic, responses={404: {"description": "No such job"}})
+async def get_metrics(
     job_id: str,
     service: ServiceDep,
     since_step: Annotated[int | None, Query(ge=0, description="Only rows with step >= this.")] = None,
     after_id: Annotated[int | None, Query(ge=0, description="Only rows with id > this (to page on).")] = None,
     limit: Annotated[int, Query(ge=1, le=100_000, description="At most this many rows.")] = 10_000,
-) -> MetricsPublic:
+) -> Response:
     """The job's metric rows in arrival order (every attempt; `attempt` tells them apart)."""
-    service.get(job_id)
-    rows = service.store.metric_rows(job_id, since_step=since_step, after_id=after_id, limit=limit)
-    return MetricsPublic(job_id=job_id, data=rows, count=len(rows))
+
+    def history() -> str:
+        rows = service.store.metric_rows(job_id, since_step=since_step, after_id=after_id, limit=limit)
+        if not rows:
+            service.get(job_id)  # 404 for no such job; rows are deleted with their job, so any prove it
+        return public_json.metrics_page_json(job_id, rows)
+
+    at_most = limit
+    if service.store.is_sqlite:  # an index count: a short history is answered on the event loop
+        at_most = min(limit, service.store.metric_row_count(job_id))
+    return await public_json.answer(service.store, history, rows=at_most)
 
 
 @router.get(
@@ -82,7 +91,7 @@ async def _metric_events(
             return
         if job.state != last_state:
             last_state = job.state
-            yield sse.event(JobPublic.of(job).model_dump_json(), name="job")
+            yield sse.event(public_json.job_json(job), name="job")
         while True:
             rows = await run_in_threadpool(
                 service.store.metric_rows,
@@ -92,7 +101,7 @@ async def _metric_events(
                 limit=STREAM_BATCH,
             )
             for row in rows:
-                yield sse.event(row.model_dump_json(), name="metrics", event_id=row.id)
+                yield sse.event(public_json.metric_row_json(job_id, row), name="metrics", event_id=row.id)
                 after_id = row.id
             if len(rows) < STREAM_BATCH:
                 break
