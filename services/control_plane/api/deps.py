@@ -35,7 +35,9 @@ def get_control_plane(request: Request) -> ControlPlane:
     return request.app.state.control_plane
 
 
-def get_service(request: Request) -> JobService:
+async def get_service(request: Request) -> JobService:
+    # async: FastAPI runs a plain `def` dependency in a worker thread, a hop that cost ~0.1 ms of
+    # CPU per request (and more under load) for an attribute read.
     return get_control_plane(request).service
 
 
