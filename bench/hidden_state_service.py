@@ -36,7 +36,7 @@ SHAPES = {
     "tiny": dict(num_hidden_layers=4, hidden_size=128, intermediate_size=256, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32),
 }  # fmt: skip
-BF16_PEAK_FLOPS = 790e12  # measured dense bf16 GEMM ceiling of one H200 (DESIGN 6)
+BF16_PEAK_FLOPS = 790e12  # measured dense bf16 GEMM ceiling of one H200 (docs/benchmarks.md)
 
 
 def build_backend(shape: str, *, device: str, max_batch_tokens: int) -> TransformersBackend:

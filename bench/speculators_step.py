@@ -66,7 +66,7 @@ Differences in work between this step and bench/trainer_step.py's (same shapes, 
   row's 256 MiB of bf16 hidden states per step with `non_blocking=True`; here the batch stays on
   the GPU) and the per-step `.item()` metric reads of their logger (`log_freq` 1).
 
-FLOPs are counted exactly as bench/trainer_step.py counts them (DESIGN 6), with the attention
+FLOPs are counted exactly as bench/trainer_step.py counts them (docs/architecture.md), with the attention
 pairs counted from their own mask_mod at one draw of their anchors, so `mfu` compares directly.
 
 On CPU (`--tiny`; no GPU here) the package compiles nothing (`conditional_torch_compile` is
@@ -90,7 +90,7 @@ import torch
 
 from bench.rows import emit_rows
 
-PEAK_BF16_TFLOPS = 790.0  # measured dense bf16 GEMM on the H200 of this workplace (DESIGN 6)
+PEAK_BF16_TFLOPS = 790.0  # measured dense bf16 GEMM on the H200 of this workplace (docs/benchmarks.md)
 TARGET_LAYER_IDS = [2, 18, 33]  # what bench/trainer_step.py uses (Qwen3-8B: 36 layers)
 
 
@@ -225,7 +225,7 @@ def visible_pairs(spec: types.SimpleNamespace, model, batch: dict, max_anchors: 
 
 
 def model_flops(args: argparse.Namespace, *, queries: int, rows: int, visible: int) -> float:
-    """FLOPs of one step, counted as bench/trainer_step.py counts them (DESIGN 6)."""
+    """FLOPs of one step, counted as bench/trainer_step.py counts them (docs/architecture.md)."""
     h, heads, kv, hd = args.hidden, args.heads, args.kv_heads, args.head_dim
     per_layer_query = h * heads * hd * 2 + 2 * h * kv * hd + 3 * h * args.intermediate
     per_layer_context = 2 * h * kv * hd

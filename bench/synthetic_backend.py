@@ -47,7 +47,7 @@ class SyntheticShape:
 
     @property
     def layer_ids(self) -> tuple[int, ...]:
-        """`planes - 1` auxiliary layers spread over the stack, then N (DESIGN 2.1)."""
+        """`planes - 1` auxiliary layers spread over the stack, then N (docs/architecture.md)."""
         aux = self.planes - 1
         step = self.num_layers // (aux + 1)
         return (*(1 + step * i for i in range(aux)), self.num_layers)

@@ -2,12 +2,12 @@
 
     python bench/trainer_step.py --attention flex --steps 10 --out bench/results/trainer_step_h200.json
 
-Shape (DESIGN 6, the peer's published setting): verifier hidden 4096, vocab 151936, 5 draft layers
+Shape (the peer's published setting): verifier hidden 4096, vocab 151936, 5 draft layers
 (32 heads x 128, 8 KV heads, MLP 12288), 3 aux layers, block 16 x 512 anchors = 8192 query
 tokens per step, one packed row of 8192 tokens. Random weights and hidden states: speed does not
 depend on their values. bf16 autocast over fp32 master weights, fused AdamW.
 
-FLOPs are counted as DESIGN 6 prescribes so figures compare with the peer's:
+FLOPs are counted as docs/architecture.md says, so figures compare with the peer's:
   trainable linears x 3 over the query tokens (+ fc and the context k/v projections over the row),
   attention x 3.5 over the key/query pairs the mask lets through,
   the frozen LM head forward + input-gradient backward over the query tokens (2 x its forward),
@@ -34,7 +34,7 @@ from dflash_core.model.verifier_heads import VerifierHeads
 from dflash_core.objective import dflash_forward
 from services.trainer.distributed import shard_drafter
 
-PEAK_BF16_TFLOPS = 790.0  # measured dense bf16 GEMM on the H200 of this workplace (DESIGN 6)
+PEAK_BF16_TFLOPS = 790.0  # measured dense bf16 GEMM on the H200 of this workplace (docs/benchmarks.md)
 
 
 def drafter_config(args: argparse.Namespace) -> DrafterConfig:
@@ -48,7 +48,7 @@ def drafter_config(args: argparse.Namespace) -> DrafterConfig:
 
 
 def model_flops(config: DrafterConfig, *, queries: int, rows: int, visible_pairs: int) -> float:
-    """FLOPs of one training step, counted as DESIGN 6 says (see the module docstring)."""
+    """FLOPs of one training step, counted as docs/architecture.md says (see the module docstring)."""
     h, heads, kv, hd = (
         config.hidden_size,
         config.num_attention_heads,

@@ -1,4 +1,4 @@
-"""Checkpoints in the speculators DFlash format (DESIGN 2.2): what vLLM serves and trainers resume.
+"""Checkpoints in the speculators DFlash format (docs/architecture.md): what vLLM serves and trainers resume.
 
 A checkpoint folder holds
 
@@ -53,7 +53,7 @@ TEMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
 
 TRAINING_STATE_VERSION = 1
-# Defaults for keys an older training_state.json lacks (STYLE rule 16: log, never crash).
+# Defaults for keys an older training_state.json lacks (logged, never a crash).
 TRAINING_STATE_DEFAULTS: dict[str, Any] = {
     "format_version": 0,
     "epoch": 0,

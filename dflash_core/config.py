@@ -431,7 +431,7 @@ class ServeHiddenStatesConfig(JobConfig):
     device: str = Field(default="auto", description="transformers backend: `auto`, `cpu`, `cuda`, `cuda:N`.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto",
-        description="Dtype of the verifier and of the tensors on the wire; auto = bfloat16 (DESIGN 2.4).",
+        description="Dtype of the verifier and of the tensors on the wire; auto = bfloat16.",
     )
     max_length: int = Field(default=8192, gt=0, description="Longest token list a request may carry.")
     max_batch_tokens: int = Field(

@@ -14,7 +14,7 @@ Facts about the z-lab layout (read from github:z-lab/dflash `dflash/model.py`, S
 - Layer ids are shifted by one. z-lab's `extract_context_feature` reads
   `output_hidden_states[layer_id + 1]`, i.e. the OUTPUT of decoder layer `layer_id`; SGLang's
   notes say the same ("hidden states after each selected target layer; SGLang captures before
-  layer i, so +1"). Our id L (DESIGN 2.1) is what ENTERS layer L = the output of layer L - 1, so
+  layer i, so +1"). Our id L (docs/architecture.md) is what ENTERS layer L = the output of layer L - 1, so
 
       z-lab id = our id - 1            our id = z-lab id + 1
 

@@ -69,7 +69,7 @@ class EvalSequence:
     prompt_ids: list[int]
     continuation: list[int]  # continuation_length(...) greedy tokens, EOS not stopping it
     max_new_tokens: int
-    aux: torch.Tensor | None = None  # [row_length, K*Hv]: aux layers in layer-id order (DESIGN 2.1)
+    aux: torch.Tensor | None = None  # [row_length, K*Hv]: aux layers in layer-id order (docs/architecture.md)
 
     @property
     def row_ids(self) -> list[int]:

@@ -1,4 +1,4 @@
-"""config.json of a DFlash checkpoint in the speculators layout <-> `DrafterConfig` (DESIGN 2.2).
+"""config.json of a DFlash checkpoint in the speculators layout <-> `DrafterConfig` (docs/architecture.md).
 
 Facts about the readers this format serves (read from vLLM's `qwen3_dflash.py` and its
 `transformers_utils/configs/speculators/` package, and speculators' `models/dflash/`):
@@ -10,7 +10,7 @@ Facts about the readers this format serves (read from vLLM's `qwen3_dflash.py` a
   copy of its config class) is not needed and we do not write it.
 - `transformer_layer_config` becomes the draft's HF config (a Qwen3 config): vLLM builds every
   draft layer from it (heads, head_dim, RoPE, eps, `layer_types`, `sliding_window`).
-- Layer ids: `aux_hidden_state_layer_ids` use DESIGN 2.1's convention (id L = HF
+- Layer ids: `aux_hidden_state_layer_ids` use the convention of docs/architecture.md (id L = HF
   `hidden_states[L]`, what enters layer L). vLLM passes them on as
   `eagle_aux_hidden_state_layer_ids` unchanged and derives `dflash_config.target_layer_ids` =
   [L - 1 ...] (z-lab's "output of layer L - 1" indexing) itself. So we store our ids UNSHIFTED;

@@ -79,7 +79,7 @@ FINAL_METRICS = (
 
 PROMPTS = Path(__file__).resolve().parent / "prompts.jsonl"
 TOPICS = PROMPTS.with_name("topics.txt")
-# Verifier ids (DESIGN 2.1: id L = the residual entering decoder layer L) for SmolLM2's 30 layers:
+# Verifier ids (docs/architecture.md: id L = the residual entering decoder layer L) for SmolLM2's 30 layers:
 # five planes spread from the bottom to near the top, the last one two layers below the output.
 TARGET_LAYER_IDS = [2, 8, 15, 21, 28]
 SAMPLE_ROWS = 20  # prepared rows written out as text, to read what the verifier said

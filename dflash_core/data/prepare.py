@@ -72,7 +72,7 @@ COLUMNS = ("input_ids", "loss_mask", "source")
 FIRST_ERRORS = 10  # skipped rows reported one by one (per source); the rest are only counted
 CHUNK = 128  # conversations per tokenizer call (per worker)
 
-# Keys a reader may rely on, with the value assumed when an older file lacks one (STYLE rule 16).
+# Keys a reader may rely on, with the value assumed when an older file lacks one (logged, never a crash).
 _METADATA_DEFAULTS: dict[str, Any] = {
     "chat_template_sha256": None,
     "assistant_only_loss": True,

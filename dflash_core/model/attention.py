@@ -5,7 +5,7 @@ rows of the packed row followed by the projected block slots:
 
     K = rope(k_norm(k_proj([ctx ; h])))      V = v_proj([ctx ; h])      Q = rope(q_norm(q_proj(h)))
 
-with ONE k_proj/v_proj/k_norm for both halves (DESIGN 2.3). Which key a query may see is decided
+with ONE k_proj/v_proj/k_norm for both halves (docs/architecture.md). Which key a query may see is decided
 by `dflash_core.masks`; this module only consumes the mask, in one of two forms that compute the
 same function:
 

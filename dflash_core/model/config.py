@@ -4,7 +4,7 @@ This is the in-memory form. `dflash_core.checkpoint` turns it into the speculato
 (`speculators_model_type: "dflash"`, `transformer_layer_config`, ...) and back; nothing else
 reads or writes that JSON, so the mapping lives in one place.
 
-Layer ids follow DESIGN 2.1: id `L` is the residual stream ENTERING verifier decoder layer `L`;
+Layer ids follow docs/architecture.md: id `L` is the residual stream ENTERING verifier decoder layer `L`;
 id `N` (= the verifier's layer count) is the last decoder layer's output before the final norm.
 """
 
@@ -53,7 +53,7 @@ class DrafterConfig(BaseModel):
     # --- DFlash ---
     block_size: int = Field(ge=2, description="Tokens per block: the anchor plus block_size-1 drafts.")
     aux_hidden_state_layer_ids: list[int] = Field(
-        min_length=1, description="Verifier layer ids (DESIGN 2.1) concatenated into the context."
+        min_length=1, description="Verifier layer ids (docs/architecture.md) concatenated into the context."
     )
     mask_token_id: int = Field(ge=0, description="Token id placed in block slots 1..B-1.")
     vocab_size: int = Field(gt=0, description="The verifier's vocabulary (embedding rows).")

@@ -1,9 +1,9 @@
 """The verifier's frozen parts a DFlash drafter borrows: embedding, final norm and LM head.
 
-The drafter has no embedding and (with the full vocab) no LM head of its own (DESIGN 2.3):
+The drafter has no embedding and (with the full vocab) no LM head of its own (docs/architecture.md):
 block tokens are embedded with the verifier's `embed_tokens`, draft logits come from the
 verifier's `lm_head`, and the training targets are `lm_head(norm(h_N))` where h_N is verifier
-layer N BEFORE the final norm (DESIGN 2.1). Feeding an already-normed h_N here would norm twice;
+layer N BEFORE the final norm (docs/architecture.md). Feeding an already-normed h_N here would norm twice;
 training still runs, but the targets are not what the verifier predicts.
 """
 

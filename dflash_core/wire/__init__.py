@@ -1,1 +1,1 @@
-"""The wire contract of the hidden-state service (DESIGN 2.4): generated stubs and the tensor codec."""
+"""The hidden-state service's wire (docs/architecture.md): generated stubs and the tensor codec."""

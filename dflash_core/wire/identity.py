@@ -1,4 +1,4 @@
-"""Which verifier a service runs, as both ends of the wire see it (DESIGN 2.1).
+"""Which verifier a service runs, as both ends of the wire see it (docs/architecture.md).
 
 The trainer sends its own fingerprint as JSON under `EXPECT_VERIFIER_KEY` in the metadata of
 every Extract call; the service refuses (FAILED_PRECONDITION) when it runs something else.

@@ -8,10 +8,10 @@ Two halves in one file:
   vLLM's answer into the same `EvalReport` the transformers engine gives.
 - `main()` runs in VLLM'S environment (`python -m services.cli.eval_vllm REQUEST.json`): the
   verifier alone, then `LLM(model=VERIFIER, speculative_config={"method": "dflash", "model":
-  CKPT, "num_speculative_tokens": B-1}, disable_log_stats=False)` (DESIGN 5), one prompt at a
-  time like our engine; acceptance comes from vLLM's counters `vllm:spec_decode_num_drafts`,
-  `..._num_accepted_tokens` and `..._num_accepted_tokens_per_pos`, read before and after the
-  timed run. It imports only the standard library at module level.
+  CKPT, "num_speculative_tokens": B-1}, disable_log_stats=False)` (vLLM counts drafts only with
+  its stats on), one prompt at a time like our engine; acceptance comes from vLLM's counters
+  `vllm:spec_decode_num_drafts`, `..._num_accepted_tokens` and `..._num_accepted_tokens_per_pos`,
+  read before and after the timed run. It imports only the standard library at module level.
 
 vLLM cannot resolve `embedded:smollm2-135m-instruct` (nor a bare .gguf without its tokenizer
 folder): that verifier is written out as a transformers folder first, and the checkpoint is

@@ -16,7 +16,7 @@ import grpc
 from dflash_core.wire.codec import MAX_MESSAGE_BYTES
 from services.hidden_states.credentials import client_credentials, secure_channel
 
-# Both ends raise gRPC's 4 MiB default; frames stay well below this (DESIGN 2.4).
+# Both ends raise gRPC's 4 MiB default; frames stay well below this (docs/architecture.md).
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -11,7 +11,7 @@ asked for; under TLS the payload side channel is off.
 
 Beside the gRPC port the server listens on a payload port (`payload_port`: None = a free port
 picked now, 0 = none) on the same host: trainers move hidden-state bytes over it off gRPC
-(`payload_listener.py`, DESIGN 2.4's frames without gRPC's copies; docs/benchmarks.md, Transport).
+(`payload_listener.py`, the wire's frames without gRPC's copies; docs/benchmarks.md, Transport).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ def split_indices(num_rows: int, *, val_fraction: float, seed: int) -> tuple[lis
 
 
 def anchor_generator(*, seed: int, epoch: int, step: int, row: int) -> torch.Generator:
-    """Anchors are resampled every epoch (DESIGN 2.3) but fixed for a given (epoch, step, row).
+    """Anchors are resampled every epoch (docs/architecture.md) but fixed for a given (epoch, step, row).
 
     `row` is the row's index in the global step, so the anchors do not depend on the number of
     ranks the step is split over.

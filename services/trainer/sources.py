@@ -2,7 +2,7 @@
 
 A source turns token ids into the two planes the DFlash objective needs, per sample:
 `aux` [t, K*H] (the `--target-layer-ids`, concatenated on the feature axis in the order given)
-and `last` [t, H] (layer N, the last decoder layer's output BEFORE the final norm; DESIGN 2.1).
+and `last` [t, H] (layer N, the last decoder layer's output BEFORE the final norm; docs/architecture.md).
 
 Implementations: `InProcessSource` (runs the verifier with transformers inside the trainer) here,
 `GrpcSource` (the hidden-state service's client, `grpc_source.py`) and `CachingSource` (a local

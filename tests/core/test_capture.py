@@ -1,4 +1,4 @@
-"""Tests for dflash_core.capture: every layer id 0..N matches what the verifier computes (DESIGN 2.1)."""
+"""dflash_core.capture: every layer id 0..N (docs/architecture.md) matches what the verifier computes."""
 
 from __future__ import annotations
 

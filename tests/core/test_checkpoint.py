@@ -120,7 +120,7 @@ def test_config_carries_every_design_key():
     d = drafter_config_to_speculators(config, dtype=torch.bfloat16)
     assert d["architectures"] == ["DFlashDraftModel"]
     assert d["speculators_model_type"] == "dflash" and d["speculators_version"]
-    assert d["aux_hidden_state_layer_ids"] == [1, 3]  # DESIGN 2.1 ids, unshifted (vLLM subtracts 1 itself)
+    assert d["aux_hidden_state_layer_ids"] == [1, 3]  # our ids, unshifted (vLLM subtracts 1 itself)
     assert (d["mask_token_id"], d["block_size"], d["draft_vocab_size"]) == (255, 4, 256)
     assert d["target_hidden_size"] is None and d["sample_from_anchor"] is False
     assert d["sliding_window_non_causal"] is True and d["dtype"] == "bfloat16"

@@ -1,4 +1,4 @@
-"""The drafter's module tree is the checkpoint contract (DESIGN 2.2), and the verifier heads are frozen."""
+"""The drafter's module tree is the checkpoint contract (docs/architecture.md); verifier heads frozen."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Our DFlash training forward against speculators 0.9.0's (testvectors/dflash, variants A/B/C).
 
 Every tensor of the README's "Expected outputs" is compared (floats at rtol 1e-5 / atol 2e-5,
-ints and bools exactly), except where DESIGN 2.3 makes us differ on purpose: a block never trains
+ints and bools exactly), except where docs/architecture.md makes us differ on purpose: a block never trains
 past the end of its document. There the slot loss mask must equal speculators' AND same-document,
 and the losses and metrics must equal values recomputed from the expected per-slot tensors with
 our mask. The difference must be confined to blocks 2 and 3 (the blocks that cross doc 0's end).

@@ -164,7 +164,7 @@ def test_default_target_layer_ids_general_properties():
 
 
 def test_validate_target_layer_ids_accepts_zero_to_n():
-    validate_target_layer_ids([0, 18, 36], 36)  # N itself is allowed (DESIGN 2.1)
+    validate_target_layer_ids([0, 18, 36], 36)  # N itself is allowed (docs/architecture.md)
 
 
 @pytest.mark.parametrize(("ids", "bad"), [([2, 37], "37"), ([-1, 3], "-1"), ([2, 2.5], "2.5")])

@@ -1,6 +1,6 @@
 """Tests for dflash_core.wire.codec: tensors to frames and back, and every way a stream can be wrong.
 
-What must hold (DESIGN 2.4): bytes are little-endian with dtype and shape in a header on frame 0;
+What must hold (docs/architecture.md): bytes are little-endian with dtype and shape in a header on frame 0;
 a sample split into many frames, or interleaved with another sample's frames, comes back bit for
 bit; a malformed stream raises WireError naming the sample; the token digest is sha256 of the ids
 as little-endian int32; NaN, Inf and all-zero tensors are caught before training on them.

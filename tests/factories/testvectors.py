@@ -1,4 +1,4 @@
-"""Where the DFlash oracle lives: speculators 0.9.0's outputs for one training forward (DESIGN 2.3).
+"""Where the DFlash oracle lives: speculators 0.9.0's outputs for one training forward (docs/architecture.md).
 
 A copy ships in tests/fixtures/testvectors/dflash (1.7 MB) so every checkout, CI's included,
 checks the drafter against it; DFLASH_TESTVECTORS points elsewhere (e.g. a newer set).

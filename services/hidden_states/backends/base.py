@@ -59,7 +59,7 @@ class Backend(Protocol):
     def extract(self, sequences: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Hidden states of each token sequence ([t] int64): [t, len(info.layer_ids), H] in
         `info.dtype` on the CPU, in the order given. Layer id L is the residual stream entering
-        decoder layer L; N is the last layer's output before the final norm (DESIGN 2.1)."""
+        decoder layer L; N is the last layer's output before the final norm (docs/architecture.md)."""
         ...
 
     def generate(
@@ -115,7 +115,7 @@ def served_layer_ids(target_layer_ids: Sequence[int], num_layers: int) -> tuple[
     return tuple(sorted({*target_layer_ids, num_layers}))
 
 
-# The service's --dtype flag: `auto` is bfloat16, the wire default (DESIGN 2.4).
+# The service's --dtype flag: `auto` is bfloat16, the wire default (docs/architecture.md).
 SERVICE_DTYPES = {
     "auto": torch.bfloat16,
     "bfloat16": torch.bfloat16,

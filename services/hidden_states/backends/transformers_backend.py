@@ -1,7 +1,7 @@
 """The `transformers` backend: the verifier as a Hugging Face model, on CPU or one GPU.
 
 The embedded default (SmolLM2 from its GGUF) and any HF causal LM. Hidden states come from
-`dflash_core.capture` (hooks at the DESIGN 2.1 ids), in padded batches under a token budget;
+`dflash_core.capture` (hooks at the ids of docs/architecture.md), in padded batches under a token budget;
 completions from `model.generate`, one prompt at a time. `generate_only` only marks the backend
 so (the service then refuses Extract): a GPU deployment that generates at scale uses the vllm
 backend's generation-only mode instead.

@@ -6,7 +6,7 @@ engine argument `worker_extension_cls` and reached with `LLM.collective_rpc("dfl
 An extraction adds the sequences as token prompts with `max_tokens=1` through
 `llm.llm_engine.add_request`, which returns vLLM's internal request ids (the ones the model
 runner sees), and steps the engine until they finish. Meanwhile the hooks keep each forward's rows
-at the served layer ids (DESIGN 2.1: id L enters decoder layer L, id N leaves the last layer
+at the served layer ids (docs/architecture.md: id L enters decoder layer L, id N leaves the last layer
 before the final norm), split by request with the runner's request ids and `query_start_loc`.
 vLLM's scheduler packs the batch and splits long prompts into chunks (chunked prefill) under
 `max_num_batched_tokens`; the pieces are put back together here by position, and every position
@@ -275,7 +275,7 @@ class VllmBackend:
 
         config = load_verifier_config(model_name_or_path)
         tokenizer = load_tokenizer(model_name_or_path)
-        # Equal to what the transformers backend reports for the same folder (DESIGN 2.1 check).
+        # Equal to what the transformers backend reports for the same folder (the identity check).
         fingerprint = fingerprint_of(config, tokenizer, name_or_path=model_name_or_path)
         ids = list(target_layer_ids or default_target_layer_ids(fingerprint.num_layers))
         validate_target_layer_ids(ids, fingerprint.num_layers)

@@ -9,7 +9,7 @@ in-process engine; vLLM's worker processes under tensor parallelism), reached on
     dflash_drain_capture()              stop; hand back the pieces per request and any failure
     dflash_remove_capture()             take the hooks out
 
-Layer ids follow DESIGN 2.1 and `dflash_core.capture`: id L < N is the residual stream ENTERING
+Layer ids follow docs/architecture.md and `dflash_core.capture`: id L < N is the residual stream ENTERING
 decoder layer L (a pre-hook on layer L), id N the stream LEAVING the last layer before the final
 norm (a forward hook on it). vLLM layers take and return `(hidden_states, residual)` with the
 residual add fused into the NEXT layer's input norm, so the stream is `hidden + residual`

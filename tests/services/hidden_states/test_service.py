@@ -1,6 +1,6 @@
 """The hidden-state service over real sockets on 127.0.0.1: a tiny verifier, no mocks.
 
-What must hold (DESIGN 2.1, 2.4): Extract returns what a direct forward computes, at the layer ids
+What must hold (docs/architecture.md): Extract returns what a direct forward computes, at the layer ids
 asked for and in their order, echoing the digest of the token ids; a bad sample gets its own
 INVALID_ARGUMENT and the stream carries on; a trainer expecting another verifier is refused with
 FAILED_PRECONDITION naming both sides; Generate is the verifier's own greedy decoding; health and

@@ -6,7 +6,7 @@ to a safetensors file; this process loads the same saved verifier with the trans
 and compares. The sequences cover several lengths in one call, an empty one, and one longer than
 `max_batch_tokens`, so vLLM splits it across forwards (chunked prefill) and the backend has to
 put the pieces back together. A layer-id or pre/post-norm mix-up would not fail anywhere else:
-the drafter would train on the wrong states and accept ~1 token (DESIGN 2.1).
+the drafter would train on the wrong states and accept ~1 token (docs/architecture.md).
 
 `make test` builds the vLLM environment (`.venv-vllm`) and points DFLASH_VLLM_PYTHON at it. The
 rest needs no vLLM and always runs: the engine-argument rules, and the worker-side capture driven
