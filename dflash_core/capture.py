@@ -10,15 +10,17 @@ and vLLM (which feeds the un-normed residual) accepts ~1 token. Nothing raises. 
 `output_hidden_states`; `tests/core/test_capture.py` pins the convention for every id.
 
 Works for models whose decoder layers live in `model.model.layers` (Llama, Qwen2, Qwen3,
-Mistral, ...) or one of a few other common places; the LM head is never run (the base model is
-called directly), and the forward stops right after the deepest requested layer.
+Mistral, ...) or one of a few other common places. `layer_taps` holds the hooks open across
+whole forwards (speculative decoding reads the planes of the forward that scores a block);
+`capture_hidden_states` uses the same hooks but never runs the LM head (the base model is called
+directly) and stops the forward right after the deepest requested layer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -68,6 +70,62 @@ def _first_tensor(value: Any) -> torch.Tensor:
     raise TypeError(f"unexpected decoder layer input/output type {type(value).__name__}")
 
 
+@contextlib.contextmanager
+def layer_taps(
+    model: nn.Module, layer_ids: Sequence[int], *, stop_when_complete: bool = False
+) -> Iterator[dict[int, torch.Tensor]]:
+    """While open, every forward of `model` stores its hidden states at `layer_ids` (DESIGN 2.1).
+
+    id L < N: what ENTERS decoder layer L (a pre-hook); id N: what LEAVES the last decoder layer,
+    before the final norm (a forward hook). The dict maps id -> [B, T, H] of the latest forward.
+    Stays open across forwards that also return logits and fill a KV cache (speculative decoding).
+    With `stop_when_complete` the forward is cut short once every id is in the dict (the deeper
+    layers never run) and the rest of the `with` body is skipped: put only the forward in it.
+    Hooks are removed on exit, even when the forward raises.
+    """
+    _, layers = find_decoder_layers(model)
+    num_layers = len(layers)
+    bad = [i for i in layer_ids if not 0 <= i <= num_layers]
+    if bad:
+        raise ValueError(
+            f"layer ids {bad} are out of range: the model has {num_layers} decoder layers, so valid ids "
+            f"are 0..{num_layers} (id {num_layers} = the last layer's output before the final norm)"
+        )
+    wanted = set(layer_ids)
+    captured: dict[int, torch.Tensor] = {}
+
+    def store(layer_id: int, value: Any) -> None:
+        captured[layer_id] = _first_tensor(value)
+        if stop_when_complete and len(captured) == len(wanted):
+            raise _StopForward
+
+    def make_pre_hook(layer_id: int) -> Callable[[nn.Module, tuple, dict], None]:
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            store(layer_id, args[0] if args else kwargs["hidden_states"])
+
+        return pre_hook
+
+    def last_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        # The residual stream leaving the last layer. The final norm runs after this hook, in the
+        # base model's forward: capturing `base.norm`'s OUTPUT (or hidden_states[N]) would be wrong.
+        store(num_layers, output)
+
+    handles = []
+    try:
+        for layer_id in sorted(wanted):
+            if layer_id < num_layers:
+                hook = layers[layer_id].register_forward_pre_hook(make_pre_hook(layer_id), with_kwargs=True)
+            else:
+                hook = layers[-1].register_forward_hook(last_hook, with_kwargs=True)
+            handles.append(hook)
+        yield captured
+    except _StopForward:
+        pass  # raised by `store` above: every requested plane is in, the forward was cut on purpose
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def capture_hidden_states(
     model: nn.Module,
@@ -84,60 +142,20 @@ def capture_hidden_states(
     `torch.no_grad` (not `inference_mode`: the result feeds a trained drafter). The result has the
     model's dtype and device. Hooks are removed even when the forward raises.
     """
-    base, layers = find_decoder_layers(model)
-    num_layers = len(layers)
+    base, _ = find_decoder_layers(model)
     ids = [int(i) for i in layer_ids]
     if not ids:
         raise ValueError("layer_ids is empty")
-    bad = [i for i in ids if not 0 <= i <= num_layers]
-    if bad:
-        raise ValueError(
-            f"layer ids {bad} are out of range: the model has {num_layers} decoder layers, so valid ids "
-            f"are 0..{num_layers} (id {num_layers} = the last layer's output before the final norm)"
-        )
-    wanted = set(ids)
-    captured: dict[int, torch.Tensor] = {}
-
-    def done() -> None:
-        if len(captured) == len(wanted):
-            raise _StopForward
-
-    def make_pre_hook(layer_id: int):
-        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            captured[layer_id] = _first_tensor(hidden)
-            done()
-
-        return pre_hook
-
-    def last_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        # The residual stream leaving the last layer. The final norm runs after this hook, in the
-        # base model's forward: capturing `base.norm`'s OUTPUT (or hidden_states[N]) would be wrong.
-        captured[num_layers] = _first_tensor(output)
-        done()
-
-    handles = []
-    try:
-        for layer_id in sorted(wanted):
-            if layer_id < num_layers:
-                handles.append(
-                    layers[layer_id].register_forward_pre_hook(make_pre_hook(layer_id), with_kwargs=True)
-                )
-            else:
-                handles.append(layers[-1].register_forward_hook(last_hook, with_kwargs=True))
-        kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(input_ids.device)
-            kwargs["attention_mask"] = attention_mask
-            # HF's base forward numbers positions 0..T-1 regardless of padding; count real tokens
-            # instead so left padding does not shift RoPE positions.
-            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        with contextlib.suppress(_StopForward):
-            base(**kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = wanted - set(captured)
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(input_ids.device)
+        kwargs["attention_mask"] = attention_mask
+        # HF's base forward numbers positions 0..T-1 regardless of padding; count real tokens
+        # instead so left padding does not shift RoPE positions.
+        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    with layer_taps(model, ids, stop_when_complete=True) as captured:
+        base(**kwargs)
+    missing = set(ids) - set(captured)
     if missing:
         raise RuntimeError(
             f"hooks did not fire for layer ids {sorted(missing)}; does {type(base).__name__}.forward run "

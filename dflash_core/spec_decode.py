@@ -22,7 +22,7 @@ The drafter's context keys/values (k_norm + RoPE'd k_proj, and v_proj, of hidden
 are computed once per committed position and appended to a per-layer cache, never recomputed
 (`DFlashProposer`). Aux hidden states follow DESIGN 2.1 (id L = the residual entering decoder
 layer L; id N = the last layer's output BEFORE the final norm) and are taken with forward hooks
-on the decoder layers (`dflash_core.capture`'s convention), never from `output_hidden_states`.
+on the decoder layers (`dflash_core.capture.layer_taps`), never from `output_hidden_states`.
 
 Greedy decoding is lossless: the output equals the verifier's own greedy output token for token
 (tests/core/test_spec_decode.py). With temperature > 0 drafts are sampled from the drafter's
@@ -45,18 +45,17 @@ other common figure: new tokens / all verifier forwards, the prefill included.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from dflash_core.capture import _first_tensor, find_decoder_layers
+from dflash_core.capture import layer_taps
 from dflash_core.masks import BlockVisibility, dense_mask
 from dflash_core.model.drafter import DFlashDrafter
 from dflash_core.model.verifier_heads import VerifierHeads
@@ -293,50 +292,8 @@ class DFlashProposer:
 
 
 # --------------------------------------------------------------------------------------------
-# The verifier side: aux hidden states by hooks, during the same forward that scores the block
+# The verifier side: aux hidden states of the forward that scores the block (`layer_taps`)
 # --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def layer_taps(model: nn.Module, layer_ids: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """While open, every forward of `model` stores its hidden states at `layer_ids` (DESIGN 2.1).
-
-    id L < N: what ENTERS decoder layer L (a pre-hook); id N: what LEAVES the last decoder layer,
-    before the final norm (a forward hook). The dict maps id -> [B, T, H] of the latest forward.
-    The same hooks and convention as `dflash_core.capture.capture_hidden_states`, kept open across
-    a forward that also returns logits and fills the KV cache (capture stops the forward early).
-    """
-    _, layers = find_decoder_layers(model)
-    num_layers = len(layers)
-    bad = [i for i in layer_ids if not 0 <= i <= num_layers]
-    if bad:
-        raise ValueError(
-            f"layer ids {bad} are out of range for a verifier with {num_layers} decoder layers (valid: "
-            f"0..{num_layers}, id {num_layers} = the last layer's output before the final norm)"
-        )
-    captured: dict[int, torch.Tensor] = {}
-
-    def make_pre_hook(layer_id: int):
-        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured[layer_id] = _first_tensor(args[0] if args else kwargs["hidden_states"])
-
-        return pre_hook
-
-    def last_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        captured[num_layers] = _first_tensor(output)  # the final norm runs after this, in the base model
-
-    handles = []
-    try:
-        for layer_id in sorted(set(layer_ids)):
-            if layer_id < num_layers:
-                hook = layers[layer_id].register_forward_pre_hook(make_pre_hook(layer_id), with_kwargs=True)
-            else:
-                hook = layers[-1].register_forward_hook(last_hook, with_kwargs=True)
-            handles.append(hook)
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _aux_of(captured: dict[int, torch.Tensor], layer_ids: Sequence[int]) -> torch.Tensor:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from dflash_core.capture import capture_hidden_states
+from dflash_core.capture import capture_hidden_states, layer_taps
 from dflash_core.checkpoint import load_checkpoint
 from dflash_core.config import EMBEDDED_DATA, EMBEDDED_VERIFIER
 from dflash_core.eval_prompts import load_prompts
@@ -23,7 +23,6 @@ from dflash_core.model.drafter import DFlashDrafter
 from dflash_core.spec_decode import (
     DFlashProposer,
     Proposal,
-    layer_taps,
     rejection_accept,
     speculative_generate,
     verifier_generate,
