@@ -75,6 +75,20 @@ def sample_anchors(
     return anchors, valid
 
 
+def trim_anchor_padding(
+    anchors: torch.Tensor, anchor_valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(anchors, anchor_valid) [B, N] cut to the most valid anchors any row has (at least 1 column).
+
+    Each row's valid anchors must come first, as `sample_anchors` and live acceptance's `batch_of`
+    lay them out. SDPA then skips the padding columns; the compiled flex path keeps the full width
+    instead (one shape every step, else it recompiles). One host read of the counts (a sync on a
+    device; the callers trim CPU tensors).
+    """
+    keep = max(1, int(anchor_valid.sum(dim=1).max()))
+    return anchors[:, :keep], anchor_valid[:, :keep]
+
+
 @dataclass(frozen=True)
 class Blocks:
     """Per-slot description of all blocks of a batch. Slot q = j * block_size + k; shapes [B, Q]."""

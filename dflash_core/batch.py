@@ -8,8 +8,12 @@ each sample as if it were alone in the row.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from dflash_core.model.config import DrafterConfig
 
 
 @dataclass
@@ -59,6 +63,36 @@ class PackedBatch:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.input_ids.shape)  # type: ignore[return-value]
+
+
+def placeholder_batch(
+    config: DrafterConfig,
+    *,
+    total_seq_len: int,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    with_targets: bool = True,
+) -> PackedBatch:
+    """One row of `total_seq_len` padding tokens: no document, no supervised slot, zero states.
+
+    A rank with nothing left to compute runs it so it still takes part in FSDP's collectives; it
+    adds nothing to a loss, a count or a draft. aux [1, T, K*Hv] in `dtype`; last [1, T, Hv], or
+    [1, T, 0] without targets (drafting only needs the aux states).
+    """
+    zeros = torch.zeros(1, total_seq_len, dtype=torch.long, device=device)
+    target_width = config.verifier_hidden_size if with_targets else 0
+    return PackedBatch(
+        input_ids=zeros,
+        loss_mask=zeros.bool(),
+        document_ids=zeros - 1,
+        position_ids=zeros,
+        aux_hidden_states=torch.zeros(
+            1, total_seq_len, config.num_aux_layers * config.verifier_hidden_size, dtype=dtype, device=device
+        ),
+        last_hidden_states=torch.zeros(1, total_seq_len, target_width, dtype=dtype, device=device),
+        num_tokens=0,
+        num_documents=0,
+    )
 
 
 def plan_rows(lengths: list[int], total_seq_len: int) -> list[list[int]]:

@@ -37,7 +37,8 @@ from typing import Any
 
 import torch
 
-from dflash_core.batch import PackedBatch
+from dflash_core.anchors import trim_anchor_padding
+from dflash_core.batch import PackedBatch, placeholder_batch
 from dflash_core.config import TrainConfig
 from dflash_core.eval_prompts import EvalPrompt, load_prompts, prepared_row_prompt
 from dflash_core.live_acceptance import (
@@ -260,8 +261,7 @@ class LiveAcceptance:
             else:  # this rank is done, the others are not: take part in the collectives, add nothing
                 batch, anchors, valid = self._placeholder(drafter, autocast_dtype or torch.float32)
             if attention != "flex":  # as in training: SDPA trims to the most anchors a row has
-                keep = max(1, int(valid.sum(dim=1).max()))
-                anchors, valid = anchors[:, :keep], valid[:, :keep]
+                anchors, valid = trim_anchor_padding(anchors, valid)
             with _autocast(device, autocast_dtype):
                 ids = draft_at_anchors(
                     drafter,
@@ -283,19 +283,9 @@ class LiveAcceptance:
     def _placeholder(
         self, drafter: DFlashDrafter, dtype: torch.dtype
     ) -> tuple[PackedBatch, torch.Tensor, torch.Tensor]:
-        config, T = drafter.config, self.shape.total_seq_len
-        zeros = torch.zeros(1, T, dtype=torch.long)
-        batch = PackedBatch(
-            input_ids=zeros,
-            loss_mask=zeros.bool(),
-            document_ids=zeros - 1,
-            position_ids=zeros,
-            aux_hidden_states=torch.zeros(
-                1, T, config.num_aux_layers * config.verifier_hidden_size, dtype=dtype
-            ),
-            last_hidden_states=torch.zeros(1, T, 0, dtype=dtype),
-            num_tokens=0,
-            num_documents=0,
+        """A padding row on the CPU and one row of anchors, none valid: drafts nothing."""
+        batch = placeholder_batch(
+            drafter.config, total_seq_len=self.shape.total_seq_len, dtype=dtype, with_targets=False
         )
         anchors = torch.zeros(1, self.shape.max_anchors, dtype=torch.long)
         return batch, anchors, anchors.bool()

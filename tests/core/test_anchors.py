@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dflash_core.anchors import build_blocks, eligible_anchors, sample_anchors
+from dflash_core.anchors import build_blocks, eligible_anchors, sample_anchors, trim_anchor_padding
 
 #                             0  1  2  3  4  5  6  7  8   9  10  11
 DOCS = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 2, 2, -1, -1, -1]])
@@ -43,6 +43,19 @@ def test_takes_all_when_fewer_than_max_sorted_and_padded_per_row() -> None:
         loss, docs, block_size=4, max_anchors=20, generator=torch.Generator().manual_seed(0), pad_to_max=True
     )
     assert padded.shape == (2, 20) and int(padded_valid.sum()) == 15
+
+
+def test_trim_keeps_the_most_valid_anchors_a_row_has_and_at_least_one_column() -> None:
+    loss = torch.cat((LOSS, torch.ones(1, 12, dtype=torch.bool)))
+    docs = torch.cat((DOCS, torch.zeros(1, 12, dtype=torch.long)))
+    generator = torch.Generator().manual_seed(0)
+    padded = sample_anchors(loss, docs, block_size=4, max_anchors=20, generator=generator, pad_to_max=True)
+    anchors, valid = trim_anchor_padding(*padded)
+    assert anchors.shape == valid.shape == (2, 11)
+    assert anchors[0].tolist() == [1, 2, 4, 7] + [0] * 7 and int(valid.sum()) == 15
+    none_valid = torch.zeros(2, 5, dtype=torch.bool)
+    anchors, valid = trim_anchor_padding(torch.zeros(2, 5, dtype=torch.long), none_valid)
+    assert anchors.shape == valid.shape == (2, 1) and not valid.any()
 
 
 def test_no_eligible_anchor_gives_one_invalid_slot() -> None:

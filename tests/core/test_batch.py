@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from dflash_core.batch import SamplePiece, collate, plan_rows
+from dflash_core.batch import SamplePiece, collate, placeholder_batch, plan_rows
+from dflash_core.model.config import DrafterConfig
 
 
 def test_plan_rows_first_fit_by_hand() -> None:
@@ -71,6 +72,21 @@ def test_collate_pad_to_longest_and_counts_from_tensors() -> None:
         last_hidden_states=batch.last_hidden_states,
     )  # fmt: skip
     assert (rebuilt.num_tokens, rebuilt.num_documents) == (7, 3)
+
+
+def test_placeholder_batch_is_one_padding_row_with_nothing_to_learn() -> None:
+    config = DrafterConfig(
+        hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=4, block_size=4, aux_hidden_state_layer_ids=[1, 2, 3],
+        mask_token_id=7, vocab_size=40, draft_vocab_size=40, target_hidden_size=6,
+    )  # fmt: skip
+    batch = placeholder_batch(config, total_seq_len=5, dtype=torch.bfloat16)
+    assert batch.shape == (1, 5) and (batch.num_tokens, batch.num_documents) == (0, 0)
+    assert batch.document_ids.tolist() == [[-1] * 5] and not batch.loss_mask.any()
+    assert batch.aux_hidden_states.shape == (1, 5, 18) and batch.last_hidden_states.shape == (1, 5, 6)
+    assert batch.aux_hidden_states.dtype == torch.bfloat16 and not batch.aux_hidden_states.any()
+    drafting = placeholder_batch(config, total_seq_len=5, dtype=torch.float32, with_targets=False)
+    assert drafting.last_hidden_states.shape == (1, 5, 0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
