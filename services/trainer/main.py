@@ -34,7 +34,7 @@ from dflash_core.verifier import (
 )
 from services.trainer.batches import BatchBuilder, TokenRows
 from services.trainer.cache import CachingSource, HiddenStateCache
-from services.trainer.checkpointing import Checkpointer, restore_training
+from services.trainer.checkpointing import Checkpointer, DataPlanInputs
 from services.trainer.data import split_indices
 from services.trainer.distributed import DistContext, init_distributed, shard_drafter, shutdown_distributed
 from services.trainer.drafter_setup import build_drafter_config, init_reduced_vocab
@@ -44,7 +44,8 @@ from services.trainer.metrics import build_metric_sinks, check_backends_installe
 from services.trainer.preflight import check_data_matches_verifier
 from services.trainer.sources import HiddenStateSource, InProcessSource
 from services.trainer.stop_signals import StopSignals
-from services.trainer.trainer import Trainer, TrainState
+from services.trainer.train_state import TrainState
+from services.trainer.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +208,17 @@ def _train(
         dist=dist,
     )
     checkpointer = Checkpointer(
-        root=config.save_path, drafter_config=drafter_config, train_config=config, is_main=dist.is_main
+        root=config.save_path,
+        drafter_config=drafter_config,
+        data_plan=DataPlanInputs(
+            seed=config.seed,
+            num_train_rows=len(train_indices),
+            num_val_rows=len(val_indices),
+            total_seq_len=config.total_seq_len,
+            global_batch_size=config.batch_size * dist.world_size,
+        ),
+        dist=dist,
+        save_best=config.save_best,
     )
     sinks = build_metric_sinks(config, rank=dist.rank)
     stop = StopSignals()
@@ -227,7 +238,7 @@ def _train(
         optimizer=optimizer,
         checkpointer=checkpointer,
         sinks=sinks,
-        state=TrainState(),
+        state=TrainState(best_metric=config.best_metric),
         autocast_dtype=autocast_dtype,
         dist=dist,
         stop=stop,
@@ -235,7 +246,13 @@ def _train(
     )
     resume_from = dist.broadcast_object(find_resume_point(config.save_path) if config.resume else None)
     if resume_from is not None:
-        restore_training(trainer, resume_from)
+        checkpointer.restore(
+            resume_from,
+            model=drafter,
+            optimizer=optimizer,
+            scheduler=trainer.scheduler,
+            state=trainer.state,
+        )
     logger.info(
         "training %s: %d train / %d val rows, %d steps/epoch, %d epochs, %s%s",
         drafter_config.verifier_name_or_path,

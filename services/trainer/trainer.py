@@ -1,7 +1,7 @@
 """The DFlash training loop: `Trainer.train()` and `Trainer.train_step()`, nothing else.
 
 Building the parts (verifier, drafter, optimizer, data) is `services.trainer.main`'s job; saving
-is `dflash_core.checkpoint`'s. The loop reads as a list of steps:
+is `services.trainer.checkpointing`'s, handed the parts at each save. The loop reads as a list of steps:
 
     for each epoch: for each step of the epoch's plan:
         fetch hidden states -> sample anchors -> forward -> backward -> clip -> optimizer step
@@ -26,7 +26,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -48,27 +49,13 @@ from services.trainer.lr_schedule import warmup_cosine
 from services.trainer.metrics import MetricSinks
 from services.trainer.step_metrics import SlotStats
 from services.trainer.stop_signals import StopSignals
+from services.trainer.train_state import TrainState
 
 logger = logging.getLogger(__name__)
 
 # Steps whose samples are announced to the hidden-state source ahead of time. A remote source
 # fetches them while this step computes; its --inflight-bytes budget is the real limit.
 PREFETCH_STEPS = 8
-
-
-@dataclass
-class TrainState:
-    """Where the run is. Saved in training_state.json; enough to resume exactly."""
-
-    epoch: int = 0
-    step_in_epoch: int = 0  # optimizer steps finished in `epoch`
-    global_step: int = 0
-    best_val_loss: float = math.inf  # lowest epoch-end val loss so far
-    best_tau: float = -math.inf  # highest epoch-end live tau so far
-    best_epoch: int | None = None  # where checkpoint_best points: the best --best-metric
-    history: list[dict] = field(default_factory=list)  # val metrics per epoch
-    eval_history: list[dict] = field(default_factory=list)  # live acceptance: step, end_of_epoch, eval/...
-    stopped_by: str | None = None  # the signal that ended this call early, if one did (not saved)
 
 
 @dataclass
@@ -209,7 +196,7 @@ class Trainer:
                 if self.config.eval_every and self.state.global_step % self.config.eval_every == 0:
                     self._live_acceptance()
                 if self.config.checkpoint_freq and self.state.global_step % self.config.checkpoint_freq == 0:
-                    self.checkpointer.save_step(self)
+                    self._save_step()
             bar.close()
             if self.state.step_in_epoch >= len(plan) or self.state.global_step >= total_steps:
                 self._end_epoch()
@@ -239,7 +226,7 @@ class Trainer:
             received = self.stop.received
             self.state.stopped_by = received.name if received else "a stop signal on another rank"
             logger.warning("stopping at step %d (%s)", self.state.global_step, self.state.stopped_by)
-            self.checkpointer.save_step(self)
+            self._save_step()
             return False
         t1 = time.perf_counter()
         times.fetch += t1 - t0
@@ -279,10 +266,15 @@ class Trainer:
     def _save_before_failing(self, failure: HiddenStateServiceError | None) -> None:
         """Some rank's hidden-state source gave up: keep what was learned, then raise on every rank."""
         logger.error("no hidden states at step %d; writing a checkpoint first", self.state.global_step)
-        path = self.checkpointer.save_step(self)
+        path = self._save_step()
         if failure is None:
             failure = HiddenStateServiceError("another rank's hidden-state source gave up (see its log)")
         raise HiddenStateServiceError(f"{failure} (progress saved in {path}; rerun the command to resume)")
+
+    def _save_step(self) -> Path:
+        return self.checkpointer.save_step(
+            model=self.drafter, optimizer=self.optimizer, scheduler=self.scheduler, state=self.state
+        )
 
     def _forward_and_loss(
         self, batch: PackedBatch | None, generators: list[torch.Generator]
@@ -458,27 +450,18 @@ class Trainer:
         self.state.epoch += 1
         self.state.step_in_epoch = 0
         live = self._live_acceptance(end_of_epoch=finished_epoch)
-        is_best = self._record_best(val, live, epoch=finished_epoch)
+        is_best = self.state.record_best(epoch=finished_epoch, val=val, live=live)
         if val:
             self.state.history.append({"epoch": finished_epoch, **val})
             self.sinks.log({**val, "epoch": float(finished_epoch)}, self.state.global_step)
-        self.checkpointer.save_epoch(self, epoch=finished_epoch, is_best=is_best and self.config.save_best)
-
-    def _record_best(self, val: dict[str, float], live: dict[str, float], *, epoch: int) -> bool:
-        """Track the best val loss and live tau; True when `epoch` is the best by --best-metric."""
-        state = self.state
-        loss, tau = val.get("val/loss"), live.get("eval/tau")
-        # No validation batch / no draft would give a fake loss of 0 / no tau: they never win.
-        better_loss = loss is not None and loss < state.best_val_loss
-        better_tau = tau is not None and math.isfinite(tau) and tau > state.best_tau
-        if better_loss:
-            state.best_val_loss = loss
-        if better_tau:
-            state.best_tau = tau
-        is_best = better_tau if self.config.best_metric == "tau" else better_loss
-        if is_best:
-            state.best_epoch = epoch
-        return is_best
+        self.checkpointer.save_epoch(
+            model=self.drafter,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            state=self.state,
+            epoch=finished_epoch,
+            is_best=is_best,
+        )
 
     def _log_window(self, window: SlotStats, times: StepTimes, bar: tqdm) -> None:
         window = window.reduced(self.dist)  # every rank takes part; only rank 0's sinks write

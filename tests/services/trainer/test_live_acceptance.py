@@ -30,12 +30,11 @@ from dflash_core.spec_decode import Proposal, speculative_generate, verifier_gen
 from dflash_core.verifier import fingerprint_of, load_verifier, load_verifier_heads_from_model
 from services.cli.main import main as dflash
 from services.trainer.batches import TokenRows
-from services.trainer.checkpointing import best_epoch_by
 from services.trainer.data import plan_epoch, split_indices
 from services.trainer.distributed import DistContext
 from services.trainer.live_eval import build_live_acceptance
 from services.trainer.main import run_training
-from services.trainer.trainer import TrainState
+from services.trainer.train_state import TrainState
 from tests.factories.on_policy import make_on_policy_workspace, train_on_policy_drafter
 from tests.factories.services import running_service
 from tests.factories.training import run_train_command, train_config
@@ -275,24 +274,6 @@ def steps_per_epoch(config: TrainConfig) -> int:
 
 def _epoch_end_steps(state: TrainState) -> list[int]:
     return [e["step"] for e in state.eval_history if e["end_of_epoch"] is not None]
-
-
-def test_best_epoch_by_each_metric_reads_the_histories():
-    state = TrainState(
-        history=[
-            {"epoch": -1, "val/loss": 9.0},
-            {"epoch": 0, "val/loss": 2.0},
-            {"epoch": 1, "val/loss": 3.0},
-        ],
-        eval_history=[
-            {"step": 0, "end_of_epoch": None, "eval/tau": 1.0},
-            {"step": 5, "end_of_epoch": None, "eval/tau": 3.5},  # mid-epoch: no checkpoint to point at
-            {"step": 10, "end_of_epoch": 0, "eval/tau": 1.5},
-            {"step": 20, "end_of_epoch": 1, "eval/tau": 2.5},
-        ],
-    )
-    assert best_epoch_by("val_loss", state) == 0
-    assert best_epoch_by("tau", state) == 1
 
 
 # --------------------------------------------------------------------------------------------
