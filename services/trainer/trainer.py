@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dflash_core.anchors import sample_anchors
-from dflash_core.batch import PackedBatch
+from dflash_core.anchors import sample_anchors, trim_anchor_padding
+from dflash_core.batch import PackedBatch, placeholder_batch
 from dflash_core.config import TrainConfig
 from dflash_core.loss import LOSS_EPS, LossConfig
 from dflash_core.model.drafter import DFlashDrafter
@@ -294,20 +294,11 @@ class Trainer:
 
     def _placeholder_batch(self) -> PackedBatch:
         """One padding row with no supervised slot: takes part in the collectives, adds nothing."""
-        config, T = self.drafter.config, self.config.total_seq_len
-        dtype, device = self.autocast_dtype or torch.float32, self.device
-        zeros = torch.zeros(1, T, dtype=torch.long, device=device)
-        return PackedBatch(
-            input_ids=zeros,
-            loss_mask=zeros.bool(),
-            document_ids=zeros - 1,
-            position_ids=zeros,
-            aux_hidden_states=torch.zeros(
-                1, T, config.num_aux_layers * config.verifier_hidden_size, dtype=dtype, device=device
-            ),
-            last_hidden_states=torch.zeros(1, T, config.verifier_hidden_size, dtype=dtype, device=device),
-            num_tokens=0,
-            num_documents=0,
+        return placeholder_batch(
+            self.drafter.config,
+            total_seq_len=self.config.total_seq_len,
+            dtype=self.autocast_dtype or torch.float32,
+            device=self.device,
         )
 
     def _forward(self, batch: PackedBatch, generators: list[torch.Generator]) -> DFlashOutput:
@@ -351,8 +342,7 @@ class Trainer:
         anchors = torch.cat([a for a, _ in picks])
         valid = torch.cat([v for _, v in picks])
         if self.attention != "flex":
-            keep = max(1, int(valid.sum(dim=1).max()))  # valid picks come first in each row
-            anchors, valid = anchors[:, :keep], valid[:, :keep]
+            anchors, valid = trim_anchor_padding(anchors, valid)
         return anchors, valid
 
     # ------------------------------------------------------------------ validation
