@@ -9,7 +9,7 @@ supervised row except the last `block_size` rows of the packed row): a is eligib
     loss_mask[a] and a + 1 < T and document_ids[a + 1] == document_ids[a] != -1 and loss_mask[a + 1]
 
 i.e. at least slot 1 is supervised, inside the anchor's own document. Blocks may still run past
-their document's (or the row's) end; `build_blocks` gives those slots no loss (DESIGN 2.3), where
+their document's (or the row's) end; `build_blocks` gives those slots no loss (docs/architecture.md), where
 speculators would train them against the next document's targets.
 """
 
@@ -120,7 +120,7 @@ def build_blocks(
 
     slot loss mask = loss_mask[a+k] AND anchor_valid AND k >= 1 AND a+k < T AND
     document_ids[a+k] == document_ids[a] != -1. The last two are our deliberate difference from
-    speculators (DESIGN 2.3): a block never trains past the end of its document.
+    speculators (docs/architecture.md): a block never trains past the end of its document.
     """
     T = input_ids.shape[1]
     rows, num_anchors = anchors.shape

@@ -23,7 +23,7 @@ class SamplePiece:
     input_ids: torch.Tensor  # [t] int64
     loss_mask: torch.Tensor  # [t] bool
     aux_hidden_states: torch.Tensor  # [t, K*Hv]: the aux layers concatenated in layer-id order
-    last_hidden_states: torch.Tensor  # [t, Hv]: verifier layer N, BEFORE the final norm (DESIGN 2.1)
+    last_hidden_states: torch.Tensor  # [t, Hv]: verifier layer N, BEFORE the final norm (layer ids)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

@@ -1,4 +1,4 @@
-"""Hidden states of a transformers causal LM at DESIGN 2.1 layer ids, taken with forward hooks.
+"""Hidden states of a transformers causal LM at our layer ids (docs/architecture.md), by forward hooks.
 
     id L, 0 <= L < N   what ENTERS decoder layer L: a forward pre-hook on layer L (id 0 = embeddings)
     id N               what LEAVES the last decoder layer, BEFORE the final norm: a forward hook
@@ -74,7 +74,7 @@ def _first_tensor(value: Any) -> torch.Tensor:
 def layer_taps(
     model: nn.Module, layer_ids: Sequence[int], *, stop_when_complete: bool = False
 ) -> Iterator[dict[int, torch.Tensor]]:
-    """While open, every forward of `model` stores its hidden states at `layer_ids` (DESIGN 2.1).
+    """While open, every forward of `model` stores its hidden states at `layer_ids` (docs/architecture.md).
 
     id L < N: what ENTERS decoder layer L (a pre-hook); id N: what LEAVES the last decoder layer,
     before the final norm (a forward hook). The dict maps id -> [B, T, H] of the latest forward.
@@ -134,7 +134,7 @@ def capture_hidden_states(
     attention_mask: torch.Tensor | None = None,
     layer_ids: Sequence[int],
 ) -> torch.Tensor:
-    """Hidden states [B, T, len(layer_ids), H] at `layer_ids` (DESIGN 2.1), in the order given.
+    """Hidden states [B, T, len(layer_ids), H] at `layer_ids` (docs/architecture.md), in the order given.
 
     input_ids [B, T]; attention_mask [B, T] (1 = real token) or None. With a mask, position ids
     are counted over real tokens only, so a row's real tokens get the same states whether it is

@@ -20,7 +20,7 @@ token (the "anchor", the bonus token of the previous verifier forward):
 
 The drafter's context keys/values (k_norm + RoPE'd k_proj, and v_proj, of hidden_norm(fc(aux)))
 are computed once per committed position and appended to a per-layer cache, never recomputed
-(`DFlashProposer`). Aux hidden states follow DESIGN 2.1 (id L = the residual entering decoder
+(`DFlashProposer`). Aux hidden states follow docs/architecture.md (id L = the residual entering decoder
 layer L; id N = the last layer's output BEFORE the final norm) and are taken with forward hooks
 on the decoder layers (`dflash_core.capture.layer_taps`), never from `output_hidden_states`.
 
@@ -158,7 +158,7 @@ class Proposer(Protocol):
     """What `speculative_generate` needs from a drafter. A test can implement it with an oracle."""
 
     block_size: int  # B: the anchor plus B-1 drafts
-    aux_layer_ids: Sequence[int]  # verifier layer ids (DESIGN 2.1) fed to `append_context`; may be empty
+    aux_layer_ids: Sequence[int]  # verifier layer ids fed to `append_context`; may be empty
 
     def start(self, *, max_positions: int) -> None:
         """Forget any context; at most `max_positions` positions will be appended."""

@@ -5,7 +5,7 @@ One job per module; this package re-exports the names the rest of the code base 
     names        what a verifier name points at (HF id, folder, .gguf, the embedded SmolLM2)
     loading      tokenizer, config, or the whole frozen model, through transformers
     fingerprint  what must agree between trainer, hidden-state service and data
-    layer_ids    the DESIGN 2.1 layer-id convention: default target layers and their check
+    layer_ids    the layer-id convention of docs/architecture.md: default target layers and their check
     mask_token   the id that fills block slots 1..B-1
     heads        embedding, final norm and LM head, borrowed by the drafter
 """

@@ -1,7 +1,7 @@
 """The verifier fingerprint: what must agree between the trainer, the hidden-state service and the data.
 
 Name, architecture, decoder layers, hidden size, vocab size and a digest of the tokenizer with its
-chat template (DESIGN 2.1). Sides compare fingerprints before any work, and a mismatch names every
+chat template (docs/architecture.md). Sides compare fingerprints before any work, and a mismatch names every
 differing field with both sides' values (`VerifierFingerprint.mismatches`).
 """
 
@@ -50,7 +50,7 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 class VerifierFingerprint(BaseModel):
-    """What must agree between the trainer, the hidden-state service and the data (DESIGN 2.1)."""
+    """What must agree between the trainer, the hidden-state service and the data (docs/architecture.md)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

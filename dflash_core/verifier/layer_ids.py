@@ -1,4 +1,4 @@
-"""Layer ids (DESIGN 2.1): the default choice of target layers and the check of a given one.
+"""Layer ids (docs/architecture.md): the default choice of target layers and the check of a given one.
 
 A verifier with N decoder layers has N + 1 hidden-state planes:
 
@@ -57,7 +57,7 @@ def default_target_layer_ids(num_layers: int, count: int = 3) -> list[int]:
 def validate_target_layer_ids(ids: Sequence[int], num_layers: int) -> None:
     """Raise ValueError (naming --target-layer-ids) unless every id is in 0..N, distinct, non-empty.
 
-    Id N is allowed (DESIGN 2.1). Serving caveat: vLLM target models that collect aux states only
+    Id N is allowed (docs/architecture.md). Serving caveat: vLLM target models that collect aux states only
     inside their layer loop (the stream entering layers 0..N-1) hand a drafter with aux id N one
     plane too few; vLLM then fails loudly at the first draft (fc input size), not silently.
     """

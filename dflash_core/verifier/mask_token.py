@@ -1,4 +1,4 @@
-"""The mask token: the id that fills block slots 1..B-1 (DESIGN 2.3), chosen once per verifier.
+"""The mask token: the id that fills block slots 1..B-1 (docs/architecture.md), chosen once per verifier.
 
 The choice is stored in the checkpoint and vLLM fills each block with exactly that id, so it is
 made here, in one place, and logged with the reason it was made.
@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 def resolve_mask_token_id(
     tokenizer: PreTrainedTokenizerBase, vocab_size: int, override: int | None = None
 ) -> int:
-    """The id placed in block slots 1..B-1 (DESIGN 2.3), in this order of preference:
+    """The id placed in block slots 1..B-1 (docs/architecture.md), in this order of preference:
 
     1. `override` (`--mask-token-id`), which must have an embedding row (< vocab_size);
     2. the tokenizer's own mask token;

@@ -153,9 +153,9 @@ def _train(
     autocast_dtype = resolve_autocast_dtype(config.dtype, device)
     seed_everything(config.seed)  # the same initial weights on every rank, before sharding
 
-    # --- data and verifier: refuse to start on any mismatch (DESIGN 2.1) ---
+    # --- data and verifier: refuse to start on any mismatch (docs/architecture.md) ---
     dataset, data_meta = load_prepared(config.data_path)
-    # The frozen verifier runs in the compute dtype: hidden states travel as bf16 anyway (DESIGN 2.4).
+    # The frozen verifier runs in the compute dtype: hidden states travel as bf16 anyway (the wire).
     verifier_dtype = autocast_dtype or torch.float32
     model, verifier_config, tokenizer, heads = load_verifier_side(config, device=device, dtype=verifier_dtype)
     fingerprint = fingerprint_of(verifier_config, tokenizer, name_or_path=config.verifier_name_or_path)

@@ -291,7 +291,7 @@ def test_incremental_context_cache_proposes_what_recomputing_the_context_propose
         assert proposer.max_error < 1e-4
         committed += result.stats.committed_per_draft
         # The aux states appended round by round (from block forwards over the verifier's cache)
-        # are what one capture of the whole committed sequence gives, at DESIGN 2.1's layer ids.
+        # are what one capture of the whole committed sequence gives, at our layer ids.
         sequence = torch.tensor([prompt + result.tokens])
         captured = capture_hidden_states(model, sequence, layer_ids=drafter.config.aux_hidden_state_layer_ids)
         # (The last round's aux may run past max_new_tokens: its tokens were cut, not its states.)
