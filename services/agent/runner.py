@@ -76,7 +76,9 @@ class TrainerAgent:
             jobs_dir=self.jobs_dir,
             python=settings.python,
             control_plane_url=settings.control_plane,
-            token=token,
+            # The claim's own trainer token; the agent's token only for a control plane that
+            # mints none (older versions): a trainer should never hold more than its job needs.
+            token_for=lambda job: getattr(job, "trainer_token", None) or token,
         )
         self.jobs: dict[str, AgentJob] = {}  # the trainers this agent runs
         self.log_offsets: dict[str, int] = {}  # bytes of each job's log already shipped
@@ -260,7 +262,11 @@ class TrainerAgent:
     # ------------------------------------------------------------------ restarts
     def _save_state(self) -> None:
         state = {
-            "jobs": {job_id: job.model_dump(exclude={"config"}) for job_id, job in self.jobs.items()},
+            # No trainer token on disk: the trainer has it, and a restarted agent never needs it.
+            "jobs": {
+                job_id: job.model_dump(exclude={"config", "trainer_token"})
+                for job_id, job in self.jobs.items()
+            },
             "log_offsets": {
                 k: v for k, v in self.log_offsets.items() if k in self.jobs or k in self.log_backlog
             },

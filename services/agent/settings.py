@@ -1,6 +1,7 @@
 """Configuration of `dflash trainer-agent`: a flag, else a DFLASH_AGENT_<NAME> variable, else the
 default. The token is never a flag (flags show in `ps`): --token-file, else the variable
-$DFLASH_CONTROL_PLANE_TOKEN, the one the trainers read too."""
+$DFLASH_CONTROL_PLANE_TOKEN. It is this agent's token (a line of the control plane's
+--agent-token-file) or the admin token; the trainers it starts get tokens of their own."""
 
 from __future__ import annotations
 
@@ -32,7 +33,10 @@ class AgentSettings(BaseSettings):
         default=Path("dflash-agent"),
         description="Per-job trainer configs and logs, and the agent's own state (what it runs).",
     )
-    token_file: Path | None = Field(default=None, description="File holding the control plane's token.")
+    token_file: Path | None = Field(
+        default=None,
+        description="File holding this agent's token (from the control plane's --agent-token-file).",
+    )
     python: str = Field(default=sys.executable, description="Interpreter that runs `dflash train`.")
     heartbeat_interval_s: float | None = Field(
         default=None, gt=0, description="Seconds between heartbeats; default: what the control plane asks."

@@ -5,8 +5,9 @@
     dflash healthcheck agent --control-plane http://control-plane:8600 --name trainer
 
 `agent` asks the control plane whether the trainer agent of that name is live (the agent serves
-nothing itself; its heartbeats are its health). Its flags default to the agent's own variables,
-$DFLASH_AGENT_CONTROL_PLANE and $DFLASH_AGENT_NAME (else the hostname, the agent's default name).
+nothing itself; its heartbeats are its health), with the agent's own token. Its flags default to
+the agent's own variables, $DFLASH_AGENT_CONTROL_PLANE, $DFLASH_AGENT_NAME (else the hostname,
+the agent's default name) and $DFLASH_AGENT_TOKEN_FILE (else $DFLASH_CONTROL_PLANE_TOKEN).
 One line says why a check failed; nothing is printed on success, so `docker inspect` stays short.
 """
 
@@ -18,6 +19,8 @@ import os
 import socket
 import urllib.error
 import urllib.request
+from pathlib import Path
+from urllib.parse import quote
 
 DEFAULT_TIMEOUT_S = 5.0
 
@@ -45,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--name",
         default=os.environ.get("DFLASH_AGENT_NAME") or socket.gethostname(),
         help="The agent's name (default: $DFLASH_AGENT_NAME, else the hostname).",
+    )
+    agent_check.add_argument(
+        "--token-file",
+        type=Path,
+        default=os.environ.get("DFLASH_AGENT_TOKEN_FILE") or None,
+        help="The agent's token (default: $DFLASH_AGENT_TOKEN_FILE, else $DFLASH_CONTROL_PLANE_TOKEN).",
     )
 
 
@@ -75,9 +84,10 @@ def check_grpc(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _get(url: str, timeout: float) -> tuple[int, bytes]:
+def _get(url: str, timeout: float, *, token: str | None = None) -> tuple[int, bytes]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as reply:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as reply:
             return reply.status, reply.read()
     except urllib.error.HTTPError as exc:
         return exc.code, b""
@@ -92,17 +102,21 @@ def check_http(args: argparse.Namespace) -> str | None:
 
 
 def check_agent(args: argparse.Namespace) -> str | None:
+    from services.trainer.metric_sinks.control_plane import read_token
+
     if not args.control_plane:
         return "no control plane URL: pass --control-plane or set $DFLASH_AGENT_CONTROL_PLANE"
-    url = args.control_plane.rstrip("/") + "/v1/agents"
+    url = f"{args.control_plane.rstrip('/')}/v1/agents/{quote(args.name, safe='')}"
     try:
-        status, body = _get(url, args.timeout)
-        agents = json.loads(body) if status == 200 else None
+        token = read_token(args.token_file, flag="--token-file")
+        status, body = _get(url, args.timeout, token=token)
+        agent = json.loads(body) if status == 200 else None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         return f"{url}: {getattr(exc, 'reason', exc)}"
-    if not isinstance(agents, list):
+    if status == 404:
+        return f"agent {args.name!r} is not registered at {args.control_plane}"
+    if not isinstance(agent, dict):
         return f"{url}: HTTP {status}"
-    states = {agent.get("name"): agent.get("state") for agent in agents if isinstance(agent, dict)}
-    if states.get(args.name) != "live":
-        return f"agent {args.name!r} is {states.get(args.name, 'not registered')} at {args.control_plane}"
+    if agent.get("state") != "live":
+        return f"agent {args.name!r} is {agent.get('state')} at {args.control_plane}"
     return None

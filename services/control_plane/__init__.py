@@ -17,7 +17,10 @@ Layout (one job per module):
     gpus.py            which GPUs exist and which are free
     executors/         how a job's trainer is run: the `Executor` protocol and `local`
     paths.py           job paths confined to the data and checkpoint roots
-    auth.py            the bearer token
+    auth.py            the bearer token on every route, checked before the body (middleware)
+    access.py          which token reaches which route (one table; the rest is admin-only)
+    credentials.py     admin, agent and per-job trainer tokens: whose a token is
+    browser_guard.py   without a token: own Host names only, no cross-site writes
     limits.py          request body size limit
     events.py          wake-ups for live streams (SSE) when a job changes
     job_logs.py        each job's log file: tail, follow, size bound

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 from services.control_plane.gpus import pick_gpus
@@ -62,8 +63,11 @@ class AgentRegistry:
         heartbeat_interval_s: float,
         lost_after_s: float,
         max_concurrent_jobs: int,
+        trainer_token: Callable[[str, int], str | None],
     ) -> None:
+        """`trainer_token(job_id, attempt)`: the token a claimed job's trainer gets (credentials.py)."""
         self.service = service
+        self.trainer_token = trainer_token
         self.store = service.store
         self.heartbeat_interval_s = heartbeat_interval_s
         self.lost_after_s = lost_after_s
@@ -197,7 +201,13 @@ class AgentRegistry:
                     f"({agent.host or 'host unknown'}) on its GPUs [{','.join(map(str, gpus))}]",
                 )
                 self.service.events.publish(job.id)
-                return AgentJob(id=claimed.id, attempt=claimed.attempt, gpus=gpus, config=claimed.config)
+                return AgentJob(
+                    id=claimed.id,
+                    attempt=claimed.attempt,
+                    gpus=gpus,
+                    config=claimed.config,
+                    trainer_token=self.trainer_token(claimed.id, claimed.attempt),
+                )
         return None
 
     def append_log(self, agent_id: str, job_id: str, data: bytes) -> None:

@@ -23,6 +23,7 @@ from services.control_plane.agents import AgentNotFound, AgentRegistry
 from services.control_plane.api.deps import ControlPlane
 from services.control_plane.api.routes import agents as agent_routes
 from services.control_plane.api.routes import checkpoints, hidden_states, jobs, logs, metrics, system
+from services.control_plane.auth import RequireToken
 from services.control_plane.browser_guard import BrowserGuard, allowed_hosts
 from services.control_plane.checkpoints import CheckpointNotFound
 from services.control_plane.events import JobEvents
@@ -49,8 +50,10 @@ A job is a `dflash train` config (the same fields, defaults and checks) plus `na
 States: `queued → starting → running → succeeded | failed | cancelled`; `resume` re-queues a
 failed or cancelled job, which continues from its last checkpoint.
 
-When the control plane has a token, every POST and DELETE and every checkpoint download needs
-`Authorization: Bearer <token>`.
+When the control plane has a token, every route but `/healthz` and the dashboard's files needs
+`Authorization: Bearer <token>` (401 without it, 403 with a wrong one or one outside its scope):
+the admin token reaches everything, an agent token the agent routes, a trainer token only its
+own job's metric POST.
 """
 
 
@@ -104,6 +107,7 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
     roots.checkpoints.mkdir(parents=True, exist_ok=True)
     all_gpus = settings.gpus if settings.gpus is not None else detect_gpus()
     events = JobEvents()
+    credentials = settings.credentials()
     executor: Executor
     if settings.executor == "agent":
         executor = AgentExecutor()
@@ -112,7 +116,7 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
             jobs_dir=jobs_dir,
             python=settings.python,
             control_plane_url=settings.own_url,
-            token=settings.token_value,
+            token_for=lambda job: credentials.trainer_token(job.id, job.attempt),
         )
     service = JobService(
         store=store,
@@ -130,6 +134,7 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
             heartbeat_interval_s=settings.agent_heartbeat_interval_s,
             lost_after_s=settings.agent_lost_after_s,
             max_concurrent_jobs=settings.max_concurrent_jobs,
+            trainer_token=credentials.trainer_token,
         )
         service.agents_have_gpus = agents.any_live_with_gpus
     scheduler = Scheduler(
@@ -180,11 +185,18 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
 
     mount_dashboard(app)
     add_error_handlers(app)
-    # Added last = outermost: the size limit applies before anything reads the body, and the
-    # request metrics time everything, 413s included.
+    # Added last = outermost: the size limit applies before anything reads the body, the token
+    # before that (a stranger's body is never read, whatever its size), and the request metrics
+    # time everything, 401s and 413s included.
     app.add_middleware(
         BodySizeLimit,
         limit_for=route_limits(default=settings.max_body_bytes, metrics=settings.max_metrics_body_bytes),
+    )
+    app.add_middleware(
+        RequireToken,
+        credentials=credentials,
+        routes=app.routes,
+        attempt_of=lambda job_id: job.attempt if (job := store.get_job(job_id)) else None,
     )
     app.add_middleware(RequestMetricsMiddleware, metrics=request_metrics)
     hosts = allowed_hosts(

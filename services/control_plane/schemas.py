@@ -326,6 +326,11 @@ class AgentJob(BaseModel):
     gpus: list[int] = Field(description="Indices on the agent's host (CUDA_VISIBLE_DEVICES).")
     config: dict[str, Any] = Field(description="The TrainConfig, as stored.")
     pid: int | None = None
+    trainer_token: str | None = Field(
+        default=None,
+        description="The token the trainer posts this attempt's metrics with (into its environment, "
+        "nowhere else); null when the control plane has no token.",
+    )
 
     def train_config(self) -> TrainConfig:
         return TrainConfig.model_validate(self.config)

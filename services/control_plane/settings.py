@@ -2,8 +2,8 @@
 
 Job configs are `TrainConfig` (dflash_core.config); these are the service's own knobs. Each comes
 from a `dflash control-plane` flag, else a `DFLASH_CONTROL_PLANE_<NAME>` environment variable,
-else the default below. The token is never a flag (it would show in `ps`): `--token-file F` or
-`$DFLASH_CONTROL_PLANE_TOKEN`.
+else the default below. Tokens are never flags (they would show in `ps`): `--token-file F` or
+`$DFLASH_CONTROL_PLANE_TOKEN` for the admin token, `--agent-token-file F` for the agents'.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.control_plane.credentials import Credentials, read_agent_tokens
 
 MIB = 1 << 20
 
@@ -43,10 +45,15 @@ class ControlPlaneSettings(BaseSettings):
     )
     token: SecretStr | None = Field(
         default=None,
-        description="Bearer token for mutating routes and checkpoint downloads "
+        description="Admin bearer token: needed on every route but /healthz and the dashboard's files "
         "($DFLASH_CONTROL_PLANE_TOKEN).",
     )
-    token_file: Path | None = Field(default=None, description="File holding the bearer token.")
+    token_file: Path | None = Field(default=None, description="File holding the admin bearer token.")
+    agent_token_file: Path | None = Field(
+        default=None,
+        description="File of trainer agents' tokens, one per line: `AGENT_NAME TOKEN` (that agent only) "
+        "or `TOKEN` (agents of any name). They reach the agent routes only. Needs --token-file.",
+    )
     max_concurrent_jobs: int = Field(
         default=1, ge=0, description="Jobs starting or running at once; 0 holds every job queued."
     )
@@ -109,6 +116,8 @@ class ControlPlaneSettings(BaseSettings):
         description="A job log beyond this keeps its newest half (older lines are dropped, with a marker).",
     )
 
+    _agent_tokens: dict[str, str | None] = PrivateAttr(default_factory=dict)  # token -> agent name
+
     @field_validator("gpus", mode="before")
     @classmethod
     def _gpus_from_text(cls, value: Any) -> Any:
@@ -163,6 +172,15 @@ class ControlPlaneSettings(BaseSettings):
             self.token = SecretStr(text)
         elif self.token is not None and not self.token.get_secret_value().strip():
             self.token = None  # an empty variable means "no token", not "the empty token"
+        if self.agent_token_file is not None:
+            if self.token is None:
+                raise ValueError(
+                    "--agent-token-file needs an admin token as well: give --token-file FILE (or "
+                    "$DFLASH_CONTROL_PLANE_TOKEN)"
+                )
+            self._agent_tokens = read_agent_tokens(self.agent_token_file)
+            if self.token.get_secret_value() in self._agent_tokens:
+                raise ValueError(f"--agent-token-file {self.agent_token_file} lists the admin token")
         return self
 
     # ------------------------------------------------------------------ derived values
@@ -210,3 +228,7 @@ class ControlPlaneSettings(BaseSettings):
     @property
     def token_value(self) -> str | None:
         return self.token.get_secret_value() if self.token is not None else None
+
+    def credentials(self) -> Credentials:
+        """The admin, agent and trainer tokens, as the auth middleware checks them."""
+        return Credentials(admin=self.token_value, agents=self._agent_tokens)

@@ -1,7 +1,8 @@
 """`dflash healthcheck`, the command of every compose healthcheck: 0 only for a healthy answer.
 
 The healthy cases run against the real services in test_cpu_profile.py; here a real gRPC health
-server on 127.0.0.1 flips between SERVING and NOT_SERVING, and dead or wrong endpoints fail.
+server on 127.0.0.1 flips between SERVING and NOT_SERVING, dead or wrong endpoints fail, and a
+real control plane with agent tokens answers for its agents.
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.cli.main import main
+from tests.services.control_plane.harness import (
+    AGENT_TOKENS,
+    TOKEN,
+    ControlPlaneServer,
+    settings_for,
+    write_agent_tokens,
+)
 
 
 def dead_port() -> int:
@@ -48,12 +56,10 @@ def test_grpc_is_healthy_only_while_serving(health_server, capsys):
 
 class _Status(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
-        code = 200 if self.path == "/healthz" else 503
-        body = b'[{"name": "trainer", "state": "lost"}]' if self.path == "/v1/agents" else b"{}"
-        self.send_response(code if self.path != "/v1/agents" else 200)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_response(200 if self.path == "/healthz" else 503)
+        self.send_header("Content-Length", "2")
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(b"{}")
 
     def log_message(self, *args: object) -> None:
         pass
@@ -75,11 +81,33 @@ def test_http_wants_a_2xx(http_server):
     assert main(["healthcheck", "http", f"http://127.0.0.1:{dead_port()}/healthz"]) == 1
 
 
-def test_agent_wants_a_live_agent_of_that_name(http_server, capsys, monkeypatch):
-    assert main(["healthcheck", "agent", "--control-plane", http_server, "--name", "trainer"]) == 1
-    assert "'trainer' is lost" in capsys.readouterr().out
-    assert main(["healthcheck", "agent", "--control-plane", http_server, "--name", "other"]) == 1
-    assert "not registered" in capsys.readouterr().out
+def test_agent_wants_a_live_agent_of_that_name(tmp_path, capsys, monkeypatch):
+    """Against a real control plane with agent tokens: the agent's own token reads its own record."""
+    monkeypatch.delenv("DFLASH_CONTROL_PLANE_TOKEN", raising=False)
+    monkeypatch.delenv("DFLASH_AGENT_TOKEN_FILE", raising=False)
+    tokens = write_agent_tokens(tmp_path / "agent_tokens")
+    server = ControlPlaneServer(
+        settings_for(tmp_path, executor="agent", token=TOKEN, agent_token_file=tokens), token=TOKEN
+    )
+    try:
+        token_file = tmp_path / "agent-a.token"
+        token_file.write_text(AGENT_TOKENS["agent-a"] + "\n")
+        check = ["healthcheck", "agent", "--control-plane", server.url, "--name", "agent-a"]
+        assert main([*check, "--token-file", str(token_file)]) == 1
+        assert "'agent-a' is not registered" in capsys.readouterr().out
+        assert server.client.post("/v1/agents", json={"name": "agent-a"}).status_code == 201
+        assert main([*check, "--token-file", str(token_file)]) == 0
+        monkeypatch.setenv("DFLASH_AGENT_TOKEN_FILE", str(token_file))  # the agent's own variable
+        assert main(check) == 0
+        other = ["healthcheck", "agent", "--control-plane", server.url, "--name", "agent-b"]
+        assert main(other) == 1 and "HTTP 403" in capsys.readouterr().out  # not its record to read
+        monkeypatch.delenv("DFLASH_AGENT_TOKEN_FILE")
+        assert main(check) == 1 and "HTTP 401" in capsys.readouterr().out
+        assert server.client.post("/v1/agents/agent-a/goodbye").status_code == 204
+        assert main([*check, "--token-file", str(token_file)]) == 1
+        assert "'agent-a' is gone" in capsys.readouterr().out
+    finally:
+        server.stop()
     monkeypatch.delenv("DFLASH_AGENT_CONTROL_PLANE", raising=False)
     assert main(["healthcheck", "agent", "--name", "trainer"]) == 1
     assert "DFLASH_AGENT_CONTROL_PLANE" in capsys.readouterr().out

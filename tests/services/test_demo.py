@@ -127,7 +127,9 @@ def test_ctrl_c_cancels_the_job_with_a_checkpoint_and_stops_everything(tmp_path)
             timeout_s=300,
             every_s=0.5,
         )
-        jobs = JobsClient(f"http://127.0.0.1:{port}")
+        # Reading the job needs the token too: the demo's control plane keeps it beside its store.
+        token = (output / "control-plane.token").read_text().strip()
+        jobs = JobsClient(f"http://127.0.0.1:{port}", token=token)
         wait_for(lambda: (jobs.job(job_id)["step"] or 0) >= 2, what="two steps", every_s=0.5)
         os.killpg(demo.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         assert demo.wait(timeout=300) == 130, log.read_text()

@@ -11,7 +11,8 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 
 from services.control_plane.agents import AgentRegistry
-from services.control_plane.auth import check_bearer
+from services.control_plane.auth import NEEDS_TOKEN, principal_of
+from services.control_plane.credentials import ADMIN, Principal
 from services.control_plane.hidden_state_services import HiddenStateServices
 from services.control_plane.prometheus import RequestMetrics
 from services.control_plane.scheduler import Scheduler
@@ -51,13 +52,26 @@ def get_agents(request: Request) -> AgentRegistry:
     return agents
 
 
+def get_principal(request: Request) -> Principal:
+    """Who sent the request, as the auth middleware found it (the admin when there is no token)."""
+    principal = principal_of(request.scope)
+    if principal is not None:
+        return principal
+    if get_control_plane(request).settings.token is not None:
+        # The middleware passed nothing on: never treat that as allowed (a wiring mistake).
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, NEEDS_TOKEN, headers={"WWW-Authenticate": "Bearer"})
+    return ADMIN
+
+
 def require_token(request: Request) -> None:
-    """401/403 unless the request carries the bearer token (when one is configured)."""
-    check_bearer(request, get_control_plane(request).settings.token_value)
+    """A second line behind the auth middleware (auth.py), which checks every route: a route
+    marked with it is refused if the middleware did not run."""
+    get_principal(request)
 
 
 ControlPlaneDep = Annotated[ControlPlane, Depends(get_control_plane)]
 ServiceDep = Annotated[JobService, Depends(get_service)]
 AgentsDep = Annotated[AgentRegistry, Depends(get_agents)]
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
 # For `dependencies=[Authorized]` on mutating routes.
 Authorized = Depends(require_token)

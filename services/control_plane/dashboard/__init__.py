@@ -10,9 +10,11 @@ Pages (one HTML shell; app.js renders the page for the path, with client-side ro
     /services          hidden-state services (gRPC health, what they serve) and trainer agents
 
 Assets are under /dashboard/ (app.js, plot.js: the SVG charts, style.css). Nothing is loaded from
-another host, so the dashboard works offline. Everything it shows comes from the public /v1 API;
-with a token configured, the browser keeps it in localStorage and sends it as
-`Authorization: Bearer` on the routes that need it.
+another host, so the dashboard works offline. Everything it shows comes from the public /v1 API.
+These files are open to anyone; with a token configured, every API call needs it: the user
+enters it once, the tab keeps it in sessionStorage (gone when the tab closes) and sends it as
+`Authorization: Bearer` on every request, live streams included (stream.js reads them with
+fetch(), as EventSource cannot send a header). It never goes into a URL.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from fastapi.responses import Response
 
 STATIC = Path(__file__).resolve().parent / "static"
 PAGES = ("/", "/new", "/jobs/{job_id}", "/services")  # client-side routes: each serves index.html
+ASSET_ROUTE = "/dashboard/{name}"
 MEDIA_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 IfNoneMatch = Annotated[str | None, Header()]  # the ETag the browser has (a 304 when it is current)
 
@@ -64,4 +67,4 @@ def mount_dashboard(app: FastAPI) -> None:
 
     for path in PAGES:
         app.add_api_route(path, page, methods=["GET"], include_in_schema=False)
-    app.add_api_route("/dashboard/{name}", asset, methods=["GET"], include_in_schema=False)
+    app.add_api_route(ASSET_ROUTE, asset, methods=["GET"], include_in_schema=False)

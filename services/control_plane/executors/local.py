@@ -6,7 +6,8 @@
 
 - GPUs: CUDA_VISIBLE_DEVICES is the job's assigned GPUs (empty for a CPU job, so it can never
   touch a GPU another job holds); `--nproc N` for N > 1 runs torchrun with one rank per GPU.
-- The token travels in $DFLASH_CONTROL_PLANE_TOKEN, never on the command line (`ps` shows that).
+- The trainer's token (its job attempt's own, credentials.py) travels in
+  $DFLASH_CONTROL_PLANE_TOKEN, never on the command line (`ps` shows that) nor in the log.
 - Output goes straight into the job's log file (see job_logs.py for why not a pipe).
 - Each job runs in its own session and process group (the launcher leads it): the control plane
   stopping or restarting leaves trainers running, and a hard kill reaches torchrun's ranks too.
@@ -20,6 +21,7 @@ import logging
 import os
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -70,11 +72,20 @@ class LocalExecutor:
     name = "local"
     pushes_jobs = True
 
-    def __init__(self, *, jobs_dir: Path, python: str, control_plane_url: str, token: str | None) -> None:
+    def __init__(
+        self,
+        *,
+        jobs_dir: Path,
+        python: str,
+        control_plane_url: str,
+        token_for: Callable[[TrainerJob], str | None],
+    ) -> None:
+        """`token_for(job)`: the bearer token the job's trainer posts its metrics with (None:
+        the control plane has none)."""
         self.jobs_dir = jobs_dir
         self.python = python
         self.control_plane_url = control_plane_url
-        self._token = token
+        self._token_for = token_for
         self._children: dict[str, subprocess.Popen] = {}  # started by this process
         self._adopted: dict[str, int] = {}  # alive when we started: job id -> pid
         self._cancelled: set[str] = set()
@@ -98,8 +109,9 @@ class LocalExecutor:
             variable = env_name(name)
             if variable is not None:
                 env.pop(variable, None)
-        if self._token is not None:
-            env[TOKEN_ENV] = self._token
+        token = self._token_for(job)
+        if token is not None:
+            env[TOKEN_ENV] = token
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in job.gpus)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CODE_ROOT), env.get("PYTHONPATH")]))
         env["PYTHONUNBUFFERED"] = "1"  # lines reach the log (and `logs?follow`) as they are written
@@ -123,11 +135,12 @@ class LocalExecutor:
         self.write_trainer_config(job, files)
         TrainConfig.model_validate(yaml.safe_load(files.trainer_config.read_text()))  # what the trainer reads
         command = self.command(job, files)
+        environment = self.environment(job)
         append_line(
             files.log,
             f"attempt {job.attempt}: starting on GPUs [{','.join(map(str, job.gpus))}]: "
             f"{' '.join(command[command.index('--') + 1 :])}"
-            + (f" (token in ${TOKEN_ENV})" if self._token is not None else ""),
+            + (f" (token in ${TOKEN_ENV})" if TOKEN_ENV in environment else ""),
         )
         try:
             with open(files.log, "ab") as log:
@@ -137,7 +150,7 @@ class LocalExecutor:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     cwd=files.folder,
-                    env=self.environment(job),
+                    env=environment,
                     start_new_session=True,
                 )
         except OSError as exc:

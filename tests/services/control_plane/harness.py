@@ -32,6 +32,7 @@ from services.control_plane.settings import ControlPlaneSettings
 
 ROOT = Path(__file__).resolve().parents[3]
 TOKEN = "cp-test-token-7f3a91c2"  # distinctive, so a leak is found by a plain substring search
+AGENT_TOKENS = {"agent-a": "cp-agent-a-token-41d0e8", None: "cp-any-agent-token-9b27c5"}  # None: any name
 LONG_S = 240.0  # deadline for things that involve a training run on a busy 2-core machine
 
 
@@ -68,6 +69,14 @@ def settings_for(tmp: Path, **overrides: Any) -> ControlPlaneSettings:
     values.update(overrides)
     (Path(values["data_root"])).mkdir(parents=True, exist_ok=True)
     return ControlPlaneSettings(**values)
+
+
+def write_agent_tokens(path: Path, tokens: dict[str | None, str] = AGENT_TOKENS) -> Path:
+    """An --agent-token-file: `NAME TOKEN` lines, a bare `TOKEN` for None (any agent name)."""
+    path.write_text(
+        "".join(f"{token}\n" if name is None else f"{name} {token}\n" for name, token in tokens.items())
+    )
+    return path
 
 
 class Api:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.services.control_plane.conftest import tiny_job
-from tests.services.control_plane.harness import ROOT, TOKEN, wait_for
+from tests.services.control_plane.harness import ROOT, TOKEN, wait_for, write_agent_tokens
 
 HEARTBEAT_S = 0.3
 
@@ -101,10 +101,13 @@ def agents_of(server) -> dict[str, dict]:
 
 
 # ---------------------------------------------------------------------- real agents, real trainers
-def test_two_agents_each_claim_and_run_a_job_to_success(start_server, workspace, start_agent):
-    server = agent_server(start_server, workspace, token=TOKEN)
+def test_two_agents_each_claim_and_run_a_job_to_success(start_server, workspace, start_agent, tmp_path):
+    # agent-one has a token of its own; agent-two the admin token, as in the single-token setup.
+    agent_token = "cp-agent-one-token-60c2f1"
+    tokens = write_agent_tokens(tmp_path / "agent_tokens", {"agent-one": agent_token})
+    server = agent_server(start_server, workspace, token=TOKEN, agent_token_file=tokens)
     jobs = [server.submit(tiny_job(workspace, epochs=1, name=f"job-{i}"))["id"] for i in range(2)]
-    one = start_agent(server.url, "agent-one", token=TOKEN)
+    one = start_agent(server.url, "agent-one", token=agent_token)
     two = start_agent(server.url, "agent-two", token=TOKEN)
     wait_for(lambda: len(agents_of(server)) == 2, what="both agents to register")
 
@@ -115,19 +118,22 @@ def test_two_agents_each_claim_and_run_a_job_to_success(start_server, workspace,
     assert all(d["executor"] == "agent" and d["exit_code"] == 0 for d in done)
     assert all(d["epoch"] == 1.0 and d["step"] > 1 for d in done)  # not cut short by DFLASH_MAX_STEPS
     for d in done:
-        # The trainer reported its metrics itself and its output reached the job's log on the
-        # control plane (shipped by the agent), token never included.
+        # The trainer reported its metrics itself (with the trainer token its agent got in the
+        # claim: an agent's token could not) and its output reached the job's log on the control
+        # plane (shipped by the agent), no token included.
         assert server.metric_rows(d["id"])
         log = log_of(server, d["id"])
         assert f"claimed by agent {d['agent_id']}" in log and "trained " in log, log
-        assert "exited with status 0: job succeeded" in log and TOKEN not in log
+        assert "exited with status 0: job succeeded" in log
+        trainer_token = server.settings.credentials().trainer_token(d["id"], 1)
+        assert all(token not in log for token in (TOKEN, agent_token, trainer_token))
         assert (Path(d["config"]["save_path"]) / "latest").exists()
     listed = agents_of(server)
     assert {a["state"] for a in listed.values()} == {"live"} and all(a["jobs"] == [] for a in listed.values())
 
     assert one.stop() == 0 and two.stop() == 0  # SIGTERM with nothing running: a clean goodbye
     assert {a["state"] for a in agents_of(server).values()} == {"gone"}
-    assert TOKEN not in one.output() + two.output()
+    assert all(token not in one.output() + two.output() for token in (TOKEN, agent_token))
 
 
 def test_a_lost_agents_job_is_resumed_on_another_agent_from_its_checkpoint(
@@ -175,17 +181,26 @@ def test_a_lost_agents_job_is_resumed_on_another_agent_from_its_checkpoint(
     assert "resumed from" in log_of(server, jid)
 
 
-def test_an_agent_restarted_under_its_name_readopts_its_running_trainer(start_server, workspace, start_agent):
-    server = agent_server(start_server, workspace, agent_lost_after_s=60.0)
+def test_an_agent_restarted_under_its_name_readopts_its_running_trainer(
+    start_server, workspace, start_agent, tmp_path
+):
+    agent_token = "cp-agent-r-token-d81b37"
+    tokens = write_agent_tokens(tmp_path / "agent_tokens", {"agent-r": agent_token})
+    server = agent_server(
+        start_server, workspace, agent_lost_after_s=60.0, token=TOKEN, agent_token_file=tokens
+    )
     jid = server.submit(tiny_job(workspace, epochs=3))["id"]
-    agent = start_agent(server.url, "agent-r")
+    agent = start_agent(server.url, "agent-r", token=agent_token)
     server.wait_state(jid, "running")
     trainer = server.job(jid)["pid"]
     os.killpg(trainer, signal.SIGSTOP)  # holds still while its agent is replaced
     try:
+        # The state the next agent adopts from names the trainer, never its token.
+        state = (agent.work_dir / "agent_state.json").read_text()
+        assert jid in state and server.settings.credentials().trainer_token(jid, 1) not in state
         agent.process.kill()  # the agent dies; its trainer (own session) keeps going
         agent.process.wait()
-        again = start_agent(server.url, "agent-r")
+        again = start_agent(server.url, "agent-r", token=agent_token)
         wait_for(
             lambda: "re-adopted its trainer" in again.output(), what="the new agent to adopt the trainer"
         )

@@ -1,13 +1,16 @@
 """The dashboard in headless Chromium, against a real control plane (uvicorn on 127.0.0.1, a real
 SQLite file) that runs a real tiny CPU training job.
 
-A person's path through it: open the jobs page, go to the form, submit without the token (the
-token field opens), save the token, submit a config with a typo (the 422 shows next to the field
-it names), fix it, land on the job page, and watch the loss chart fill from the live metric
-stream until the job has succeeded, without reloading. And the services page: a live and a dead
-hidden-state service, a live and a gone trainer agent, a job claimed by the agent. The
-screenshots go to output/ (dashboard.png: the job page; dashboard-checkpoints.png: its checkpoints
-tab; dashboard-jobs.png: the jobs table; dashboard-services.png: the services page).
+A person's path through it, on a control plane with a token: open the jobs page (the token field
+opens: listing jobs needs the token too), go to the form, submit without the token (refused,
+the typed config stays), save the token, submit a config with a typo (the 422 shows next to the
+field it names), fix it, land on the job page, and watch the loss chart fill from the live metric
+stream until the job has succeeded, without reloading. The live streams are read with fetch()
+and carry the token in their Authorization header; no URL the page asks for holds it. And the
+services page: a live and a dead hidden-state service, a live and a gone trainer agent, a job
+claimed by the agent. The screenshots go to output/ (dashboard.png: the job page;
+dashboard-checkpoints.png: its checkpoints tab; dashboard-jobs.png: the jobs table;
+dashboard-services.png: the services page).
 
 Needs Debian's `chromium` and the `playwright` package (driving that chromium; no browser download):
 `make browser-env` installs both. Without chromium the test is skipped.
@@ -76,23 +79,30 @@ def plotted_points(rows: list[dict], keys: tuple[str, ...]) -> int:
 
 def test_submit_a_job_in_the_form_and_watch_its_loss_chart_fill(start_server, workspace, page):
     server = start_server(data_root=workspace["root"], max_concurrent_jobs=1, token=TOKEN)
+    requests = []  # (url, the Authorization header it carried)
+    page.on("request", lambda request: requests.append((request.url, request.headers.get("authorization"))))
     page.goto(f"{server.url}/")
-    page.get_by_text("No jobs yet").wait_for()
+    # Listing jobs needs the token: the API answers 401 and the token field opens.
+    page.locator("#token-popover").wait_for(state="visible")
+    assert "needs its token" in page.inner_text("#token-message")
+    assert page.locator("#docs-link").is_hidden()  # /docs needs the token, which a link cannot send
 
     page.get_by_role("link", name="New job").first.click()
     page.wait_for_url(f"{server.url}/new")
     body = tiny_job(workspace, epochs=2)
     page.fill("#job-name", "browser e2e")
     page.fill("#job-gpus", "0")
-    page.fill("#job-config", json.dumps({**body, "block_sise": 4}, indent=2))
+    with_typo = json.dumps({**body, "block_sise": 4}, indent=2)
+    page.fill("#job-config", with_typo)
 
-    # No token yet: the API answers 401 and the token field opens.
+    # Still no token: submitting is refused, and saving the token keeps the form as typed.
     page.get_by_role("button", name="Submit job").click()
-    page.locator("#token-popover").wait_for(state="visible")
-    assert "needs the control plane's token" in page.inner_text("#token-message")
+    page.get_by_text("Add the control plane's token").wait_for()
     page.fill("#token-input", TOKEN)
     page.locator("#token-popover button[type=submit]").click()
-    assert page.evaluate("localStorage.getItem('dflash.token')") == TOKEN
+    assert page.evaluate("sessionStorage.getItem('dflash.token')") == TOKEN
+    assert page.evaluate("localStorage.getItem('dflash.token')") is None  # this tab only
+    assert page.input_value("#job-config") == with_typo
 
     # The typo is refused with a 422 naming the field; the message sits next to it.
     page.get_by_role("button", name="Submit job").click()
@@ -149,12 +159,22 @@ def test_submit_a_job_in_the_form_and_watch_its_loss_chart_fill(start_server, wo
     page.screenshot(path=str(SCREENSHOTS / "dashboard-jobs.png"), full_page=True)
     assert page.problems == []
 
+    # The live streams went out with the token in their header, and no URL ever held it.
+    streams = {
+        url.split("?")[0].rsplit("/", 1)[1]: auth
+        for url, auth in requests
+        if "/metrics/stream" in url or "follow=true" in url
+    }
+    assert streams == {"stream": f"Bearer {TOKEN}", "logs": f"Bearer {TOKEN}"}, streams
+    assert not [url for url, _ in requests if TOKEN in url]
+
 
 def test_services_page_shows_service_health_and_trainer_agents(start_server, workspace, page, tmp_path):
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there
     with running_service(workspace["verifier"], target_layer_ids=[1, 2]) as service:
         server = start_server(
             data_root=workspace["root"],
+            token=TOKEN,
             executor="agent",
             agent_lost_after_s=600.0,  # no heartbeats here: the agent must stay live through the test
             hidden_states_endpoints=f"{service.address},{dead}",
@@ -172,6 +192,8 @@ def test_services_page_shows_service_health_and_trainer_agents(start_server, wor
         claimed = server.client.post("/v1/agents/gpu-node-1/claim")
         assert claimed.status_code == 200 and claimed.json()["id"] == job_id, claimed.text
 
+        # The token was given earlier in this tab (sessionStorage outlives a reload, not the tab).
+        page.add_init_script(f"sessionStorage.setItem('dflash.token', {json.dumps(TOKEN)})")
         page.goto(f"{server.url}/")
         page.get_by_role("banner").get_by_role("link", name="Services", exact=True).click()
         page.wait_for_url(f"{server.url}/services")

@@ -35,9 +35,21 @@ def test_a_job_trains_to_success_reporting_metrics_and_checkpoints(start_server,
     job = server.submit(tiny_job(workspace, epochs=2, name="e2e"))
     jid = job["id"]
     launcher = server.wait_pid(jid)
-    # The token reaches the trainer through its environment only.
-    assert environ_of(launcher)["DFLASH_CONTROL_PLANE_TOKEN"] == TOKEN
-    assert TOKEN not in " ".join(cmdline_of(launcher))
+    # The trainer gets a token of its own, through its environment only; it is good for this
+    # job's metric posts and nothing else.
+    trainer_token = environ_of(launcher)["DFLASH_CONTROL_PLANE_TOKEN"]
+    assert trainer_token != TOKEN and jid in trainer_token
+    assert trainer_token not in " ".join(cmdline_of(launcher))
+    other = server.submit(tiny_job(workspace, name="queued behind it"))["id"]
+    as_trainer = {"Authorization": f"Bearer {trainer_token}"}
+    for method, path in [
+        ("POST", f"/v1/jobs/{other}/cancel"),
+        ("POST", "/v1/jobs"),
+        ("GET", f"/v1/jobs/{jid}"),
+    ]:
+        refused = server.client.request(method, path, json={}, headers=as_trainer)
+        assert refused.status_code == 403, (method, path, refused.text)
+    assert server.client.post(f"/v1/jobs/{other}/cancel").json()["state"] == "cancelled"
     done = server.wait_state(jid, "succeeded")
     assert done["exit_code"] == 0 and done["reason"] is None and done["attempt"] == 1
     assert done["started_at"] and done["finished_at"] and done["gpus"] == []
@@ -69,7 +81,8 @@ def test_a_job_trains_to_success_reporting_metrics_and_checkpoints(start_server,
     assert {"latest/config.json", "latest/model.safetensors", "latest/training_state.json"} <= set(members)
 
     log = log_of(server, jid)
-    assert "trained " in log and "exited with status 0: job succeeded" in log and TOKEN not in log
+    assert "trained " in log and "exited with status 0: job succeeded" in log
+    assert TOKEN not in log and trainer_token not in log
     for action in ("cancel", "resume"):
         refused = server.client.post(f"/v1/jobs/{jid}/{action}")
         assert refused.status_code == 409 and "it is succeeded" in refused.json()["detail"]

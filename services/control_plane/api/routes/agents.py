@@ -1,7 +1,8 @@
 """Trainer agents: register, claim jobs, heartbeat, ship logs (services/control_plane/agents.py).
 
-Every POST needs the bearer token when one is configured: an agent runs trainers with the
-control plane's jobs, so an impostor must not claim them.
+With a token configured, each route takes the admin token or an agent's (services/control_plane/
+access.py): an agent runs trainers with the control plane's jobs, so an impostor must not claim
+them, and an agent's token speaks for that agent only.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, HTTPException, Response, status
 
-from services.control_plane.api.deps import AgentsDep, Authorized
+from services.control_plane.api.deps import AgentsDep, Authorized, PrincipalDep
 from services.control_plane.schemas import AgentHeartbeat, AgentJob, AgentOrders, AgentPublic, AgentRegister
 
 router = APIRouter(prefix="/v1/agents", tags=["agents"])
@@ -34,9 +35,14 @@ def get_agent(agent_id: str, agents: AgentsDep) -> AgentPublic:
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, dependencies=[Authorized], responses=AGENT_ERRORS)
-def register_agent(body: AgentRegister, agents: AgentsDep) -> AgentPublic:
+def register_agent(body: AgentRegister, agents: AgentsDep, principal: PrincipalDep) -> AgentPublic:
     """Register an agent and its GPUs. Registering again under the same name (a restart) keeps
     its identity and its jobs; the first heartbeat then says which of them it still runs."""
+    if not principal.speaks_for_agent(body.name):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"this agent token belongs to agent {principal.agent!r}, not {body.name!r}",
+        )
     return agents.public(agents.register(body))
 
 

@@ -7,6 +7,7 @@
 //   /services       hidden-state services (gRPC health, what they serve) and trainer agents
 
 import { LineChart, compact, percent, ramp } from "/dashboard/plot.js";
+import { eventStream } from "/dashboard/stream.js";
 
 const REFRESH_MS = 3000;
 const STATES = ["queued", "starting", "running", "succeeded", "failed", "cancelled"];
@@ -140,8 +141,11 @@ function toast(message, kind = "info") {
 }
 
 // ------------------------------------------------------------------------------------------ API
+// The token lives in this tab only: sessionStorage is gone when the tab closes, and no other tab
+// or later visitor of this browser profile finds it. (Earlier versions kept it in localStorage.)
+localStorage.removeItem("dflash.token");
 const session = {
-  token: localStorage.getItem("dflash.token") ?? "",
+  token: sessionStorage.getItem("dflash.token") ?? "",
   auth: false,
   health: null,
 };
@@ -187,7 +191,7 @@ async function api(path, { method = "GET", body } = {}) {
 /** Jobs per state from the Prometheus exposition (one request instead of six). */
 async function stateCounts() {
   try {
-    const text = await (await fetch("/metrics")).text();
+    const text = await (await fetch("/metrics", { headers: authHeaders() })).text();
     const counts = {};
     for (const match of text.matchAll(/^dflash_control_plane_jobs\{state="(\w+)"\} (\d+)/gm)) {
       counts[match[1]] = Number(match[2]);
@@ -218,9 +222,11 @@ function openToken(error) {
   message.hidden = !error;
   if (error) {
     message.textContent =
-      error.status === 401 ? "This action needs the control plane's token." : "The control plane refused this token.";
+      error.status === 401 ? "This control plane needs its token." : "The control plane refused this token.";
   }
-  $("#token-popover").hidden = false;
+  const popover = $("#token-popover");
+  if (!popover.hidden) return; // already open: a refused poll must not wipe what is being typed
+  popover.hidden = false;
   $("#token-input").value = session.token;
   $("#token-input").focus();
   $("#token-button").hidden = false;
@@ -235,11 +241,14 @@ function setupToken() {
   $("#token-popover").addEventListener("submit", (event) => {
     event.preventDefault();
     session.token = $("#token-input").value.trim();
-    if (session.token) localStorage.setItem("dflash.token", session.token);
-    else localStorage.removeItem("dflash.token");
+    if (session.token) sessionStorage.setItem("dflash.token", session.token);
+    else sessionStorage.removeItem("dflash.token");
     $("#token-popover").hidden = true;
     renderToken();
-    toast(session.token ? "Token saved in this browser" : "Token forgotten");
+    toast(session.token ? "Token kept for this tab" : "Token forgotten");
+    // Pages that could not load without it load now; the form keeps what was typed into it.
+    if (current?.onToken) current.onToken();
+    else route();
   });
   $("#token-clear").addEventListener("click", () => {
     $("#token-input").value = "";
@@ -277,6 +286,8 @@ async function pollHealth() {
     const health = await api("/healthz");
     session.health = health;
     session.auth = health.auth;
+    // /docs needs the token too, which a plain link cannot send: the API is for clients then.
+    $("#docs-link").hidden = health.auth;
     // With trainer agents the GPUs are theirs (the Services page lists them), not this host's.
     const gpus = health.executor === "agent" ? "trainer agents"
       : health.gpus.length ? `${health.gpus_free.length}/${health.gpus.length} GPUs free` : "CPU only";
@@ -773,17 +784,25 @@ function jobView(root, jobId) {
 
   // ---- live stream of metric rows and state changes
   function openStream() {
-    const stream = new EventSource(`${path}/metrics/stream`);
-    stream.addEventListener("job", (event) => {
-      job = JSON.parse(event.data);
-      renderHead();
-      scheduleSummary();
-    });
-    stream.addEventListener("metrics", (event) => addRow(JSON.parse(event.data)));
-    stream.addEventListener("end", () => {
-      stream.close();
-      refreshJob();
-      checkpoints.refresh();
+    // Reconnects by itself, resuming after the last row it got (Last-Event-ID).
+    const stream = eventStream(`${path}/metrics/stream`, {
+      headers: authHeaders(),
+      onEvent(name, data) {
+        if (name === "job") {
+          job = JSON.parse(data);
+          renderHead();
+          scheduleSummary();
+        } else if (name === "metrics") addRow(JSON.parse(data));
+        else if (name === "end") {
+          stream.close();
+          refreshJob();
+          checkpoints.refresh();
+        }
+      },
+      onRefused(status) {
+        if (status === 401 || status === 403) openToken(new ApiError(status, ""));
+        else if (status === 429) toast("Too many live streams open on this control plane: charts are not live", "error");
+      },
     });
     cleanups.push(() => stream.close());
   }
@@ -932,7 +951,7 @@ function logsPanel(path) {
   }
 
   async function tail() {
-    const response = await fetch(`${path}/logs?lines=500`);
+    const response = await fetch(`${path}/logs?lines=500`, { headers: authHeaders() });
     pre.textContent = response.ok ? await response.text() : "";
     pre.scrollTop = pre.scrollHeight;
   }
@@ -948,20 +967,26 @@ function logsPanel(path) {
     status.textContent = "following…";
     // The log stream sends the tail, then each new line; it does not resume from an offset, so a
     // dropped connection starts over with a fresh tail rather than repeating lines.
-    stream = new EventSource(`${path}/logs?follow=true&lines=500`);
-    stream.addEventListener("log", (event) => {
-      retry = 0;
-      append([event.data]);
+    stream = eventStream(`${path}/logs?follow=true&lines=500`, {
+      headers: authHeaders(),
+      reconnectMs: null,
+      onEvent(name, data) {
+        if (name === "log") append([data]);
+        else if (name === "end") {
+          stop();
+          status.textContent = `job ${data || "ended"}: log complete`;
+        }
+      },
+      onRefused(code) {
+        status.textContent = code === 429 ? "too many live streams open: not following" : `not following (HTTP ${code})`;
+        if (code === 401 || code === 403) openToken(new ApiError(code, ""));
+      },
+      onBroken() {
+        stop();
+        status.textContent = "reconnecting…";
+        retry = setTimeout(start, 2000);
+      },
     });
-    stream.addEventListener("end", (event) => {
-      stop();
-      status.textContent = `job ${event.data || "ended"}: log complete`;
-    });
-    stream.onerror = () => {
-      stop();
-      status.textContent = "reconnecting…";
-      retry = setTimeout(start, 2000);
-    };
   }
 
   function stop() {
@@ -1367,9 +1392,10 @@ function newJobView(root, fromId) {
     showHelp(match?.[1] ?? null);
   }
 
-  (async () => {
-    const [openapi] = await Promise.all([fetch("/openapi.json").then((r) => r.json()).catch(() => null), pollHealth()]);
-    schema = openapi?.components?.schemas?.JobCreate ?? null;
+  async function loadSchema() {
+    const openapi = fetch("/openapi.json", { headers: authHeaders() }).then((r) => (r.ok ? r.json() : null));
+    const [schemaSource] = await Promise.all([openapi.catch(() => null), pollHealth()]);
+    schema = schemaSource?.components?.schemas?.JobCreate ?? null;
     showHelp(null);
     const health = session.health;
     if (health) {
@@ -1377,20 +1403,28 @@ function newJobView(root, fromId) {
         ? `${health.gpus_free.length} of ${health.gpus.length} free now; default 1. 0 = CPU.`
         : "This control plane has no GPUs: jobs run on CPU (0).";
     }
-  })();
+  }
 
-  if (fromId) {
+  let copied = !fromId;
+  function copyJob() {
     api(`/v1/jobs/${encodeURIComponent(fromId)}`).then((job) => {
       const copy = { ...job.config };
       for (const key of NOT_COPIED) delete copy[key];
       setConfig(copy);
       name.value = job.name ? `${job.name} (copy)` : "";
       gpus.value = String(job.gpus_requested);
+      copied = true;
     }).catch((error) => toast(`Could not copy job ${fromId}: ${errorText(error)}`, "error"));
-  } else {
-    setConfig(EXAMPLE_CONFIG);
   }
-  return { destroy() {} };
+
+  loadSchema();
+  if (fromId) copyJob();
+  else setConfig(EXAMPLE_CONFIG);
+  // A token given later fills in what needed it, without losing what was typed.
+  return { destroy() {}, onToken() {
+    loadSchema();
+    if (!copied) copyJob();
+  } };
 }
 
 function typeText(prop) {
