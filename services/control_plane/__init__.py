@@ -22,6 +22,7 @@ Layout (one job per module):
     credentials.py     admin, agent and per-job trainer tokens: whose a token is
     browser_guard.py   without a token: own Host names only, no cross-site writes
     limits.py          request body size limit
+    stream_limits.py   live streams capped per client and in total
     events.py          wake-ups for live streams (SSE) when a job changes
     job_logs.py        each job's log file: tail, follow, size bound
     checkpoints.py     a job's checkpoint folders and their tar.gz archives

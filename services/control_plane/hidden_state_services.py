@@ -1,21 +1,28 @@
 """The hidden-state services the control plane knows about, and their health over gRPC.
 
 Known = the endpoints given with --hidden-states-endpoints, plus those named by queued and
-active jobs (`hidden_states_endpoint`). Each is asked two things, concurrently and with a short
-deadline so one dead host does not slow the listing:
+active jobs (`hidden_states_endpoint`). Every configured one is checked, and of those jobs name,
+only the first --max-probed-job-endpoints (active jobs' first): anyone who may submit jobs could
+otherwise make the control plane dial any number of hosts. Each is asked two things, with a
+short deadline so one dead host does not slow the listing:
 - `grpc.health.v1.Health/Check` for the HiddenStates service: SERVING or NOT_SERVING (a service
   that is up but still loading its verifier, or draining);
 - `HiddenStates/GetInfo`: what it serves (verifier, backend, layer ids, dtype), so a user sees a
   layer-id or verifier mismatch with a job before the trainer refuses it.
 Answers are cached for a couple of seconds: the dashboard and scripts poll this route.
+
+Probes run on a small pool of their own, one at a time per endpoint however many requests ask,
+and the route awaits them without holding a worker thread: the agents' heartbeats and every
+other route run on the server's thread pool, which slow probes must never fill.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -95,45 +102,91 @@ def endpoints_of(job: JobRecord) -> list[str]:
 
 
 class HiddenStateServices:
-    def __init__(self, *, configured: Iterable[str], timeout_s: float = 2.0, cache_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        *,
+        configured: Iterable[str],
+        max_job_endpoints: int,
+        timeout_s: float = 2.0,
+        cache_s: float = 2.0,
+        workers: int = 8,
+    ) -> None:
         self.configured = [parse_endpoint(e) for e in configured]
+        self.max_job_endpoints = max_job_endpoints
         self.timeout_s = timeout_s
         self.cache_s = cache_s
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hidden-state-probe")
         self._cache: dict[str, Probe] = {}
+        self._in_flight: dict[str, Future[Probe]] = {}
         self._lock = threading.Lock()
 
-    def _probe_cached(self, address: str) -> Probe:
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _probe_soon(self, address: str) -> Future[Probe]:
+        """The cached answer when fresh, else the probe in flight for `address`, else a new one."""
         with self._lock:
             cached = self._cache.get(address)
-        if cached is not None and time.time() - cached.checked_at < self.cache_s:
-            return cached
+            if cached is not None and time.time() - cached.checked_at < self.cache_s:
+                done: Future[Probe] = Future()
+                done.set_result(cached)
+                return done
+            running = self._in_flight.get(address)
+            if running is None:
+                running = self._in_flight[address] = self._pool.submit(self._probe, address)
+            return running
+
+    def _probe(self, address: str) -> Probe:
         try:
             fresh = probe(parse_endpoint(address), timeout_s=self.timeout_s)
         except ValueError as exc:  # a job named an endpoint that is no host:port
             fresh = Probe("error", str(exc), None, time.time())
+        except Exception as exc:  # never a stuck entry in _in_flight
+            fresh = Probe("error", f"the check failed: {exc}", None, time.time())
         with self._lock:
             self._cache[address] = fresh
+            self._in_flight.pop(address, None)
         return fresh
 
-    def list(self, jobs: Iterable[JobRecord]) -> list[HiddenStateServicePublic]:
+    def _known(self, jobs: Iterable[JobRecord]) -> tuple[dict[str, list[str]], list[str]]:
+        """Every known endpoint with the jobs that name it, and those to check (the configured
+        ones, then the first `max_job_endpoints` the jobs name, active jobs first)."""
         users: dict[str, list[str]] = {address: [] for address in self.configured}
-        for job in jobs:
-            if job.state in (JobState.QUEUED, *ACTIVE_STATES):
-                for address in endpoints_of(job):
-                    users.setdefault(address, []).append(job.id)
-        if not users:
-            return []
-        with ThreadPoolExecutor(max_workers=min(16, len(users))) as pool:
-            probes = dict(zip(users, pool.map(self._probe_cached, users), strict=True))
-        return [
-            HiddenStateServicePublic(
-                endpoint=address,
-                configured=address in self.configured,
-                jobs=job_ids,
-                status=probes[address].status,
-                detail=probes[address].detail,
-                info=probes[address].info,
-                checked_at=probes[address].checked_at,
+        named: list[str] = []
+        listed = [job for job in jobs if job.state in (JobState.QUEUED, *ACTIVE_STATES)]
+        for job in sorted(listed, key=lambda job: job.state == JobState.QUEUED):  # stable: active first
+            for address in endpoints_of(job):
+                if address not in users:
+                    named.append(address)
+                users.setdefault(address, []).append(job.id)
+        return users, [*self.configured, *named[: self.max_job_endpoints]]
+
+    async def list(self, jobs: Iterable[JobRecord]) -> list[HiddenStateServicePublic]:
+        users, checked = self._known(jobs)
+        with self._lock:  # forget endpoints no job names any more
+            for address in set(self._cache) - set(users):
+                del self._cache[address]
+        answers = await asyncio.gather(*(asyncio.wrap_future(self._probe_soon(a)) for a in checked))
+        probes = dict(zip(checked, answers, strict=True))
+        skipped = Probe(
+            "error",
+            f"not checked: jobs name more than {self.max_job_endpoints} hidden-state services, and only "
+            "the first of them (and every --hidden-states-endpoints one) are (--max-probed-job-endpoints)",
+            None,
+            time.time(),
+        )
+        listing = []
+        for address, job_ids in users.items():
+            found = probes.get(address, skipped)
+            listing.append(
+                HiddenStateServicePublic(
+                    endpoint=address,
+                    configured=address in self.configured,
+                    jobs=job_ids,
+                    status=found.status,
+                    detail=found.detail,
+                    info=found.info,
+                    checked_at=found.checked_at,
+                )
             )
-            for address, job_ids in users.items()
-        ]
+        return listing

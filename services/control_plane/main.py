@@ -40,6 +40,7 @@ from services.control_plane.service import JobConflict, JobNotFound, JobRejected
 from services.control_plane.settings import ControlPlaneSettings
 from services.control_plane.states import IllegalTransition
 from services.control_plane.store import JobStore
+from services.control_plane.stream_limits import StreamLimit
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +149,9 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
     )
     service.wake_scheduler = scheduler.wake
     request_metrics = RequestMetrics()
+    hidden_state_services = HiddenStateServices(
+        configured=settings.hidden_states_endpoint_list, max_job_endpoints=settings.max_probed_job_endpoints
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -168,6 +172,7 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         finally:
             scheduler.stop()
             await task
+            hidden_state_services.close()
             store.close()
 
     app = FastAPI(title="dflash control plane", version="1", description=DESCRIPTION, lifespan=lifespan)
@@ -176,7 +181,7 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         service=service,
         scheduler=scheduler,
         request_metrics=request_metrics,
-        hidden_state_services=HiddenStateServices(configured=settings.hidden_states_endpoint_list),
+        hidden_state_services=hidden_state_services,
         agents=agents,
     )
     for module in (jobs, metrics, logs, checkpoints, agent_routes, hidden_states, system):
@@ -185,13 +190,15 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
 
     mount_dashboard(app)
     add_error_handlers(app)
-    # Added last = outermost: the size limit applies before anything reads the body, the token
-    # before that (a stranger's body is never read, whatever its size), and the request metrics
-    # time everything, 401s and 413s included.
+    # Added last = outermost: the size limit applies before anything reads the body, the stream
+    # caps before a stream starts, the token before both (a stranger's body is never read, whatever
+    # its size, nor does a stranger hold a stream slot), and the request metrics time everything,
+    # 401s, 413s and 429s included.
     app.add_middleware(
         BodySizeLimit,
         limit_for=route_limits(default=settings.max_body_bytes, metrics=settings.max_metrics_body_bytes),
     )
+    app.add_middleware(StreamLimit, per_client=settings.max_streams_per_client, total=settings.max_streams)
     app.add_middleware(
         RequireToken,
         credentials=credentials,

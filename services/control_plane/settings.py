@@ -110,6 +110,21 @@ class ControlPlaneSettings(BaseSettings):
         description="Largest metric POST: the trainer sends up to 500 buffered rows at once after an "
         "outage, and it gives up on a 413 for good.",
     )
+    max_streams: int = Field(
+        default=64, ge=1, description="Live streams (metric streams, followed logs) open at once; 429 beyond."
+    )
+    max_streams_per_client: int = Field(
+        default=8,
+        ge=1,
+        description="Live streams one client address may hold open at once (429 beyond); behind a "
+        "reverse proxy every user shares its address.",
+    )
+    max_probed_job_endpoints: int = Field(
+        default=16,
+        ge=0,
+        description="Of the hidden-state services only jobs name (not --hidden-states-endpoints), how "
+        "many are health-checked; the others are listed unchecked.",
+    )
     max_log_bytes: int = Field(
         default=64 * MIB,
         ge=64 * 1024,
