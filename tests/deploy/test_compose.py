@@ -178,3 +178,17 @@ def test_every_container_is_hardened_and_holds_no_secret_in_its_environment(conf
     for name in ("hidden-states", "hidden-states-cpu"):
         command = " ".join(command_of(config["services"][name]))
         assert "--token-file /run/secrets/service_token" in command.replace("=", " "), name
+
+
+def test_trainer_containers_hold_the_agent_token_not_the_admin_one(config):
+    """A trainer host runs jobs: it gets the agents' token (the agent routes only), never the
+    control plane's admin token; the control plane reads both."""
+    for name in ("trainer", "trainer-cpu"):
+        service = config["services"][name]
+        mounted = {s if isinstance(s, str) else s["source"] for s in service["secrets"]}
+        assert mounted == {"service_token", "agent_token"}, name
+        assert service["environment"]["DFLASH_AGENT_TOKEN_FILE"] == "/run/secrets/agent_token", name
+    control_plane = config["services"]["control-plane"]
+    environment = control_plane["environment"]
+    assert environment["DFLASH_CONTROL_PLANE_TOKEN_FILE"] == "/run/secrets/control_plane_token"
+    assert environment["DFLASH_CONTROL_PLANE_AGENT_TOKEN_FILE"] == "/run/secrets/agent_token"

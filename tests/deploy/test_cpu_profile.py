@@ -223,7 +223,11 @@ def system(tmp_path_factory) -> Iterator[System]:
     if not TRAINER_AGENT_MODULE.exists():
         pytest.skip("services/cli/trainer_agent.py (`dflash trainer-agent`) is not in this tree yet")
     root = tmp_path_factory.mktemp("cpu-profile")
-    tokens = {"SERVICE_TOKEN_FILE": root / "service_token", "CONTROL_PLANE_TOKEN_FILE": root / "cp_token"}
+    tokens = {
+        "SERVICE_TOKEN_FILE": root / "service_token",
+        "CONTROL_PLANE_TOKEN_FILE": root / "cp_token",
+        "AGENT_TOKEN_FILE": root / "agent_token",
+    }
     for path in tokens.values():
         path.write_text(secrets.token_hex(16) + "\n")
     config = compose_config(root, variables={name: str(path) for name, path in tokens.items()})
@@ -260,7 +264,9 @@ def test_every_service_passes_its_healthcheck(system):
 
 
 def test_the_control_plane_sees_the_trainer_agent(system):
-    agents = httpx.get(system.url("control-plane", 8600) + "/v1/agents", timeout=10).json()
+    agents = httpx.get(
+        system.url("control-plane", 8600) + "/v1/agents", headers=system.auth, timeout=10
+    ).json()
     expected = system.services["trainer-cpu"].env["DFLASH_AGENT_NAME"]
     (agent,) = [a for a in agents if a["name"] == expected]
     assert agent["state"] == "live" and agent["gpus"] == []
@@ -315,11 +321,13 @@ def test_a_job_trains_across_the_three_services(system):
     job_id = submitted.json()["id"]
     deadline = time.monotonic() + 600
     while True:
-        state = httpx.get(f"{base}/v1/jobs/{job_id}", timeout=10).json()
+        state = httpx.get(f"{base}/v1/jobs/{job_id}", headers=system.auth, timeout=10).json()
         if state["state"] in ("succeeded", "failed", "cancelled") or time.monotonic() > deadline:
             break
         time.sleep(2.0)
-    log = httpx.get(f"{base}/v1/jobs/{job_id}/logs", params={"lines": 200}, timeout=10).text
+    log = httpx.get(
+        f"{base}/v1/jobs/{job_id}/logs", params={"lines": 200}, headers=system.auth, timeout=10
+    ).text
     assert state["state"] == "succeeded", f"{state}\n{log}\n{system.tails()}"
     save_path = Path(state["config"]["save_path"])
     assert save_path.is_relative_to(system.localizer.volume_dir("checkpoints"))
