@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import shutil
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dflash_core import atomic_files
+from dflash_core.atomic_files import atomic_folder
 from dflash_core.model.config import DrafterConfig
 from dflash_core.rng_state import capture_rng_state
 from dflash_core.speculators_config import drafter_config_from_speculators, drafter_config_to_speculators
@@ -49,8 +50,7 @@ LATEST_LINK = "latest"
 BEST_LINK = "checkpoint_best"
 
 # Hidden siblings that are never checkpoints: in-progress writes and replaced folders.
-TEMP_PREFIX = ".tmp-"
-OLD_PREFIX = ".old-"
+TEMP_PREFIX, OLD_PREFIX = atomic_files.TEMP_PREFIX, atomic_files.OLD_PREFIX
 
 TRAINING_STATE_VERSION = 1
 # Defaults for keys an older training_state.json lacks (logged, never a crash).
@@ -112,33 +112,9 @@ def _json_safe(value: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes renames and new entries durable. Some filesystems refuse fsync on a directory.
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def _torch_save(obj: Any, path: Path) -> None:
-    with open(path, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
+    """The optimizer and scheduler states (read back with weights_only, so plain containers only)."""
+    torch.save(obj, path)
 
 
 _ALWAYS_DROPPED = ("embed_tokens.weight", "verifier_lm_head.weight", "verifier_norm.weight")
@@ -233,7 +209,6 @@ def save_checkpoint(
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(directory)
-    tmp = directory.parent / f"{TEMP_PREFIX}{directory.name}-{uuid.uuid4().hex[:8]}"
     try:
         tensors = _weights_to_save(drafter_state, config, dtype)
         stored_dtype = dtype or next(
@@ -248,52 +223,27 @@ def save_checkpoint(
             state.setdefault("rng", capture_rng_state())
             state_json = json.dumps(_json_safe(state), indent=2, sort_keys=True, allow_nan=False)
 
-        tmp.mkdir()
         from safetensors.torch import save_file
 
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        _fsync_file(tmp / WEIGHTS_FILE)
-        _write_bytes(tmp / CONFIG_FILE, (config_json + "\n").encode())
-        if optimizer_state is not None:
-            _torch_save(optimizer_state, tmp / OPTIMIZER_FILE)
-        if scheduler_state is not None:
-            _torch_save(scheduler_state, tmp / SCHEDULER_FILE)
-        if state_json is not None:
-            _write_bytes(tmp / TRAINING_STATE_FILE, (state_json + "\n").encode())
-        _fsync_dir(tmp)
-        _move_into_place(tmp, directory)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(exc, Exception):  # KeyboardInterrupt & co.: clean up, then let it through
-            raise
+        with atomic_folder(directory) as tmp:
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            (tmp / CONFIG_FILE).write_bytes((config_json + "\n").encode())
+            if optimizer_state is not None:
+                _torch_save(optimizer_state, tmp / OPTIMIZER_FILE)
+            if scheduler_state is not None:
+                _torch_save(scheduler_state, tmp / SCHEDULER_FILE)
+            if state_json is not None:
+                (tmp / TRAINING_STATE_FILE).write_bytes((state_json + "\n").encode())
+    except Exception as exc:
         code = exc.errno if isinstance(exc, OSError) else None
         hint = " Free some disk space or choose another --save-path." if code == errno_module.ENOSPC else ""
         raise CheckpointWriteError(
-            f"could not write checkpoint {directory}: {exc}. No partial checkpoint was left there (the "
-            f"temporary folder {tmp.name} was removed).{hint}",
+            f"could not write checkpoint {directory}: {exc}. No partial checkpoint was left there (its "
+            f"temporary folder was removed).{hint}",
             errno=code,
         ) from exc
     logger.info("saved checkpoint %s (%d tensors)", directory, len(tensors))
     return directory
-
-
-def _move_into_place(tmp: Path, directory: Path) -> None:
-    """Rename `tmp` to `directory`; an existing folder there is moved aside first, then deleted."""
-    old = None
-    if directory.is_symlink() or directory.is_file():
-        raise FileExistsError(f"{directory} exists and is not a checkpoint folder")
-    if directory.exists():
-        old = directory.parent / f"{OLD_PREFIX}{directory.name}-{uuid.uuid4().hex[:8]}"
-        os.replace(directory, old)
-    try:
-        os.replace(tmp, directory)
-    except BaseException:
-        if old is not None:
-            os.replace(old, directory)  # put the previous checkpoint back
-        raise
-    _fsync_dir(directory.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,7 +309,8 @@ def update_link(root: str | Path, name: str, target: str | Path) -> Path:
         raise FileExistsError(f"{link} exists and is not a symlink; move it away so the link can be updated")
     # realpath on both sides, so a root reached through a symlink still gets a correct relative link.
     relative = os.path.relpath(os.path.realpath(target), os.path.realpath(root))
-    tmp = root / f"{TEMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+    # Not atomic_files.atomic_file: a symlink has no content to fsync, only its directory entry.
+    tmp = atomic_files.temp_sibling(link)
     os.symlink(relative, tmp)
     try:
         os.replace(tmp, link)
@@ -367,7 +318,7 @@ def update_link(root: str | Path, name: str, target: str | Path) -> Path:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(root)
+    atomic_files.fsync_dir(root)
     return link
 
 

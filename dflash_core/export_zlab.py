@@ -36,15 +36,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from dflash_core.atomic_files import atomic_folder
 from dflash_core.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint
 from dflash_core.model.config import DrafterConfig
 from dflash_core.speculators_config import drafter_config_from_speculators, drafter_config_to_speculators
@@ -213,22 +212,14 @@ def _prepare_output(output: Path, *, overwrite: bool) -> None:
 
 
 def _write_folder(output: Path, files: dict[str, bytes | Path], *, overwrite: bool) -> Path:
-    """Write `files` (bytes, or a file to copy) into `output` atomically (temporary sibling, rename)."""
+    """Write `files` (bytes, or a file to copy) into `output` atomically (dflash_core.atomic_files)."""
     _prepare_output(output, overwrite=overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".tmp-{output.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_folder(output) as tmp:
         for name, content in files.items():
             if isinstance(content, Path):
                 shutil.copyfile(content, tmp / name)
             else:
                 (tmp / name).write_bytes(content)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return output
 
 

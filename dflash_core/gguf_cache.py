@@ -108,6 +108,8 @@ def _holds(folder: Path, key: dict[str, str | int]) -> bool:
 
 def _move_into_place(scratch: Path, final: Path) -> None:
     """Rename `scratch` to `final`; a stale `final` is replaced, a complete one (another process's) kept."""
+    # Not dflash_core.atomic_files.atomic_folder: that always swaps its folder in, and here another
+    # process may already be loading a complete `final`; the cache is re-derivable, so no fsync.
     try:
         os.replace(scratch, final)
     except OSError:

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -36,6 +34,7 @@ from typing import Any
 
 import torch
 
+from dflash_core.atomic_files import atomic_folder
 from dflash_core.config import SELF_DATA, PrepareDataConfig
 from dflash_core.data.formats import Conversation, DataError, RowError, TokenizedRow, read_source
 from dflash_core.data.mix_stats import mix_statistics
@@ -530,24 +529,14 @@ def _write(
         },
         features=features,
     )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    replacing = output.exists()
+    with atomic_folder(output) as tmp:
         dataset.save_to_disk(str(tmp))
         torch.save(token_freq, tmp / TOKEN_FREQ_FILE)
         # Metadata last: its presence marks a complete folder.
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-        if output.exists():
-            old = output.parent / f".{output.name}.old-{os.getpid()}"
-            output.rename(old)
-            tmp.rename(output)
-            shutil.rmtree(old, ignore_errors=True)
-            logger.info("replaced the earlier prepare-data output in %s", output)
-        else:
-            tmp.rename(output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if replacing:
+        logger.info("replaced the earlier prepare-data output in %s", output)
 
 
 # ---------------------------------------------------------------------------------------------

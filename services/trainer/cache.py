@@ -19,10 +19,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Literal
 import torch
 from safetensors.torch import load_file, save_file
 
+from dflash_core import atomic_files
 from dflash_core.verifier import VerifierFingerprint
 from services.trainer.sources import HiddenStateSource, SampleHiddenStates, SampleRequest
 
@@ -177,13 +176,12 @@ class HiddenStateCache:
             "last": states.last.detach().cpu().contiguous().clone(),
             "input_ids": input_ids.detach().cpu().flatten().to(torch.int32),  # vocab ids fit in int32
         }
-        tmp = self.folder / f".{int(states.sample_id)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         try:
             self._ensure_folder()
-            save_file(tensors, str(tmp))
-            os.replace(tmp, self.path_for(states.sample_id))  # atomic: readers see all or nothing
+            # Atomic: readers see all of a sample or nothing.
+            with atomic_files.atomic_file(self.path_for(states.sample_id)) as tmp:
+                save_file(tensors, str(tmp))
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             self.writable = False
             logger.warning(
                 "cannot write the hidden-state cache %s (%s); training continues without caching",
@@ -198,12 +196,7 @@ class HiddenStateCache:
         if info_path.exists():
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".{INFO_FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            tmp.write_text(json.dumps(self._info(), indent=2) + "\n")
-            os.replace(tmp, info_path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_files.write_text(info_path, json.dumps(self._info(), indent=2) + "\n")
 
 
 @dataclass

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from dflash_core.atomic_files import atomic_file
 from dflash_core.live_acceptance import EvalSequence
 
 logger = logging.getLogger(__name__)
@@ -89,6 +89,5 @@ def _write(path: Path, key: str, sequences: list[EvalSequence]) -> None:
         for s in sequences
     ]
     tensors = {f"aux_{i}": s.aux.contiguous() for i, s in enumerate(sequences) if s.aux is not None}
-    scratch = path.with_name(f".{path.name}.{os.getpid()}")
-    save_file(tensors, str(scratch), metadata={"key": key, "sequences": json.dumps(rows)})
-    os.replace(scratch, path)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"key": key, "sequences": json.dumps(rows)})

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dflash_core.atomic_files import TEMP_PREFIX
 from dflash_core.config import PrepareDataConfig
 from dflash_core.data.prepare import load_prepared, prepare_data
 from dflash_core.verifier import fingerprint_of, tokenizer_fingerprint
@@ -274,7 +275,7 @@ def test_training_continues_when_the_cache_disk_is_full(workspace, monkeypatch):
     result = run_training(config)
     assert result.state.epoch == 1
     assert not list((workspace["root"] / "full-disk-cache").rglob("*.safetensors"))
-    assert not list((workspace["root"] / "full-disk-cache").rglob("*.tmp"))
+    assert not list((workspace["root"] / "full-disk-cache").rglob(f"{TEMP_PREFIX}*"))
 
 
 # --------------------------------------------------------------------------------- end to end
