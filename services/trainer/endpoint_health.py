@@ -8,22 +8,11 @@ row the breaker opens: the endpoint gets no traffic for `cooldown_s`, then one t
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from dataclasses import dataclass, field
 
-
-@dataclass
-class Backoff:
-    initial_s: float = 0.5
-    maximum_s: float = 8.0
-    factor: float = 2.0
-
-    def delay(self, failures: int) -> float:
-        """Pause before attempt number `failures` (1 = first retry), with +-25% jitter."""
-        base = min(self.maximum_s, self.initial_s * self.factor ** max(failures - 1, 0))
-        return base * random.uniform(0.75, 1.25)
+from dflash_core.backoff import Backoff
 
 
 @dataclass

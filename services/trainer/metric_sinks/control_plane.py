@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
+from dflash_core.backoff import Backoff
 from services.trainer.metric_sinks.base import finite_or_none
 
 logger = logging.getLogger(__name__)
@@ -81,8 +82,8 @@ class ControlPlaneSink:
         self.batch_rows = batch_rows
         self.request_timeout_s = request_timeout_s
         self.close_timeout_s = close_timeout_s
-        self.min_backoff_s = min_backoff_s
-        self.max_backoff_s = max_backoff_s
+        # No jitter: one trainer posts to one control plane, so there is no herd to spread apart.
+        self._backoff = Backoff(initial_s=min_backoff_s, maximum_s=max_backoff_s, jitter=0.0)
         self._headers = {"Content-Type": "application/json"}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
@@ -166,7 +167,7 @@ class ControlPlaneSink:
                 self.refused = True
 
     def _send_until_closed(self) -> None:
-        backoff = self.min_backoff_s
+        failures = 0  # in a row
         unreachable = False
         while True:
             with self._cond:
@@ -195,7 +196,7 @@ class ControlPlaneSink:
             if outcome == "sent":
                 if unreachable:
                     logger.info("control plane %s reachable again", self.endpoint)
-                unreachable, backoff = False, self.min_backoff_s
+                unreachable, failures = False, 0
                 continue
             if not unreachable:
                 logger.warning(
@@ -205,17 +206,18 @@ class ControlPlaneSink:
                     self.max_rows,
                 )
                 unreachable = True
-            backoff = self._wait(backoff)
+            failures = self._wait(failures + 1)
 
-    def _wait(self, backoff: float) -> float:
-        """Sleep before the next retry; returns the backoff after that one."""
+    def _wait(self, failures: int) -> int:
+        """Sleep before retry number `failures`; returns the failure count to go on from."""
+        delay = self._backoff.delay(failures)
         remaining = self._remaining_s()
         if remaining is None:
-            if self._close_requested.wait(backoff):
-                return self.min_backoff_s  # close() woke us: retry now, and often, until its deadline
+            if self._close_requested.wait(delay):
+                return 0  # close() woke us: retry now, and often, until its deadline
         else:
-            time.sleep(max(0.0, min(backoff, remaining)))
-        return min(backoff * 2, self.max_backoff_s)
+            time.sleep(max(0.0, min(delay, remaining)))
+        return failures
 
     def _post(self, batch: list[dict[str, Any]], *, timeout: float) -> tuple[Outcome, str]:
         # urllib rather than an HTTP client library: one small POST per --log-freq steps, and no
