@@ -17,11 +17,11 @@ history (docs/benchmarks.md, "Control plane under load").
 A stored row that cannot be read raises StoredRowInvalid: an HTTP 500 that names the job and what
 is wrong with the row, instead of a bare "Internal Server Error".
 
-`answer()` runs a read and its encoding on the event loop when the store is a SQLite file and
-the answer is at most INLINE_ROWS rows: a read from memory that never waits for the writer
-(WAL), a few microseconds a row, costs less there than a hop to a worker thread and back (with
-16 clients, the threads fighting for the GIL doubled the CPU per request and the p99). Longer
-answers, and every read of another database, go to the threadpool: the loop stays free.
+`answer()` and `answer_rows()` run a read and its encoding on the event loop when the store is a
+SQLite file and the answer is at most INLINE_ROWS rows: a read from memory that never waits for
+the writer (WAL), a few microseconds a row, costs less there than a hop to a worker thread and
+back (with 16 clients, the threads fighting for the GIL doubled the CPU per request and the p99).
+Longer answers, and every read of another database, go to the threadpool: the loop stays free.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import math
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import HTTPException
 from fastapi.responses import Response
@@ -44,6 +44,7 @@ from services.control_plane.schemas import JobPublic, JobRecord
 from services.control_plane.store import JOB_COLUMNS, JobStore, StoredMetricRow, job_record
 
 logger = logging.getLogger(__name__)
+R = TypeVar("R")
 
 # Distinct stored configs, and stored job rows, whose JSON is kept (~4 KiB each with the key, so
 # ~8 MiB at most together): every job a dashboard pages through. A dropped one is written again.
@@ -66,11 +67,25 @@ class StoredRowInvalid(HTTPException):
         logger.error("%s", detail)
 
 
-async def answer(store: JobStore, body: Callable[[], str], *, rows: int) -> Response:
-    """`body()` (a store read of at most `rows` rows, and its JSON) as the response, run on the
-    event loop or in the threadpool (above)."""
-    text = body() if store.is_sqlite and rows <= INLINE_ROWS else await run_in_threadpool(body)
-    return Response(content=text, media_type="application/json")
+async def answer(store: JobStore, body: Callable[[], str]) -> Response:
+    """`body()`, a store read of at most INLINE_ROWS rows and its JSON, as the response."""
+    return _json(body() if store.is_sqlite else await run_in_threadpool(body))
+
+
+async def answer_rows(
+    store: JobStore, *, read: Callable[[int], list[R]], write: Callable[[list[R]], str], limit: int
+) -> Response:
+    """`write(read(limit))` as the response, for a read of up to `limit` rows (a metric history):
+    on the event loop while it finds at most INLINE_ROWS, else again in the threadpool."""
+    if store.is_sqlite:
+        rows = read(min(limit, INLINE_ROWS + 1))
+        if len(rows) <= INLINE_ROWS:
+            return _json(write(rows))
+    return _json(await run_in_threadpool(lambda: write(read(limit))))
+
+
+def _json(body: str) -> Response:
+    return Response(content=body, media_type="application/json")
 
 
 # ---------------------------------------------------------------------------------------- jobs

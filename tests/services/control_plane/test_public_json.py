@@ -136,8 +136,7 @@ def test_metric_rows_are_what_metricspublic_gives(store, tmp_path):
             (T0 + 3, '{"train/loss": NaN, "train/eal": -Infinity, "epoch": 2}'),
         )
     stored = store.metric_rows("m", limit=100)
-    # Written as strict JSON (NaN and Inf as null), copied as is; the old row is not.
-    assert [row.verbatim for row in stored] == [True, True, True, False]
+    assert [row.verbatim for row in stored] == [1, 1, 1, 0]  # new rows are stored as strict JSON
     answer = json.loads(public_json.metrics_page_json("m", stored))
     # The models, fed the way the route fed them before (json.loads of each stored row).
     expected = MetricsPublic(
@@ -157,6 +156,21 @@ def test_metric_rows_are_what_metricspublic_gives(store, tmp_path):
     assert [row["step"] for row in json.loads(public_json.metrics_page_json("m", tail))["data"]] == [10, 15]
 
 
+def test_a_lenient_json_valid_is_backed_by_a_search_for_nan(store, tmp_path, monkeypatch):
+    """Where SQLite's json_valid() accepts NaN, rows naming NaN or Infinity are parsed, not copied."""
+    add_job(store, "m", root=tmp_path)
+    rows = [
+        MetricRowIn(step=0, time=T0, metrics={"a": 1.0}),
+        MetricRowIn(step=1, time=T0, metrics={"NaN/n": 2.0}),
+    ]
+    store.add_metric_rows("m", attempt=1, rows=rows)
+    strict = json.loads(public_json.metrics_page_json("m", store.metric_rows("m", limit=10)))
+    monkeypatch.setattr(store, "_vouch", "lenient")
+    stored = store.metric_rows("m", limit=10)
+    assert [row.verbatim for row in stored] == [1, 0]
+    assert json.loads(public_json.metrics_page_json("m", stored)) == strict
+
+
 def test_rows_the_database_cannot_vouch_for_are_parsed():
     """Another database than SQLite says nothing about a row's text (verbatim None)."""
     row = StoredMetricRow(id=1, attempt=1, step=0, time=T0, metrics='{"a": 1.5, "b": NaN}', verbatim=None)
@@ -169,7 +183,7 @@ def test_rows_the_database_cannot_vouch_for_are_parsed():
     [("{not json", "metric row 1"), ('["a list"]', "not an object"), ('{"a": "text"}', "not an object")],
 )
 def test_an_unreadable_metric_row_is_named(text, words):
-    row = StoredMetricRow(id=1, attempt=1, step=0, time=T0, metrics=text, verbatim=False)
+    row = StoredMetricRow(id=1, attempt=1, step=0, time=T0, metrics=text, verbatim=0)
     with pytest.raises(StoredRowInvalid, match=words) as raised:
         public_json.metric_row_json("job-7", row)
     assert raised.value.status_code == 500 and "job-7" in raised.value.detail

@@ -62,13 +62,13 @@ async def list_jobs(
         next_cursor = str(rows[-1].seq) if more else None
         return public_json.jobs_page_json(rows, count=count, next_cursor=next_cursor)
 
-    return await public_json.answer(service.store, page, rows=limit)
+    return await public_json.answer(service.store, page)  # limit <= 500 rows
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=JOB_ERRORS)
 async def get_job(job_id: str, service: ServiceDep) -> Response:
     """One job: state, reason, progress, config, assigned GPUs."""
-    return await public_json.answer(service.store, lambda: public_json.job_json(service.get(job_id)), rows=1)
+    return await public_json.answer(service.store, lambda: public_json.job_json(service.get(job_id)))
 
 
 @router.post("/{job_id}/cancel", dependencies=[Authorized], responses={**JOB_ERRORS, **AUTH_ERRORS})

@@ -16,6 +16,7 @@ from services.control_plane.api.deps import Authorized, ServiceDep
 from services.control_plane.schemas import MetricsAccepted, MetricsIn, MetricsPublic
 from services.control_plane.service import JobNotFound, JobService
 from services.control_plane.states import TERMINAL_STATES
+from services.control_plane.store import StoredMetricRow
 
 router = APIRouter(prefix="/v1/jobs/{job_id}/metrics", tags=["metrics"])
 
@@ -39,16 +40,15 @@ async def get_metrics(
 ) -> Response:
     """The job's metric rows in arrival order (every attempt; `attempt` tells them apart)."""
 
-    def history() -> str:
-        rows = service.store.metric_rows(job_id, since_step=since_step, after_id=after_id, limit=limit)
+    def read(at_most: int) -> list[StoredMetricRow]:
+        return service.store.metric_rows(job_id, since_step=since_step, after_id=after_id, limit=at_most)
+
+    def write(rows: list[StoredMetricRow]) -> str:
         if not rows:
             service.get(job_id)  # 404 for no such job; rows are deleted with their job, so any prove it
         return public_json.metrics_page_json(job_id, rows)
 
-    at_most = limit
-    if service.store.is_sqlite:  # an index count: a short history is answered on the event loop
-        at_most = min(limit, service.store.metric_row_count(job_id))
-    return await public_json.answer(service.store, history, rows=at_most)
+    return await public_json.answer_rows(service.store, read=read, write=write, limit=limit)
 
 
 @router.get(
