@@ -132,7 +132,6 @@ def main() -> None:
     anchors, valid = sample_anchors(
         batch.loss_mask.cpu(),
         batch.document_ids.cpu(),
-        block_size=args.block_size,
         max_anchors=args.anchors,
         generator=generator,
         pad_to_max=True,

@@ -36,7 +36,6 @@ def sample_anchors(
     loss_mask: torch.Tensor,
     document_ids: torch.Tensor,
     *,
-    block_size: int,
     max_anchors: int,
     generator: torch.Generator,
     pad_to_max: bool = False,
@@ -49,10 +48,8 @@ def sample_anchors(
     a graph to backpropagate through), or `max_anchors` with `pad_to_max` (fixed shapes for
     torch.compile). Deterministic given the generator's state; the random keys are drawn on the
     generator's device, so a CPU generator gives the same anchors whatever device the masks live on.
-    `block_size` is not needed by our eligibility rule (blocks past a document end are masked,
-    not avoided); it is accepted so callers state the block they sample for.
+    The block size plays no part: blocks past a document end are masked, not avoided.
     """
-    del block_size
     eligible = eligible_anchors(loss_mask.bool(), document_ids)
     rows, T = eligible.shape
     keys = torch.rand((rows, T), generator=generator, device=generator.device).to(eligible.device)

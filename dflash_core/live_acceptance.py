@@ -76,12 +76,6 @@ class EvalSequence:
         """The tokens whose hidden states the drafter may see: prompt + c_0 .. c_{max_new-2}."""
         return self.prompt_ids + self.continuation[: anchors_per_prompt(self.max_new_tokens)]
 
-    @property
-    def anchor_offsets(self) -> range:
-        """Row positions of the anchors, in round order (j committed tokens: position n + j - 1)."""
-        n = len(self.prompt_ids)
-        return range(n, n + anchors_per_prompt(self.max_new_tokens))
-
 
 def row_length(*, prompt_tokens: int, max_new_tokens: int) -> int:
     return prompt_tokens + anchors_per_prompt(max_new_tokens)

@@ -33,13 +33,3 @@ def check_data_matches_verifier(
             f"re-run `dflash prepare-data --model {fingerprint.name_or_path}` or train against "
             f"--verifier-name-or-path {data_meta.get('model')}"
         )
-
-
-def check_source_matches_verifier(source: VerifierFingerprint, expected: VerifierFingerprint) -> None:
-    """The hidden-state source must serve the verifier the trainer was configured with."""
-    problems = expected.mismatches(source)
-    if problems:
-        raise PreflightError(
-            "the hidden-state source serves a different verifier than this run expects:\n  "
-            + "\n  ".join(problems)
-        )

@@ -332,7 +332,6 @@ class Trainer:
             sample_anchors(
                 loss_mask[b : b + 1],
                 document_ids[b : b + 1],
-                block_size=self.config.block_size,
                 max_anchors=self.config.max_anchors,
                 generator=generator,
                 pad_to_max=True,

@@ -32,15 +32,13 @@ def test_loss_mask_hole_blocks_the_row_before_it() -> None:
 def test_takes_all_when_fewer_than_max_sorted_and_padded_per_row() -> None:
     loss = torch.cat((LOSS, torch.ones(1, 12, dtype=torch.bool)))
     docs = torch.cat((DOCS, torch.zeros(1, 12, dtype=torch.long)))
-    anchors, valid = sample_anchors(
-        loss, docs, block_size=4, max_anchors=20, generator=torch.Generator().manual_seed(0)
-    )
+    anchors, valid = sample_anchors(loss, docs, max_anchors=20, generator=torch.Generator().manual_seed(0))
     assert anchors.shape == valid.shape == (2, 11)  # N = the larger per-row count, not max_anchors
     assert anchors[0].tolist() == [1, 2, 4, 7] + [0] * 7
     assert valid[0].tolist() == [True] * 4 + [False] * 7
     assert anchors[1].tolist() == list(range(11)) and bool(valid[1].all())
     padded, padded_valid = sample_anchors(
-        loss, docs, block_size=4, max_anchors=20, generator=torch.Generator().manual_seed(0), pad_to_max=True
+        loss, docs, max_anchors=20, generator=torch.Generator().manual_seed(0), pad_to_max=True
     )
     assert padded.shape == (2, 20) and int(padded_valid.sum()) == 15
 
@@ -49,7 +47,7 @@ def test_trim_keeps_the_most_valid_anchors_a_row_has_and_at_least_one_column() -
     loss = torch.cat((LOSS, torch.ones(1, 12, dtype=torch.bool)))
     docs = torch.cat((DOCS, torch.zeros(1, 12, dtype=torch.long)))
     generator = torch.Generator().manual_seed(0)
-    padded = sample_anchors(loss, docs, block_size=4, max_anchors=20, generator=generator, pad_to_max=True)
+    padded = sample_anchors(loss, docs, max_anchors=20, generator=generator, pad_to_max=True)
     anchors, valid = trim_anchor_padding(*padded)
     assert anchors.shape == valid.shape == (2, 11)
     assert anchors[0].tolist() == [1, 2, 4, 7] + [0] * 7 and int(valid.sum()) == 15
@@ -61,7 +59,7 @@ def test_trim_keeps_the_most_valid_anchors_a_row_has_and_at_least_one_column() -
 def test_no_eligible_anchor_gives_one_invalid_slot() -> None:
     anchors, valid = sample_anchors(
         torch.zeros(1, 8, dtype=torch.bool), torch.zeros(1, 8, dtype=torch.long),
-        block_size=4, max_anchors=5, generator=torch.Generator(),
+        max_anchors=5, generator=torch.Generator(),
     )  # fmt: skip
     assert anchors.tolist() == [[0]] and valid.tolist() == [[False]]
 
@@ -72,7 +70,7 @@ def test_deterministic_per_generator_and_sorted() -> None:
 
     def draw(seed: int) -> torch.Tensor:
         anchors, valid = sample_anchors(
-            loss, docs, block_size=8, max_anchors=16, generator=torch.Generator().manual_seed(seed)
+            loss, docs, max_anchors=16, generator=torch.Generator().manual_seed(seed)
         )
         assert bool(valid.all()) and anchors.shape == (2, 16)
         return anchors
@@ -91,7 +89,7 @@ def test_uniform_over_eligible_positions() -> None:
     counts = torch.zeros(11)
     draws = 3000
     for _ in range(draws):
-        anchors, _ = sample_anchors(loss, docs, block_size=4, max_anchors=3, generator=gen)
+        anchors, _ = sample_anchors(loss, docs, max_anchors=3, generator=gen)
         counts[anchors[0]] += 1
     assert counts[10] == 0
     expected = draws * 3 / 10

@@ -169,9 +169,7 @@ def test_batched_forward_equals_per_block_reference(case: str, attention: str) -
     heads = VerifierHeads(vocab_size=V, hidden_size=H, eps=1e-6)
     _randomize(heads, gen)
     batch = _batch(gen)
-    anchors, valid = sample_anchors(
-        batch.loss_mask, batch.document_ids, block_size=BLOCK, max_anchors=30, generator=gen
-    )
+    anchors, valid = sample_anchors(batch.loss_mask, batch.document_ids, max_anchors=30, generator=gen)
     assert bool((~valid).any()), "row 0 has fewer eligible anchors than row 1: padding must be exercised"
     drafter, heads = drafter.double(), heads.double()
     batch.aux_hidden_states = batch.aux_hidden_states.double()
@@ -212,7 +210,7 @@ def test_lean_training_forward_equals_the_instrumented_one(max_anchors: int) -> 
     _randomize(heads, generator)
     batch = _batch(generator)
     anchors, valid = sample_anchors(
-        batch.loss_mask, batch.document_ids, block_size=BLOCK, max_anchors=max_anchors, generator=generator
+        batch.loss_mask, batch.document_ids, max_anchors=max_anchors, generator=generator
     )
     assert (anchors.shape[1] * BLOCK > batch.input_ids.shape[1]) == (max_anchors == 20)
     outs = [

@@ -54,9 +54,7 @@ def _parts(layer_types: list[str], *, non_causal: bool, device: torch.device):
         aux_hidden_states=torch.randn(1, T, 3 * HIDDEN, generator=gen),
         last_hidden_states=4 * torch.randn(1, T, HIDDEN, generator=gen),
     )
-    anchors, valid = sample_anchors(
-        batch.loss_mask, batch.document_ids, block_size=BLOCK, max_anchors=ANCHORS, generator=gen
-    )
+    anchors, valid = sample_anchors(batch.loss_mask, batch.document_ids, max_anchors=ANCHORS, generator=gen)
     return drafter.to(device), heads.to(device), batch.to(device), anchors.to(device), valid.to(device)
 
 
