@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
+from dflash_core.lazy_compile import compiled
+
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -96,9 +98,6 @@ def dense_mask(visibility: BlockVisibility) -> torch.Tensor:
     return mask.expand(visibility.batch_size, visibility.num_queries, -1)
 
 
-_compiled_create_block_mask = None
-
-
 def flex_block_mask(visibility: BlockVisibility, *, compile_mask: bool | None = None) -> BlockMask:
     """The same visibility as a flex_attention BlockMask (heads broadcast).
 
@@ -107,15 +106,10 @@ def flex_block_mask(visibility: BlockVisibility, *, compile_mask: bool | None = 
     against ~14 ms eager and ~210 s to compile with the older `_compile=True` flag. Each call
     makes a new mask_mod closure over same-shaped tensors, which does not recompile.
     """
-    global _compiled_create_block_mask
     device = visibility.anchors.device
     if compile_mask is None:
         compile_mask = device.type == "cuda"
-    build = create_block_mask
-    if compile_mask:
-        if _compiled_create_block_mask is None:
-            _compiled_create_block_mask = torch.compile(create_block_mask)
-        build = _compiled_create_block_mask
+    build = compiled(create_block_mask) if compile_mask else create_block_mask
     return build(
         visibility.mask_mod(),
         visibility.batch_size,

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from dflash_core.lazy_compile import compiled
 from dflash_core.model.config import DrafterConfig
 
 AttentionMask = torch.Tensor | BlockMask  # dense bool [B, Q, T+Q] (True = may attend) or a BlockMask
@@ -116,20 +117,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # ----------------------------------------------------------------------------------- attention
 
-_compiled_flex = None
-
 
 def _flex(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_mask: BlockMask, scale: float
 ) -> torch.Tensor:
     """flex_attention, compiled on CUDA (the fused kernel); eager elsewhere (materializes scores)."""
-    global _compiled_flex
-    if q.device.type == "cuda":
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention)
-        fn = _compiled_flex
-    else:
-        fn = flex_attention
+    fn = compiled(flex_attention) if q.device.type == "cuda" else flex_attention
     return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
