@@ -7,7 +7,8 @@
 whose tokenizer differs from the one the data is prepared with.
 
 Guarantees:
-- Every endpoint answers GetInfo at start-up and all serve the same verifier, else `GenerateError`.
+- Every endpoint answers GetInfo at start-up and all serve the same verifier (`ServiceSet`, retried
+  for `connect_timeout_s`), else `GenerateError`.
 - Prompts are cut into batches (`batch_size` prompts, and under half of gRPC's message limit for
   the request and for its replies); batches run concurrently over the endpoints (least busy
   first), `requests_per_endpoint` calls in flight per endpoint. Both default by backend: a vLLM
@@ -39,10 +40,10 @@ import grpc
 from dflash_core.config import PrepareDataConfig
 from dflash_core.data.regenerate import Complete, Regenerator, end_of_turn_ids
 from dflash_core.wire.codec import MAX_MESSAGE_BYTES
-from dflash_core.wire.identity import fingerprint_from_info
 from dflash_core.wire.pb import hidden_states_pb2 as pb
 from dflash_core.wire.pb import hidden_states_pb2_grpc as pb_grpc
-from services.hidden_states.endpoints import open_channel, parse_endpoint
+from services.hidden_states.endpoints import parse_endpoint
+from services.hidden_states.service_set import HiddenStateServiceError, ServiceSet
 
 __all__ = [
     "RETRYABLE",
@@ -82,9 +83,7 @@ class GenerateError(Exception):
 @dataclass
 class _Endpoint:
     address: str
-    channel: grpc.Channel
     stub: pb_grpc.HiddenStatesStub
-    info: pb.ServiceInfo | None = None
     in_flight: int = 0
 
 
@@ -122,15 +121,16 @@ class GenerateClient:
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.request_timeout_s = request_timeout_s
         self._lock = threading.Lock()
-        self._endpoints: list[_Endpoint] = []
         self._pool: ThreadPoolExecutor | None = None
+        self._services = ServiceSet(addresses)
+        self._endpoints = [
+            _Endpoint(e.address, pb_grpc.HiddenStatesStub(e.channel)) for e in self._services.endpoints
+        ]
         try:
-            for address in addresses:
-                channel = open_channel(address)
-                self._endpoints.append(_Endpoint(address, channel, pb_grpc.HiddenStatesStub(channel)))
-            for endpoint in self._endpoints:
-                endpoint.info = self._get_info(endpoint, timeout_s=connect_timeout_s)
-            self._check_same_verifier()
+            self._services.connect(timeout_s=connect_timeout_s)  # every endpoint, one verifier
+        except HiddenStateServiceError as exc:
+            self.close()
+            raise GenerateError(str(exc)) from None
         except BaseException:
             self.close()
             raise
@@ -153,13 +153,11 @@ class GenerateClient:
     @property
     def info(self) -> pb.ServiceInfo:
         """The ServiceInfo of the first endpoint (all serve the same verifier)."""
-        info = self._endpoints[0].info
-        assert info is not None
-        return info
+        return self._services.info
 
     @property
     def infos(self) -> dict[str, pb.ServiceInfo]:
-        return {e.address: e.info for e in self._endpoints if e.info is not None}
+        return self._services.infos
 
     @property
     def addresses(self) -> list[str]:
@@ -174,30 +172,6 @@ class GenerateClient:
     def max_length(self) -> int:
         """Longest prompt + max_new_tokens every endpoint accepts."""
         return min(info.max_length for info in self.infos.values())
-
-    def _get_info(self, endpoint: _Endpoint, *, timeout_s: float) -> pb.ServiceInfo:
-        try:
-            # wait_for_ready: a service still loading its verifier is waited for, up to the timeout.
-            return endpoint.stub.GetInfo(pb.GetInfoRequest(), timeout=timeout_s, wait_for_ready=True)
-        except grpc.RpcError as exc:
-            raise GenerateError(
-                f"hidden-state service at {endpoint.address} did not answer GetInfo within {timeout_s:g} s "
-                f"({exc.code().name}: {exc.details()}); is `dflash serve-hidden-states` running there?"
-            ) from None
-
-    def _check_same_verifier(self) -> None:
-        first = self._endpoints[0]
-        assert first.info is not None
-        for other in self._endpoints[1:]:
-            assert other.info is not None
-            problems = fingerprint_from_info(first.info).mismatches(
-                fingerprint_from_info(other.info), this_side=first.address, other_side=other.address
-            )
-            if problems:
-                raise GenerateError(
-                    f"the endpoints serve different verifiers ({first.address} vs {other.address}):\n  "
-                    + "\n  ".join(problems)
-                )
 
     # ------------------------------------------------------------------ generation
     def complete(
@@ -327,8 +301,7 @@ class GenerateClient:
     def close(self) -> None:
         # Channels first: closing one cancels its calls in flight (after a failed batch, the
         # others need not run to their deadline), so the pool's threads end promptly.
-        for endpoint in self._endpoints:
-            endpoint.channel.close()
+        self._services.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
