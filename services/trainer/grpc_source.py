@@ -5,6 +5,11 @@
     source.prefetch(next_steps_requests)   # starts them moving; returns at once
     states = source.extract(this_step_requests)
 
+Start-up is `ServiceSet`'s (services/hidden_states/service_set.py): GetInfo from every endpoint,
+all serving one verifier, and endpoints that come up later taken in once they pass the same
+check. Each stream is an `ExtractStream` (extract_stream.py) that talks to this source through
+the `StreamOwner` methods below.
+
 How samples move:
 - Requests wait in one queue (`extract`'s go first, then prefetched ones in order). Every endpoint
   runs `streams_per_endpoint` Extract streams; each stream pulls the next request whenever the
@@ -39,69 +44,45 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import grpc
 
+from dflash_core.config import GenerateOfflineConfig, TrainConfig
 from dflash_core.verifier import VerifierFingerprint
-from dflash_core.wire import payload_channel
 from dflash_core.wire.codec import (
     WIRE_DTYPES,
     DecodedSample,
-    FrameAssembler,
     SampleBuffers,
-    WireError,
     check_finite_nonzero,
-    parse_frame,
     token_ids_digest,
 )
-from dflash_core.wire.identity import EXPECT_VERIFIER_KEY, fingerprint_from_info
-from dflash_core.wire.payload_channel import (
-    PAYLOAD_PORT_KEY,
-    PAYLOAD_TOKEN_KEY,
-    PayloadChannelError,
-    RecordReader,
-    new_token,
-)
+from dflash_core.wire.identity import fingerprint_from_info
 from dflash_core.wire.pb import hidden_states_pb2 as pb
-from dflash_core.wire.pb import hidden_states_pb2_grpc as pb_grpc
-from services.hidden_states.endpoints import open_channel, parse_endpoint
-from services.trainer.endpoint_health import CircuitBreaker
+from services.hidden_states.service_set import HiddenStateServiceError, ServiceSet
+from services.trainer.extract_stream import (
+    RETRYABLE,
+    ExtractCall,
+    ExtractStream,
+    PayloadTransport,
+    StreamEndpoint,
+    StreamSettings,
+)
 from services.trainer.sources import SampleHiddenStates, SampleRequest
+
+__all__ = ["GrpcSource", "HiddenStateServiceError", "PayloadTransport"]
 
 logger = logging.getLogger(__name__)
 
-# Transient: the service restarts, the network blips, the service is saturated.
-RETRYABLE = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.ABORTED,
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.UNKNOWN,
-}
-_CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
-EXTRACT_METHOD = f"/{pb.DESCRIPTOR.services_by_name['HiddenStates'].full_name}/Extract"
 # A sample the service fails on this many times is an error, not bad luck.
 MAX_SAMPLE_FAILURES = 3
 # Once one endpoint answered at start-up, how long to wait for the others before going ahead.
 OTHER_ENDPOINTS_GRACE_S = 10.0
-# Connecting to the payload port and getting the token acknowledged: loopback or a LAN takes
-# milliseconds; past this the call goes on in-band rather than wait.
-PAYLOAD_CONNECT_TIMEOUT_S = 5.0
-# After a call ends cleanly the service has already written RECORD_END; reading up to it is quick.
-PAYLOAD_DRAIN_TIMEOUT_S = 5.0
-PayloadTransport = Literal["auto", "grpc"]
-
-
-class HiddenStateServiceError(RuntimeError):
-    """The service cannot deliver: a configuration mismatch, a rejected sample, or nobody answers."""
+# Give up when no endpoint delivered anything for this long (as TrainConfig.service_timeout_s).
+DEFAULT_TIMEOUT_S = 300.0
 
 
 @dataclass
@@ -110,57 +91,15 @@ class _Pending:
     digest: bytes
     num_bytes: int  # what the answer will occupy: counted against inflight_bytes once sent
     urgent: bool = False  # asked for by `extract`: sent even over the byte budget
-    call: _Call | None = None  # the call it was sent on; None while queued
+    call: ExtractCall | None = None  # the call it was sent on; None while queued
     failures: int = 0  # per-sample errors the service reported (INTERNAL, ...)
     result: SampleHiddenStates | None = None
     error: HiddenStateServiceError | None = None
 
 
-@dataclass(eq=False)
-class _Call:
-    """One Extract call: what was sent on it and not answered yet. Dead calls hand those back."""
-
-    stream: _Stream
-    assigned: set[int] = field(default_factory=set)
-    alive: bool = True
-
-
-@dataclass
-class _Endpoint:
-    address: str
-    channel: grpc.Channel
-    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
-    info: pb.ServiceInfo | None = None
-    delivered: int = 0
-    delivered_on_payload_channel: int = 0  # of `delivered`: samples that came off gRPC
-    payload_connections: int = 0  # calls whose payload connection was bound
-    payload_fallback: str | None = None  # why the last call went in-band (warned once per reason)
-    # The endpoint's streams fall back concurrently: the check-and-set of `payload_fallback` is
-    # under this lock, or two streams meeting the same refusal would both warn.
-    fallback_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-
-def query_service_info(endpoints: Sequence[str], *, timeout_s: float = 60.0) -> pb.ServiceInfo:
-    """GetInfo of the first endpoint that answers (to learn what a service serves before using it)."""
-    deadline = time.monotonic() + timeout_s
-    errors: dict[str, str] = {}
-    while True:
-        for endpoint in endpoints:
-            address = parse_endpoint(endpoint)
-            with open_channel(address) as channel:
-                try:
-                    return pb_grpc.HiddenStatesStub(channel).GetInfo(pb.GetInfoRequest(), timeout=5.0)
-                except grpc.RpcError as exc:
-                    errors[address] = f"{exc.code().name}: {exc.details()}"
-        if time.monotonic() >= deadline:
-            raise HiddenStateServiceError(
-                f"no hidden-state service answered within {timeout_s:.0f} s: "
-                + "; ".join(f"{a}: {m}" for a, m in errors.items())
-            )
-        time.sleep(0.5)
-
-
 class GrpcSource:
+    """Hidden states from a set of service endpoints (module docstring); `close` when done."""
+
     def __init__(
         self,
         endpoints: Sequence[str],
@@ -169,7 +108,7 @@ class GrpcSource:
         expected: VerifierFingerprint | None = None,
         inflight_bytes: int = 1 << 30,
         streams_per_endpoint: int = 2,
-        timeout_s: float = 300.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         connect_timeout_s: float | None = None,
         payload_transport: PayloadTransport = "auto",
     ) -> None:
@@ -181,20 +120,25 @@ class GrpcSource:
         self._target_layer_ids = [int(i) for i in target_layer_ids]
         self.inflight_bytes = inflight_bytes
         self.timeout_s = timeout_s
-        self._endpoints = [
-            _Endpoint(address=parse_endpoint(e), channel=open_channel(parse_endpoint(e))) for e in endpoints
-        ]
-        info = self._first_info(connect_timeout_s if connect_timeout_s is not None else timeout_s)
-        self._fingerprint = fingerprint_from_info(info)
-        if expected is not None:
-            self._check_expected(expected, info)
-        self._expected_json = json.dumps((expected or self._fingerprint).model_dump())
-        self._check_layers(info)
-        self._dtype = WIRE_DTYPES.get(info.dtype)
-        if self._dtype is None:
-            raise HiddenStateServiceError(
-                f"the service sends dtype {info.dtype!r}, which this trainer cannot read"
+        self._services = ServiceSet(endpoints)
+        try:
+            info = self._services.connect(
+                timeout_s=connect_timeout_s if connect_timeout_s is not None else timeout_s,
+                others_grace_s=OTHER_ENDPOINTS_GRACE_S,
             )
+            self._fingerprint = fingerprint_from_info(info)
+            if expected is not None:
+                self._check_expected(expected, info)
+            self._check_layers(info)
+            dtype = WIRE_DTYPES.get(info.dtype)
+            if dtype is None:
+                raise HiddenStateServiceError(
+                    f"the service sends dtype {info.dtype!r}, which this trainer cannot read"
+                )
+        except BaseException:
+            self._services.close()
+            raise
+        self._dtype = dtype
         # Layer N rides along for the training targets; asked for once when it is an aux id too
         # (the service refuses a repeated id).
         num_layers = self._fingerprint.num_layers
@@ -203,11 +147,9 @@ class GrpcSource:
             *([] if num_layers in self._target_layer_ids else [num_layers]),
         ]
         self._last_index = self._layer_ids.index(num_layers)
-        self._bytes_per_token = len(self._layer_ids) * self._fingerprint.hidden_size * self._dtype.itemsize
+        bytes_per_token = len(self._layer_ids) * self._fingerprint.hidden_size * dtype.itemsize
+        self._bytes_per_token = bytes_per_token
 
-        # Reused sample memory (no page faults per sample). The trainer holds consumed samples
-        # for a step beside those in flight, hence twice the budget.
-        self._buffers = SampleBuffers(2 * inflight_bytes)
         self._cond = threading.Condition()
         self._queue: collections.deque[int] = collections.deque()
         self._pending: dict[int, _Pending] = {}
@@ -215,13 +157,52 @@ class GrpcSource:
         self._last_progress = time.monotonic()
         self._fatal: HiddenStateServiceError | None = None
         self._closing = False
+        settings = StreamSettings(
+            layer_ids=self._layer_ids,
+            expected_json=json.dumps((expected or self._fingerprint).model_dump()),
+            payload_transport=payload_transport,
+            # Reused sample memory (no page faults per sample). The trainer holds consumed
+            # samples for a step beside those in flight, hence twice the budget.
+            buffers=SampleBuffers(2 * inflight_bytes),
+            bytes_per_token=bytes_per_token,
+        )
+        self._endpoints = [StreamEndpoint(service=e) for e in self._services.endpoints]
         self._streams = [
-            _Stream(self, endpoint, index)
+            ExtractStream(self, endpoint, index=index, settings=settings, services=self._services)
             for endpoint in self._endpoints
             for index in range(streams_per_endpoint)
         ]
         for stream in self._streams:
             stream.start()
+
+    @classmethod
+    def from_config(
+        cls,
+        config: TrainConfig | GenerateOfflineConfig,
+        *,
+        target_layer_ids: Sequence[int],
+        expected: VerifierFingerprint,
+        inflight_bytes: int | None = None,
+        streams_per_endpoint: int | None = None,
+    ) -> GrpcSource:
+        """The source on `config`'s endpoints with its transfer settings. `inflight_bytes` and
+        `streams_per_endpoint` override the config's (live evaluation runs a small client)."""
+        if isinstance(config, TrainConfig):
+            assert config.hidden_states_endpoint, "the config names no hidden-state service"
+            endpoints, timeout_s = config.hidden_states_endpoint, config.service_timeout_s
+        else:
+            endpoints, timeout_s = config.vllm_endpoint, DEFAULT_TIMEOUT_S
+        return cls(
+            endpoints,
+            target_layer_ids=target_layer_ids,
+            expected=expected,
+            inflight_bytes=config.inflight_bytes if inflight_bytes is None else inflight_bytes,
+            streams_per_endpoint=(
+                config.streams_per_endpoint if streams_per_endpoint is None else streams_per_endpoint
+            ),
+            timeout_s=timeout_s,
+            payload_transport=config.payload_transport,
+        )
 
     # ------------------------------------------------------------------ identity
     @property
@@ -234,66 +215,8 @@ class GrpcSource:
 
     @property
     def service_info(self) -> pb.ServiceInfo:
-        info = next((e.info for e in self._endpoints if e.info is not None), None)
-        assert info is not None  # the constructor got one
-        return info
-
-    def _first_info(self, timeout_s: float) -> pb.ServiceInfo:
-        """GetInfo from every endpoint that answers within `timeout_s` (at least one must)."""
-        deadline = time.monotonic() + timeout_s
-        errors: dict[str, str] = {}
-        first_answer: float | None = None
-        while True:
-            for endpoint in self._endpoints:
-                if endpoint.info is not None:
-                    continue
-                try:
-                    endpoint.info = pb_grpc.HiddenStatesStub(endpoint.channel).GetInfo(
-                        pb.GetInfoRequest(), timeout=min(5.0, max(deadline - time.monotonic(), 0.1))
-                    )
-                except grpc.RpcError as exc:
-                    if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-                        # A missing or wrong token: waiting does not fix it.
-                        raise HiddenStateServiceError(
-                            f"{endpoint.address}: {exc.details()} ({exc.code().name})"
-                        ) from None
-                    errors[endpoint.address] = f"{exc.code().name}: {exc.details()}"
-            infos = [e for e in self._endpoints if e.info is not None]
-            now = time.monotonic()
-            if infos and first_answer is None:
-                first_answer = now
-            if len(infos) == len(self._endpoints):
-                break
-            if first_answer is not None and now - first_answer >= OTHER_ENDPOINTS_GRACE_S:
-                break  # the rest join when they come up (their streams keep trying)
-            if now >= deadline:
-                if infos:
-                    break
-                raise HiddenStateServiceError(
-                    f"no hidden-state service answered within {timeout_s:.0f} s: "
-                    + "; ".join(f"{a}: {m}" for a, m in errors.items())
-                    + ". Start one with `dflash serve-hidden-states MODEL --target-layer-ids ...`"
-                )
-            time.sleep(0.5)
-        first = infos[0]
-        for other in infos[1:]:
-            problems = fingerprint_from_info(first.info).mismatches(  # type: ignore[arg-type]
-                fingerprint_from_info(other.info),  # type: ignore[arg-type]
-                this_side=first.address,
-                other_side=other.address,
-            )
-            if problems:
-                raise HiddenStateServiceError(
-                    "the hidden-state endpoints serve different verifiers:\n  " + "\n  ".join(problems)
-                )
-        for endpoint in self._endpoints:
-            if endpoint.info is None:
-                logger.warning(
-                    "hidden-state endpoint %s is not answering yet (%s)",
-                    endpoint.address,
-                    errors.get(endpoint.address),
-                )
-        return first.info  # type: ignore[return-value]
+        """What the endpoints serve (the first that answered; all serve the same verifier)."""
+        return self._services.info
 
     def _check_expected(self, expected: VerifierFingerprint, info: pb.ServiceInfo) -> None:
         problems = expected.mismatches(fingerprint_from_info(info), this_side="trainer", other_side="service")
@@ -383,11 +306,18 @@ class GrpcSource:
             stream.cancel()
         for stream in self._streams:
             stream.join(timeout=10)
-        for endpoint in self._endpoints:
-            endpoint.channel.close()
+        self._services.close()
 
-    # ------------------------------------------------------------------ called by streams
-    def _next_request(self, call: _Call) -> pb.ExtractRequest | None:
+    # ------------------------------------------------------------------ called by streams (StreamOwner)
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
+    def stopped(self) -> bool:
+        return self._closing or self._fatal is not None
+
+    def next_request(self, call: ExtractCall) -> pb.ExtractRequest | None:
         """Block until a request may be sent on `call` within the byte budget; None = stop."""
         with self._cond:
             while True:
@@ -421,8 +351,8 @@ class GrpcSource:
         self._bytes_sent -= pending.num_bytes
         self._queue.appendleft(sample_id)
 
-    def _deliver(self, call: _Call, decoded: DecodedSample, *, on_payload_channel: bool = False) -> None:
-        endpoint = call.stream.endpoint
+    def deliver(self, call: ExtractCall, decoded: DecodedSample, *, on_payload_channel: bool = False) -> None:
+        endpoint = call.endpoint
         with self._cond:
             pending = self._pending.get(decoded.sample_id)
             if pending is None or pending.call is not call or pending.result is not None:
@@ -469,8 +399,8 @@ class GrpcSource:
             return f"sample {sample_id}: dtype {tensor.dtype}, the service announced {self._dtype}"
         return check_finite_nonzero(tensor, what=f"sample {sample_id}")
 
-    def _reject(self, call: _Call, sample_id: int, code: grpc.StatusCode, message: str) -> None:
-        endpoint = call.stream.endpoint
+    def reject(self, call: ExtractCall, sample_id: int, code: grpc.StatusCode, message: str) -> None:
+        endpoint = call.endpoint
         with self._cond:
             pending = self._pending.get(sample_id)
             if pending is None or pending.call is not call:
@@ -489,7 +419,7 @@ class GrpcSource:
                 pending.error = HiddenStateServiceError(f"{endpoint.address}: {message} ({code.name})")
             self._cond.notify_all()
 
-    def _give_back(self, call: _Call) -> None:
+    def give_back(self, call: ExtractCall) -> None:
         """The call ended: its unanswered requests go back to the front of the queue."""
         with self._cond:
             call.alive = False
@@ -500,216 +430,13 @@ class GrpcSource:
             if orphans:
                 logger.warning(
                     "%s: call lost with %d sample(s) in flight; they are re-sent",
-                    call.stream.endpoint.address,
+                    call.endpoint.address,
                     len(orphans),
                 )
             self._cond.notify_all()
 
-    def _fail(self, error: HiddenStateServiceError) -> None:
+    def fail(self, error: HiddenStateServiceError) -> None:
         with self._cond:
             if self._fatal is None:
                 self._fatal = error
             self._cond.notify_all()
-
-
-class _Stream(threading.Thread):
-    """One Extract call at a time to one endpoint, reconnecting until the source closes."""
-
-    def __init__(self, source: GrpcSource, endpoint: _Endpoint, index: int) -> None:
-        super().__init__(name=f"hidden-states-{endpoint.address}-{index}", daemon=True)
-        self.source = source
-        self.endpoint = endpoint
-        self._rpc: grpc.Future | None = None
-        self._stub = pb_grpc.HiddenStatesStub(endpoint.channel)
-        # Extract by hand: `parse_frame` leaves each payload a view of the received bytes (the
-        # generated stub would copy it into a message first), so frames land with one copy.
-        self._extract = endpoint.channel.stream_stream(
-            EXTRACT_METHOD,
-            request_serializer=pb.ExtractRequest.SerializeToString,
-            response_deserializer=parse_frame,
-        )
-
-    def cancel(self) -> None:
-        rpc = self._rpc
-        if rpc is not None:
-            rpc.cancel()
-
-    def run(self) -> None:
-        source, breaker = self.source, self.endpoint.breaker
-        while not source._closing and source._fatal is None:
-            resume_at = time.monotonic() + breaker.wait_before_attempt()
-            while time.monotonic() < resume_at and not source._closing:
-                time.sleep(min(resume_at - time.monotonic(), 0.2))  # short naps so close() is prompt
-            if source._closing:
-                return
-            call = _Call(stream=self)
-            try:
-                if self.endpoint.info is None and not self._check_late_endpoint():
-                    return
-                self._run_call(call)
-            except grpc.RpcError as exc:
-                if source._closing:
-                    return
-                code, message = exc.code(), f"{exc.code().name}: {exc.details()}"
-                if code not in RETRYABLE:
-                    # FAILED_PRECONDITION (another verifier), UNIMPLEMENTED, ...: no retry fixes it.
-                    source._fail(
-                        HiddenStateServiceError(f"{self.endpoint.address}: {exc.details()} ({code.name})")
-                    )
-                    return
-                breaker.record_failure(message)
-                logger.warning("%s: %s (%s)", self.endpoint.address, message, breaker.describe())
-            except WireError as exc:
-                breaker.record_failure(f"malformed response: {exc}")
-                logger.error("%s: malformed response: %s", self.endpoint.address, exc)
-            except PayloadChannelError as exc:
-                if source._closing:
-                    return
-                breaker.record_failure(f"payload connection: {exc}")
-                logger.warning(
-                    "%s: payload connection failed: %s (%s)", self.endpoint.address, exc, breaker.describe()
-                )
-            finally:
-                self._rpc = None
-                source._give_back(call)
-
-    def _run_call(self, call: _Call) -> None:
-        info = self.endpoint.info
-        offer = self.source.payload_transport == "auto" and info is not None and info.payload_port != 0
-        token = new_token() if offer else None
-        metadata = [(EXPECT_VERIFIER_KEY, self.source._expected_json)]
-        if token is not None:
-            metadata.append((PAYLOAD_TOKEN_KEY, token.hex()))
-        rpc = self._extract(self._requests(call), metadata=tuple(metadata))
-        self._rpc = rpc
-        sock = self._open_payload_channel(rpc, token) if token is not None else None
-        if sock is None:
-            self._read_responses(call, rpc)
-            return
-        reader = _PayloadReader(self, call, sock, rpc)
-        reader.start()
-        clean = False
-        try:
-            self._read_responses(call, rpc)  # errors, the end, and samples sent before the binding
-            clean = True
-        except grpc.RpcError:
-            if reader.failure is not None:
-                raise reader.failure from None  # the connection broke first and cancelled the call
-            raise
-        finally:
-            reader.stop(drain_s=PAYLOAD_DRAIN_TIMEOUT_S if clean else 0.0)
-        if reader.failure is not None:
-            raise reader.failure
-
-    def _open_payload_channel(self, rpc: grpc.Future, token: bytes) -> socket.socket | None:
-        """The call's payload connection, or None: the call goes on in-band."""
-        # The service answers a token at once with its initial metadata (servicer.py).
-        metadata = dict(rpc.initial_metadata() or ())
-        port = metadata.get(PAYLOAD_PORT_KEY)
-        if port is None:
-            if not rpc.done():  # a call that failed says why in the response loop
-                self._fall_back("the service offered no payload port for this call")
-            return None
-        host = self.endpoint.address.rpartition(":")[0].strip("[]")  # the host we dialled for gRPC
-        try:
-            sock = payload_channel.connect(host, int(port), token, timeout_s=PAYLOAD_CONNECT_TIMEOUT_S)
-        except (OSError, ValueError) as exc:
-            self._fall_back(f"payload port {host}:{port}: {exc or type(exc).__name__}")
-            return None
-        with self.endpoint.fallback_lock:
-            self.endpoint.payload_fallback = None
-            self.endpoint.payload_connections += 1
-        return sock
-
-    def _fall_back(self, reason: str) -> None:
-        with self.endpoint.fallback_lock:
-            if self.endpoint.payload_fallback == reason:
-                return
-            self.endpoint.payload_fallback = reason
-        logger.warning(
-            "%s: frames travel in-band on gRPC, not on the payload side channel: %s",
-            self.endpoint.address,
-            reason,
-        )
-
-    def _read_responses(self, call: _Call, rpc: grpc.Future) -> None:
-        assembler = FrameAssembler(self.source._buffers)
-        for response in rpc:
-            if response.HasField("error"):
-                code = _CODE_BY_NUMBER.get(response.error.code, grpc.StatusCode.UNKNOWN)
-                self.source._reject(call, response.sample_id, code, response.error.message)
-                continue
-            decoded = assembler.add(response)
-            if decoded is not None:
-                self.source._deliver(call, decoded)
-                self.endpoint.breaker.record_success()
-
-    def _requests(self, call: _Call) -> Iterator[pb.ExtractRequest]:
-        while True:
-            request = self.source._next_request(call)
-            if request is None:
-                return
-            yield request
-
-    def _check_late_endpoint(self) -> bool:
-        """An endpoint that was down at start must serve the same verifier and layers too."""
-        info = self._stub.GetInfo(pb.GetInfoRequest(), timeout=10.0)
-        problems = self.source.fingerprint.mismatches(
-            fingerprint_from_info(info), this_side="other endpoints", other_side=self.endpoint.address
-        )
-        missing = [i for i in self.source._layer_ids if i not in info.layer_ids]
-        if problems or missing:
-            detail = problems + ([f"layer ids {missing} are not served"] if missing else [])
-            message = f"{self.endpoint.address} serves something else:\n  " + "\n  ".join(detail)
-            self.source._fail(HiddenStateServiceError(message))
-            return False
-        self.endpoint.info = info
-        return True
-
-
-class _PayloadReader(threading.Thread):
-    """Reads one call's payload connection and delivers its samples, until `stop` or a failure.
-
-    A failure (the connection closes without RECORD_END, or a malformed record) is kept in
-    `failure` and cancels the call, so the stream's usual path gives the call's unanswered
-    samples back and reconnects.
-    """
-
-    def __init__(self, stream: _Stream, call: _Call, sock: socket.socket, rpc: grpc.Future) -> None:
-        super().__init__(name=f"{stream.name}-payload", daemon=True)
-        self.stream, self.call, self.sock, self.rpc = stream, call, sock, rpc
-        info = stream.endpoint.info
-        assert info is not None  # checked before any call runs
-        self.records = RecordReader(
-            sock,
-            buffers=stream.source._buffers,
-            # No request may get more: a larger announcement is a broken stream, not a sample.
-            max_sample_bytes=max(info.max_length, 1) * stream.source._bytes_per_token,
-        )
-        self.failure: PayloadChannelError | WireError | None = None
-        self._stopping = threading.Event()
-
-    def run(self) -> None:
-        source, endpoint = self.stream.source, self.stream.endpoint
-        try:
-            while (decoded := self.records.read()) is not None:
-                source._deliver(self.call, decoded, on_payload_channel=True)
-                endpoint.breaker.record_success()
-        except Exception as exc:
-            if self._stopping.is_set():
-                return  # `stop` closed the connection under the read
-            if isinstance(exc, PayloadChannelError | WireError):
-                self.failure = exc
-            else:
-                if not isinstance(exc, OSError):
-                    logger.exception("%s: payload reader failed", endpoint.address)
-                self.failure = PayloadChannelError(f"the payload connection broke: {exc}")
-            self.rpc.cancel()
-
-    def stop(self, *, drain_s: float) -> None:
-        """Wait up to `drain_s` for RECORD_END, then close the connection and join."""
-        if drain_s > 0:
-            self.join(drain_s)
-        self._stopping.set()
-        payload_channel.close(self.sock)
-        self.join()

@@ -374,14 +374,12 @@ def build_live_acceptance(
             )
             continue_greedily, max_length = service_continuations(client), client.max_length
             # A client of its own, outside the sample cache: eval ids never meet training sample ids.
-            hidden_states = GrpcSource(
-                config.hidden_states_endpoint,
+            hidden_states = GrpcSource.from_config(
+                config,
                 target_layer_ids=target_layer_ids,
                 expected=fingerprint,
                 inflight_bytes=min(config.inflight_bytes, 256 << 20),
                 streams_per_endpoint=1,
-                timeout_s=config.service_timeout_s,
-                payload_transport=config.payload_transport,
             )
             opened.callback(hidden_states.close)
             where = f"service {', '.join(config.hidden_states_endpoint)}"

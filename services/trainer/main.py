@@ -91,15 +91,7 @@ def build_source(
     inner: HiddenStateSource | None = None
     if config.on_missing == "generate":
         if config.hidden_states_endpoint:
-            inner = GrpcSource(
-                config.hidden_states_endpoint,
-                target_layer_ids=target_layer_ids,
-                expected=fingerprint,
-                inflight_bytes=config.inflight_bytes,
-                streams_per_endpoint=config.streams_per_endpoint,
-                timeout_s=config.service_timeout_s,
-                payload_transport=config.payload_transport,
-            )
+            inner = GrpcSource.from_config(config, target_layer_ids=target_layer_ids, expected=fingerprint)
         else:
             assert model is not None, "computing hidden states in-process needs the verifier"
             inner = InProcessSource(model=model, fingerprint=fingerprint, target_layer_ids=target_layer_ids)

@@ -17,9 +17,10 @@ from tqdm import tqdm
 from dflash_core.config import GenerateOfflineConfig
 from dflash_core.data.prepare import load_prepared
 from dflash_core.wire.identity import fingerprint_from_info
+from services.hidden_states.service_set import query_service_info
 from services.trainer.batches import TokenRows
 from services.trainer.cache import HiddenStateCache
-from services.trainer.grpc_source import GrpcSource, query_service_info
+from services.trainer.grpc_source import GrpcSource
 from services.trainer.preflight import check_data_matches_verifier
 from services.trainer.sources import SampleRequest
 
@@ -69,14 +70,7 @@ def fill_cache(config: GenerateOfflineConfig) -> FillReport:
     logger.info("%d of %d samples to fetch into %s (layer ids %s)", len(todo), count, cache.folder, layer_ids)
     if not todo:
         return report
-    source = GrpcSource(
-        config.vllm_endpoint,
-        target_layer_ids=layer_ids,
-        expected=fingerprint,
-        inflight_bytes=config.inflight_bytes,
-        streams_per_endpoint=config.streams_per_endpoint,
-        payload_transport=config.payload_transport,
-    )
+    source = GrpcSource.from_config(config, target_layer_ids=layer_ids, expected=fingerprint)
     try:
         requests = [SampleRequest(sample_id=i, input_ids=rows.get(i)[0]) for i in todo]
         source.prefetch(requests)  # the source's byte budget paces the service
