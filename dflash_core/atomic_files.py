@@ -41,18 +41,21 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path to write; on a clean exit it replaces `path` (fsynced, renamed)."""
+def atomic_file(path: str | Path, *, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary path to write; on a clean exit it replaces `path` (renamed; fsynced first
+    and after unless `durable=False`, for files a reader can rebuild: a cache)."""
     path = Path(path)
     tmp = temp_sibling(path)
     try:
         yield tmp
-        fsync_file(tmp)
+        if durable:
+            fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

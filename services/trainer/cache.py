@@ -178,8 +178,9 @@ class HiddenStateCache:
         }
         try:
             self._ensure_folder()
-            # Atomic: readers see all of a sample or nothing.
-            with atomic_files.atomic_file(self.path_for(states.sample_id)) as tmp:
+            # Atomic: readers see all of a sample or nothing. Not fsynced: one fsync per sample
+            # would slow the trainer's hot path for data a later run can compute again.
+            with atomic_files.atomic_file(self.path_for(states.sample_id), durable=False) as tmp:
                 save_file(tensors, str(tmp))
         except OSError as exc:
             self.writable = False
