@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from dflash_core.eval_config import EvalConfig
 from dflash_core.config_args import add_config_arguments, config_from_args
+from dflash_core.eval_config import EvalConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

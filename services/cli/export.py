@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from dflash_core.eval_config import ExportConfig
 from dflash_core.config_args import add_config_arguments, config_from_args
+from dflash_core.eval_config import ExportConfig
 
 logger = logging.getLogger(__name__)
 
