@@ -7,7 +7,7 @@
     Agent...       the trainer agents' protocol (register, heartbeat, claim; services/agent/)
     ...Public      everything else the API returns
 
-The job spec IS `dflash_core.config.TrainConfig` (STYLE rule 2): the same fields, defaults and
+The job spec IS `dflash_core.config.TrainConfig` (one config, written once): the same fields, defaults and
 checks as `dflash train`, unknown fields refused.
 """
 
