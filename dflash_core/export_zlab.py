@@ -1,35 +1,13 @@
 """Our checkpoints (speculators layout) <-> the z-lab / SGLang DFlash layout, both directions.
 
-Facts about the z-lab layout (read from github:z-lab/dflash `dflash/model.py`, SGLang's
-`speculative/dflash_utils.py` and speculators' `convert/dflash/converter.py`; no code copied):
-
-- config.json is a Qwen3 config (`model_type: "qwen3"`, heads, head_dim, RoPE, `layer_types`, ...)
-  plus `architectures: ["DFlashDraftModel"]`, `block_size`, `num_target_layers` (the verifier's
-  decoder layers) and `dflash_config: {mask_token_id, target_layer_ids}`. z-lab's hub folders
-  also carry `auto_map` and their `dflash.py` for `trust_remote_code`; SGLang and vLLM do not need
-  them, and we do not ship z-lab's code (copy `dflash.py` in yourself for transformers loading).
-- Tensors: `fc.weight`, `hidden_norm.weight`, `layers.{i}.…` (Qwen3 names, q/k norms included),
-  `norm.weight`, with no `model.` prefix and no embedding or LM head (both borrowed from the
-  verifier): exactly our names, so weights are copied unchanged.
-- Layer ids are shifted by one. z-lab's `extract_context_feature` reads
-  `output_hidden_states[layer_id + 1]`, i.e. the OUTPUT of decoder layer `layer_id`; SGLang's
-  notes say the same ("hidden states after each selected target layer; SGLang captures before
-  layer i, so +1"). Our id L (docs/architecture.md) is what ENTERS layer L = the output of layer L - 1, so
-
-      z-lab id = our id - 1            our id = z-lab id + 1
-
-  Our id 0 (the embedding output) has no z-lab id: export refuses it. Our id N (the last layer's
-  output before the final norm) becomes z-lab N - 1, which z-lab's transformers reference reads
-  as `output_hidden_states[N]`, AFTER the final norm; export warns (vLLM and SGLang tap the
-  residual stream instead). Storing ids unshifted trains fine and accepts ~1 token: the tests
-  check the shift against transformers' own `output_hidden_states`.
-- In-block attention: all-full drafters are bidirectional everywhere (no key). For sliding
-  layers vLLM reads `dflash_config.causal` as the in-block switch (default: causal), so export
-  writes it from our `sliding_window_non_causal`.
-- No draft vocab: the z-lab layout has no `d2t`/`t2d`; drafters with a reduced vocab are refused.
-
-The verifier's name is not part of z-lab's format; export records it under `target_model_name_or_path`
-/ `target_architectures` (extra keys every reader ignores) so an import gets it back.
+The layout (read from z-lab's `dflash/model.py`, SGLang's `speculative/dflash_utils.py` and
+speculators' `convert/dflash/converter.py`; no code copied) is described in
+docs/eval_and_export.md. Invariants:
+- tensors keep our names and are copied unchanged;
+- layer ids shift by one: z-lab id = our id - 1 (our id 0 is refused; our id N warns);
+- a reduced draft vocab is refused (the layout has no `d2t`/`t2d`);
+- the verifier's name travels under `target_model_name_or_path` / `target_architectures`, keys
+  every reader ignores, so ours -> z-lab -> ours gives back the same config.json.
 """
 
 from __future__ import annotations
@@ -74,7 +52,9 @@ class ExportError(ValueError):
 
 
 def to_zlab_layer_ids(ids: list[int]) -> list[int]:
-    """Our ids (id L = residual entering layer L) -> z-lab ids (output of layer id)."""
+    """Our ids (id L = residual entering layer L) -> z-lab ids (output of layer id).
+
+    A missing shift fails silently: the drafter still loads and accepts about one token."""
     if 0 in ids:
         raise ExportError(
             f"aux layer ids {ids} include 0 (the embedding output), which the z-lab layout cannot express: "
@@ -112,7 +92,7 @@ def detect_layout(folder: str | Path) -> Layout:
 def zlab_config(
     cfg: DrafterConfig, *, num_target_layers: int | None, dtype: torch.dtype | str = "float32"
 ) -> dict[str, Any]:
-    """The z-lab config.json dict for `cfg` (see the module docstring)."""
+    """The z-lab config.json dict for `cfg` (the layout is in docs/eval_and_export.md)."""
     if cfg.has_reduced_vocab:
         raise ExportError(
             f"this drafter has a reduced draft vocab ({cfg.draft_vocab_size} of {cfg.vocab_size}); the z-lab "

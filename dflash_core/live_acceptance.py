@@ -1,37 +1,14 @@
 """Live acceptance: the tau of greedy speculative decoding, measured during training without decoding.
 
-Under greedy speculative decoding the committed tokens are always the verifier's own greedy
-continuation c_0 c_1 ... of the prompt (decoding is lossless), whatever the drafter proposes. So:
-
-- the verifier's hidden states of the committed context are those of ONE forward over
-  prompt + continuation (causal attention: a position never sees what follows it);
-- the drafter's proposal at a round depends only on that context and on the anchor token,
-  both fixed by the continuation, not on earlier rounds' acceptance.
-
-`dflash eval` (`dflash_core.spec_decode`) interleaves verifier and drafter forwards; here the
-verifier part is done once (the continuation and its hidden states never change while the
-drafter trains), the drafter proposes at EVERY position a round could anchor at, in batched
-training-style forwards (`dflash_core.objective.draft_blocks`, the code the drafter is trained
-with), and `replay_greedy` then walks the rounds exactly as `speculative_generate` does:
-
-    prompt at positions 0..n-1; the prefill commits c_0 (at position n; not a draft)
-    round with j tokens committed: the anchor c_{j-1} sits at position p = n + j - 1; the drafter
-        sees the context of positions < p and proposes B-1 tokens for p+1..p+B-1; accepted a =
-        the longest prefix equal to c_j .. c_{j+B-2}; c_j .. c_{j+a} are committed (a + 1 tokens)
-    stop at max_new_tokens tokens or an EOS among the newly committed ones (`reached_stop`)
-
-So tau = 1 + accepted / drafts and the acceptance per draft position come out as `dflash eval`
-counts them (`SpecDecodeStats`; the prefill is not a draft). A round may accept tokens past
-max_new_tokens or an EOS (vLLM counts those too), so the continuation is taken
-max_new_tokens + B - 1 tokens long, never stopping at an EOS (`continuation_length`).
-
-What may differ from `dflash eval`: only numerics. The drafter's context here comes from one
-full forward instead of block forwards over a KV cache, and the drafter runs its training
-forward instead of the cached one; in float32 both agree to ~1e-5 and the counts are identical
-(tests/services/trainer/test_live_acceptance.py). In bfloat16 a near-tie may round differently.
-
-Cost per evaluation: drafter forwards only, (max_new_tokens - 1) blocks per prompt, packed into
-the trainer's own row shape (`plan_draft_rows`); no verifier work.
+Greedy decoding is lossless, so the committed tokens are always the verifier's greedy continuation
+of the prompt, whatever the drafter proposes: the verifier's hidden states come from ONE forward
+over prompt + continuation, and the drafter's proposal at a round depends only on that. So the
+drafter proposes at EVERY position a round could anchor at, in batched training-style forwards
+(`dflash_core.objective.draft_blocks`), and `replay_greedy` walks the rounds as
+`speculative_generate` does: tau and the per-position acceptance come out as `dflash eval` counts
+them (`SpecDecodeStats`). Only numerics may differ (identical counts in float32,
+tests/services/trainer/test_live_acceptance.py). The continuation is max_new_tokens + B - 1 tokens,
+never stopped at an EOS (`continuation_length`); an evaluation costs drafter forwards only.
 """
 
 from __future__ import annotations
@@ -96,7 +73,9 @@ def replay_greedy(
     """The counters `speculative_generate` would give (greedy), from the drafter's proposals.
 
     drafts[j - 1]: the B-1 verifier token ids proposed with j tokens committed (the anchor
-    c_{j-1}), for j = 1 .. max_new_tokens - 1. See the module docstring for the rounds.
+    c_{j-1} at position n + j - 1), for j = 1 .. max_new_tokens - 1. A round accepts a = the
+    longest prefix equal to c_j .. c_{j+B-2} and commits c_j .. c_{j+a}; the prefill's c_0 is not
+    a draft. Stops at max_new_tokens tokens or an EOS among the newly committed ones.
     """
     B, max_new = block_size, sequence.max_new_tokens
     c = sequence.continuation

@@ -1,46 +1,16 @@
 """Speculative decoding with a DFlash drafter and a transformers verifier: what serving measures.
 
-One prompt at a time (batch 1). Positions are 0-based; p is the position of the last committed
-token (the "anchor", the bonus token of the previous verifier forward):
+One prompt at a time (batch 1); p is the position of the last committed token (the anchor):
 
-    prefill   verifier(prompt) at 0..n-1 with a DynamicCache; its argmax at n-1 is the first new
-              token (at position n); the aux hidden states of positions 0..n-1 become the
-              drafter's context
-    round     block = [token at p, mask × (B-1)] at positions p..p+B-1; the drafter attends to the
-              context of every committed position < p and to its own block, and proposes the
-              tokens at p+1..p+B-1 (slot k predicts position p+k, as in training)
-              verifier(block) in ONE forward over its cache: logits at p+k judge the draft at p+k+1
-              the longest prefix of drafts equal to the verifier's argmax (greedy) or accepted by
-              rejection sampling (temperature > 0) is committed, plus one token from the
-              verifier (the bonus); its cache is cropped to the committed length, and the aux
-              hidden states of the newly committed positions p..p+a (from that same forward,
-              whose inputs there were exactly the committed tokens) are appended to the context
-    stop      max_new_tokens new tokens or an EOS anywhere among the newly committed tokens (the
-              EOS is kept and what follows it is cut, as `generate` and vLLM do; `reached_stop`)
+    prefill  verifier(prompt): its argmax is the first new token; aux states of 0..n-1 = context
+    round    the drafter, over the context of positions < p, fills [token at p, mask x (B-1)];
+             verifier(block) in ONE cached forward; the longest accepted prefix plus the verifier's
+             bonus token is committed, its cache cropped, that forward's aux states appended
+    stop     max_new_tokens new tokens or an EOS among the newly committed ones (EOS kept)
 
-The drafter's context keys/values (k_norm + RoPE'd k_proj, and v_proj, of hidden_norm(fc(aux)))
-are computed once per committed position and appended to a per-layer cache, never recomputed
-(`DFlashProposer`). Aux hidden states follow docs/architecture.md (id L = the residual entering decoder
-layer L; id N = the last layer's output BEFORE the final norm) and are taken with forward hooks
-on the decoder layers (`dflash_core.capture.layer_taps`), never from `output_hidden_states`.
-
-Greedy decoding is lossless: the output equals the verifier's own greedy output token for token
-(tests/core/test_spec_decode.py). With temperature > 0 drafts are sampled from the drafter's
-distribution q and accepted with probability min(1, p/q), a rejection resamples from
-norm(max(p - q, 0)) (Leviathan et al. 2023, Chen et al. 2023): the output is distributed as
-the verifier's own sampling at that temperature (no top-k/top-p).
-
-Counting convention (the same as vLLM's spec-decode counters). A "draft" is one verifier
-forward that checked a block; the prefill's first token is NOT a draft and is not counted in
-tau, exactly as vLLM counts `spec_decode_num_drafts` only for steps that scored drafted tokens:
-
-    tau = 1 + accepted draft tokens / drafts        (vLLM's "mean acceptance length")
-        = mean tokens committed per verifier forward, over the forwards that checked a block
-
-Each forward's acceptance is counted in full even when max_new_tokens or an EOS then cuts the
-committed tokens short (vLLM counts before stopping too), so a drafter that is always right
-gives tau = B exactly and one that is always wrong gives tau = 1. `tokens_per_forward` is the
-other common figure: new tokens / all verifier forwards, the prefill included.
+Greedy is lossless (the verifier's own greedy output, token for token); temperature > 0 uses
+rejection sampling, so the output is distributed as the verifier's own sampling. Aux states follow
+docs/architecture.md, taken by hooks (`capture.layer_taps`); tau counts as vLLM's (`SpecDecodeStats`).
 """
 
 from __future__ import annotations
@@ -70,7 +40,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class SpecDecodeStats:
-    """Counters of one or more speculative generations; `merge` adds them up (see module docstring)."""
+    """Counters of one or more speculative generations; `merge` adds them up.
+
+    Counted as vLLM's spec-decode counters: a draft is one verifier forward that checked a block
+    (the prefill is not one), and tau = 1 + accepted / drafts, the mean tokens committed per such
+    forward (vLLM's "mean acceptance length"). A forward's acceptance counts in full even when
+    max_new_tokens or an EOS then cuts the committed tokens (vLLM counts before stopping too), so
+    an always-right drafter gives tau = B exactly and an always-wrong one 1.
+    """
 
     num_draft_tokens: int  # B - 1
     prompts: int = 0
@@ -335,7 +312,8 @@ def rejection_accept(
     the distribution drafts[k] was drawn from. Draft k is accepted with probability
     min(1, p_k(d) / q_k(d)); the first rejection draws from norm(max(p_k - q_k, 0)); if every
     draft is accepted the bonus is drawn from p_{B-1}. The committed tokens are then distributed
-    as sampling from p directly. Random numbers come from `generator` (CPU).
+    as sampling from p directly (Leviathan et al. 2023, Chen et al. 2023). Random numbers come
+    from `generator` (CPU).
     """
     for k, draft in enumerate(drafts):
         p, q = target_probs[k].float().cpu(), draft_probs[k].float().cpu()

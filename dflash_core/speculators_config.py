@@ -1,36 +1,12 @@
-"""config.json of a DFlash checkpoint in the speculators layout <-> `DrafterConfig` (docs/architecture.md).
+"""config.json of a DFlash checkpoint in the speculators layout <-> `DrafterConfig`.
 
-Facts about the readers this format serves (read from vLLM's `qwen3_dflash.py` and its
-`transformers_utils/configs/speculators/` package, and speculators' `models/dflash/`):
-
-- vLLM recognises a speculators checkpoint by the `speculators_config` key. It serves the model in
-  `speculators_config.verifier.name_or_path`, takes `speculators_model_type` as the method and
-  `proposal_methods[0].speculative_tokens` as the default `num_speculative_tokens`. It parses the
-  config without remote code, so `auto_map` (which speculators writes, pointing at a `config.py`
-  copy of its config class) is not needed and we do not write it.
-- `transformer_layer_config` becomes the draft's HF config (a Qwen3 config): vLLM builds every
-  draft layer from it (heads, head_dim, RoPE, eps, `layer_types`, `sliding_window`).
-- Layer ids: `aux_hidden_state_layer_ids` use the convention of docs/architecture.md (id L = HF
-  `hidden_states[L]`, what enters layer L). vLLM passes them on as
-  `eagle_aux_hidden_state_layer_ids` unchanged and derives `dflash_config.target_layer_ids` =
-  [L - 1 ...] (z-lab's "output of layer L - 1" indexing) itself. So we store our ids UNSHIFTED;
-  storing z-lab ids here would shift every plane by one layer and nothing would complain.
-- In-block causality, the key most likely to break silently. speculators trains full-attention
-  layers bidirectional inside a block, and sliding layers causal unless
-  `sliding_window_non_causal` is true. vLLM decides per layer: first a global override
-  `dflash_config.causal`, which its speculators converter derives from the top-level
-  `sliding_window_non_causal` (vLLM CPU 0.32: causal = not flag; newer releases only force
-  non-causal when the flag is true); without an override, sliding layers are causal and full
-  layers are not. A config that says `false` for all-full layers is served CAUSAL by the 0.32
-  rule although it was trained bidirectional, so we always write `true` when every layer is full.
-  vLLM defaults the flag to non-causal when it is absent while speculators defaults it to false:
-  we always write it. vLLM's V1 runner refuses drafters that mix sliding and full layers.
-- Vocab: with `draft_vocab_size < vocab_size` the checkpoint carries `d2t` [D] int64, where
-  `d2t[i]` is an OFFSET (target id = i + d2t[i]; vLLM loads it as `draft_id_to_target_id` and
-  scatters draft logits to `arange(D) + d2t`), `t2d` [V] bool (speculators' mask; vLLM skips it)
-  and the drafter's own `lm_head.weight` [D, H]. With the full vocab none of these, nor
-  `embed_tokens.weight`, is saved: both readers then borrow the verifier's embedding and head.
-- `mask_token_id` is required by vLLM (it fills block slots 1..B-1 with it).
+What the keys mean to vLLM and speculators is a contract (docs/architecture.md, "Checkpoint
+format"). Invariants of what this module writes:
+- `aux_hidden_state_layer_ids` in our convention, UNSHIFTED (vLLM shifts them itself);
+- `sliding_window_non_causal` always written, and `true` when every layer is full attention, so
+  vLLM serves the in-block causality the drafter was trained with;
+- `mask_token_id` always set (vLLM fills block slots 1..B-1 with it);
+- no `auto_map` (vLLM parses the config without remote code).
 """
 
 from __future__ import annotations
@@ -63,7 +39,14 @@ def _package_version(name: str) -> str | None:
 
 
 def _served_non_causal(cfg: DrafterConfig) -> bool:
-    """The `sliding_window_non_causal` value that makes vLLM reproduce what we trained."""
+    """The `sliding_window_non_causal` value that makes vLLM reproduce what we trained.
+
+    vLLM's speculators converter turns the flag into a global `dflash_config.causal` override
+    (0.32: causal = not flag; newer releases only force non-causal when it is true); without one,
+    sliding layers are causal and full layers are not. So all-full drafters get `true` (a `false`
+    would be served causal by 0.32 although trained bidirectional), and the flag is always written
+    because vLLM and speculators default it differently when it is absent.
+    """
     sliding = [t == "sliding_attention" for t in cfg.layer_types]
     if not any(sliding):
         if not cfg.sliding_window_non_causal:
@@ -93,7 +76,8 @@ def _max_window_layers(layer_types: list[str]) -> int:
 def drafter_config_to_speculators(
     cfg: DrafterConfig, *, dtype: torch.dtype | str = "float32"
 ) -> dict[str, Any]:
-    """The speculators `config.json` dict for `cfg` (every key speculators 0.9.0 writes but `auto_map`).
+    """The speculators `config.json` dict for `cfg` (every key speculators 0.9.0 writes but `auto_map`,
+    which points at a copy of speculators' config class: vLLM parses the config without remote code).
 
     `dtype` names the dtype the weights are stored in.
     """

@@ -1,38 +1,15 @@
 """Rewrite every assistant turn with the verifier's own reply (on-policy data), turn by turn.
 
-A drafter is trained to guess what the verifier will say. Replies written by the dataset's author
-(ShareGPT: old ChatGPT) teach it someone else's distribution, and acceptance drops at serving time
-without any error. So each assistant turn is replaced by the verifier's completion of the
-conversation up to that turn:
+Replies written by the dataset's author teach the drafter someone else's distribution, and
+acceptance drops at serving time without any error. So turn k becomes the verifier's completion of
+the chat template of messages[:k] (earlier replies already regenerated, add_generation_prompt=True).
+Round r sends the r-th assistant turn of every conversation still going in one `complete` call.
 
-    turn k's prompt = chat template of messages[:k] (earlier replies already regenerated)
-                      with add_generation_prompt=True, tokenized as `tokenize_conversations` does
-
-Turns are generated round by round: round r sends the r-th assistant turn of every conversation
-still going in one `complete` call, so the service sees large batches while each conversation stays
-sequential (turn k+1 needs turn k's reply).
-
-Decisions (each counted in `RegenerateCounts`, recorded with the data):
-
-- Replies are decoded to text (`skip_special_tokens=True`) and the conversation is rendered again
-  by prepare-data, exactly as a chat server renders the history. `complete` returns the reply
-  without its stop token: the template writes its own end-of-turn, so a kept `<|im_end|>` would
-  show up twice. Re-tokenizing the text gives the tokenizer's canonical split of the reply, which is
-  what a chat server feeds back for earlier turns; a trained verifier almost always emits that
-  split anyway.
-- A prompt longer than `max_prompt_tokens` (the service's max length minus max_new_tokens, and at
-  most `--seq-length - 1`, past which the reply would be truncated away) ends the conversation
-  before that turn: earlier regenerated turns are kept (`truncated`); if it is the first assistant
-  turn, the conversation is left out as a `RowError` (`too_long`). Never is an original reply kept
-  after a regenerated one: that row would mix two distributions.
-- An assistant turn not directly after a user turn (a greeting after the system prompt, two
-  replies in a row) has no prompt a chat server would ever see; such conversations are kept as
-  they are (`kept_as_is`), as are pre-tokenized rows (`pretokenized`), which have no text.
-- An empty reply (the verifier ends the turn at once) is kept: it is the verifier's behaviour, and
-  the end-of-turn token is still supervised (`empty_replies`).
-
-Pure logic: `complete` is any function from prompts to replies (the gRPC client in
-`services.hidden_states.generate_client`, or a plain function in tests).
+Invariants: an original reply is never kept after a regenerated one (a too-long prompt ends the
+conversation before that turn); conversations whose assistant turns do not follow user turns, and
+pre-tokenized rows, are kept as they are. Every decision is counted in `RegenerateCounts`.
+Pure logic: `complete` is any function from prompts to replies (the service's Generate client, or
+a plain function in tests).
 """
 
 from __future__ import annotations
@@ -128,6 +105,8 @@ def regenerate_conversations(
         counts.conversations += 1
         messages = record.messages
         turns = [i for i, m in enumerate(messages) if m.role == "assistant"]
+        # An assistant turn not right after a user turn (a greeting after the system prompt, two
+        # replies in a row) has no prompt a chat server would ever see: kept as it is.
         if any(i == 0 or messages[i - 1].role != "user" for i in turns):
             counts.kept_as_is += 1
             continue
@@ -170,6 +149,9 @@ def regenerate_conversations(
         replies = complete(prompts)
         if len(replies) != len(prompts):
             raise ValueError(f"complete() returned {len(replies)} replies for {len(prompts)} prompts")
+        # Decoded to text and rendered again by prepare-data, as a chat server renders the history:
+        # the template writes its own end of turn (`complete` returns replies without their stop
+        # token, or it would appear twice), and re-tokenizing gives the tokenizer's canonical split.
         contents = tokenizer.batch_decode(replies, skip_special_tokens=True)
         for index, reply, content in zip(sent, replies, contents, strict=True):
             work = active[index]
@@ -177,13 +159,15 @@ def regenerate_conversations(
             work.done += 1
             counts.turns += 1
             counts.new_tokens += len(reply)
-            counts.empty_replies += not content.strip()
+            counts.empty_replies += not content.strip()  # kept: the end of turn is still supervised
             counts.replies_at_max_new_tokens += max_new_tokens is not None and len(reply) >= max_new_tokens
     return RegenerateResult(records=results, counts=counts)
 
 
 def _cut(work: _Work, *, prompt_tokens: int, limit: int, counts: RegenerateCounts) -> Conversation | RowError:
-    """End a conversation before the turn whose prompt is too long (or leave it out if that is the first)."""
+    """End a conversation before the turn whose prompt is too long (or leave it out if that is the first).
+
+    Never keep an original reply after a regenerated one: that row would mix two distributions."""
     conversation = work.conversation
     if work.done == 0:
         counts.too_long += 1

@@ -1,29 +1,15 @@
 """Self-generated conversations: the verifier writes the user turns, then answers them (Magpie).
 
-A chat model's template opened at a user turn (everything a conversation renders up to where a
-user's message begins) is a prompt whose likeliest continuation is a user message of the kind the
-model was aligned on. Sampling it gives prompts from the verifier's own notion of what users ask,
-with no dataset at all; the reply is then the verifier's own completion, as regeneration writes
-it. Multi-turn: after a reply, the template is opened at the next user turn.
+A chat template opened at a user turn is a prompt whose likeliest continuation is a user message:
 
     pre-query text = render(messages so far + [user(MARK)]) cut before MARK
     user turn      = write(pre-query) up to the template's end of turn (a stop id)
     reply          = reply(render(messages + [user turn], add_generation_prompt=True))
 
-Invariants of every kept user turn (each refusal is counted by reason, nothing is silently kept):
-- it ended with the end of turn (a turn cut by `max_prompt_tokens` is `unfinished`);
-- it holds no special token, neither generated nor spelt out in its text: re-tokenized inside
-  the template it is one user turn and nothing else, so no assistant text leaks into a prompt;
-- it passes `check_prompt` (length, language, degenerate text, duplicates: the caller's filters).
-A conversation whose later turn is refused ends before that turn; one whose first is, is dropped.
-
-Steering: `topics` put a system message (`topic_template`) in the pre-query text only, so the
-stored conversation (and the reply) never sees it; `system_prompt` is part of the conversation.
-Bad settings (no chat template, a template without a user turn, one that refuses a system
-message while one is asked for) raise `DataError` at construction, before any generation.
-
-Pure logic: `write` and `reply` are `Complete` functions (the service's Generate, or the verifier
-in this process); sampling settings and seeds live in them.
+Every kept user turn ended with the end of turn, holds no special token (generated or spelt out)
+and passes `check_prompt`; each refusal is counted by reason, and a refused later turn ends the
+conversation before it. Bad settings raise `DataError` at construction, before any generation.
+`write` and `reply` are `Complete` functions (the service's Generate, or the verifier in process).
 """
 
 from __future__ import annotations

@@ -1,28 +1,15 @@
-"""The DFlash drafter, top to bottom like the paper.
+"""The DFlash drafter, top to bottom like the paper ("DFlash: Block Diffusion for Flash Speculative
+Decoding", z-lab, 2025; speculators 0.9.0's `dflash` model for the checkpoint format and the test
+vectors, testvectors/dflash/README.md; no code copied).
 
-References (facts only; no code copied):
-- "DFlash: Block Diffusion for Flash Speculative Decoding", z-lab, 2025.
-- speculators (vllm-project) 0.9.0, `speculators_model_type: "dflash"`: the checkpoint format and
-  the training forward our test vectors come from (testvectors/dflash/README.md).
+    context = hidden_norm(fc(aux))          aux [B, T, K*Hv] -> [B, T, H], once, no input norm
+    x = embed(block ids)                    [B, Q, H]: slot 0 the anchor token, then mask tokens
+    for layer: x = x + attn(ln1(x), context); x = x + mlp(ln2(x))   (attention.py: [context ; block])
+    logits = lm_head(norm(x))               [B, Q, V or D]
 
-How it drafts. The verifier's hidden states at K layers are concatenated per row and projected to
-one context vector per row:
-
-    context = hidden_norm(fc(aux))                 aux [B, T, K*Hv] -> context [B, T, H]
-
-computed ONCE and fed unchanged (no input_layernorm) to every layer as extra keys/values. A block
-is `block_size` slots starting at an anchor: slot 0 the real token, slots 1.. the mask token, all
-embedded with the verifier's frozen embedding. The layers are Qwen3 decoder layers whose attention
-reads [context ; block] (see `attention.py`); all slots are predicted in one parallel pass:
-
-    x = embed(block ids)                                           [B, Q, H]
-    for layer: x = x + attn(ln1(x), context); x = x + mlp(ln2(x))
-    logits = lm_head(norm(x))                                      [B, Q, V or D]
-
-Module names are the checkpoint tensor names (`fc.weight`, `hidden_norm.weight`,
-`layers.{i}.self_attn.q_proj.weight`, ..., `norm.weight`, and `lm_head.weight`, `d2t`, `t2d` only
-with a reduced draft vocab), so `state_dict()` IS the speculators/vLLM checkpoint. Single-device
-code; parallelism is applied in services/trainer/parallelize.py.
+Module names are the checkpoint tensor names, so `state_dict()` IS the speculators/vLLM checkpoint
+(`lm_head`, `d2t`, `t2d` only with a reduced draft vocab). Single-device code; parallelism is
+applied in services/trainer/parallelize.py.
 """
 
 from __future__ import annotations

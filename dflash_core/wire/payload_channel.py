@@ -1,28 +1,16 @@
 """The payload side channel: a sample's raw bytes on a plain TCP connection beside its Extract call.
 
-Why: on gRPC every received message is copied twice by grpc-python while it holds the GIL (each
-slice into a bytes object, then joined), which capped one stream at about half of what a raw
-socket carries (docs/benchmarks.md, Transport). Here the receiver `recv_into`s the payload
-straight into the sample's own memory: the kernel's copy is the only one.
-
-The connection is negotiated on the Extract call (proto/dflash/v1/hidden_states.proto): the
-client sends a random token in the call's `PAYLOAD_TOKEN_KEY` metadata, the service answers with
-the port in `PAYLOAD_PORT_KEY` initial metadata, the client dials that port on the host it dialled
-for gRPC and presents the same token. The token ties the connection to exactly one call; it is
-not a secret against anyone who can read loopback or the LAN (neither is the gRPC stream).
-
-Bytes on the connection (integers little-endian):
+Negotiated on the call (docs/architecture.md): the token in `PAYLOAD_TOKEN_KEY` metadata ties one
+connection to exactly one call (it is no secret from whoever can read the network). Little-endian:
 
     client -> service, once:     MAGIC | VERSION (u8) | token (TOKEN_BYTES)
     service -> client, once:     MAGIC | ACK (u8)            (or the connection closes: refused)
     service -> client, repeated: kind (u8) | header length (u32) | header | payload
-        RECORD_SAMPLE: header is a serialized `ExtractResponse` (sample_id, TensorHeader,
-                       frame_index 0, num_frames 1, no data); the payload is its
-                       `TensorHeader.num_bytes` raw little-endian bytes.
-        RECORD_END:    no header, no payload: the call ended cleanly, nothing follows.
+        RECORD_SAMPLE: a serialized `ExtractResponse` (frame 0 of 1, no data), then its
+                       `TensorHeader.num_bytes` raw bytes, received with `recv_into`
+        RECORD_END:    no header, no payload: the call ended cleanly
 
-A connection that closes anywhere but after RECORD_END broke; the caller treats that as the
-failure of the whole call (its unanswered samples are asked for again).
+A connection that closes anywhere but after RECORD_END broke, and so did the whole call.
 """
 
 from __future__ import annotations
