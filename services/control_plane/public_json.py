@@ -1,27 +1,12 @@
 """The read routes' answers (a page of jobs, one job, a metric history) written straight from stored rows.
 
-Each answer is the JSON that JobPublic, JobsPublic or MetricsPublic would give, key for key
-(tests/services/control_plane/test_public_json.py compares them), without building a pydantic
-model per job or per row: that cost ~5 ms of CPU for a page of 50 jobs and ~8 ms for a 203-row
-history (docs/benchmarks.md, "Control plane under load").
-
-- A job's config was validated as a TrainConfig when it was stored. It is validated again once
-  per distinct stored text, not on every read, and the JSON that gives is kept: a newer release
-  may have added fields, and the answer shows them with their defaults, as before. A page of jobs
-  keeps each job's whole answer too, under the stored row it was written from (any change to the
-  job is a different row).
-- A metric row's stored JSON goes into the answer as is when the database vouches for it: strict
-  JSON without the NaN or Infinity older releases stored (the API answers null for those). Any
-  other row is parsed and written again.
-
-A stored row that cannot be read raises StoredRowInvalid: an HTTP 500 that names the job and what
-is wrong with the row, instead of a bare "Internal Server Error".
-
-`answer()` and `answer_rows()` run a read and its encoding on the event loop when the store is a
-SQLite file and the answer is at most INLINE_ROWS rows: a read from memory that never waits for
-the writer (WAL), a few microseconds a row, costs less there than a hop to a worker thread and
-back (with 16 clients, the threads fighting for the GIL doubled the CPU per request and the p99).
-Longer answers, and every read of another database, go to the threadpool: the loop stays free.
+Each answer is the JSON JobPublic, JobsPublic or MetricsPublic would give, key for key
+(tests/services/control_plane/test_public_json.py), without a pydantic model per job or row.
+A stored config is validated as a TrainConfig once per distinct stored text (newer fields show
+their defaults); a metric row's JSON is passed through only when the database vouches it is strict
+JSON. An unreadable row raises StoredRowInvalid: an HTTP 500 naming the job and the problem.
+Short SQLite reads are answered on the event loop, longer ones and other databases in the
+threadpool (`answer`, `answer_rows`).
 """
 
 from __future__ import annotations
@@ -50,7 +35,9 @@ R = TypeVar("R")
 # ~8 MiB at most together): every job a dashboard pages through. A dropped one is written again.
 CACHE_SIZE = 1024
 
-# Rows an answer may hold and still be written on the event loop (~5 us each: ~10 ms at most).
+# Rows an answer may hold and still be written on the event loop (~5 us each: ~10 ms at most). A
+# SQLite read never waits for the writer (WAL), so a short one costs less here than a hop to a
+# worker thread, where with 16 clients the threads' fight for the GIL doubled CPU per request and p99.
 INLINE_ROWS = 2000
 
 # JobPublic's fields on either side of `config`, so the answer keeps the model's key order.

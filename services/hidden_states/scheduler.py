@@ -1,27 +1,15 @@
 """One worker thread that owns the backend, and the queue that feeds it from every stream.
 
-Extract jobs from all streams share one FIFO; the worker takes as many as fit the token budget
-(at least one), runs them in one `backend.extract`, checks every result and hands each to its
-stream's outbox. Encoding into frames happens in the stream's own thread, so the worker only
-computes. Generate jobs go through the same worker, between batches: one backend, one thread,
-no locking inside backends.
-
-Generate jobs queued at the same time run as one `backend.generate` call (vLLM batches all their
-prompts together; transformers runs them one after another as before), in slices of at most the
-backend's token budget (prompt + max_new_tokens), with an Extract batch between two slices: a long
-Generate call slows the trainers' streams but never stops them. Every prompt keeps the
-params and seed of its own request (`per_prompt_params`: prompt i of a request samples with
-seed + i), so each caller gets exactly the replies it would get alone; should the merged call
-fail, each job is run again alone, so one caller's bad request fails that caller only. A backend
-with a `generation_stream` (vLLM's generation-only mode) gets every job's prompts added to its
-running batch as soon as the job arrives, and the worker steps it while any prompt is unfinished;
-a job whose caller went away (cancelled, deadline) has its prompts aborted.
-
-Memory stays bounded: each stream holds at most `max_pending` samples (queued, computed or being
-sent), and all streams together at most `ByteBudget.limit` bytes of hidden states (each sample
-charged its tensor's size when its request is read, refunded once it is sent or dropped); a
-reader stops pulling requests off the network beyond either, and HTTP/2 flow control pushes back
-on the client. A cancelled stream's samples are refunded however far they got.
+Extract jobs from all streams share one FIFO; the worker runs as many as fit the token budget (at
+least one) in one `backend.extract`, checks every result and hands each to its stream, which
+encodes it in its own thread. Generate jobs go through the same worker between Extract batches,
+merged into one call in slices of the token budget (they slow the trainers, never stop them);
+each prompt keeps its request's params and seed, and a failed merged call is rerun job by job. A
+backend's `generation_stream` instead gets each job's prompts as they arrive (aborted if the
+caller goes away). One backend, one thread: no locking inside backends.
+Memory stays bounded: at most `max_pending` samples per stream and `ByteBudget.limit` bytes of
+hidden states in all (charged when a request is read, refunded when sent, dropped or cancelled);
+past either, readers stop pulling and HTTP/2 flow control pushes back on the client.
 """
 
 from __future__ import annotations

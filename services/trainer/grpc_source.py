@@ -1,42 +1,16 @@
 """The trainer's side of the hidden-state service: a `HiddenStateSource` over gRPC streams.
 
-    source = GrpcSource(["10.0.0.5:8000", "10.0.0.6:8000"], target_layer_ids=[2, 18, 33],
-                        expected=fingerprint, inflight_bytes=1 << 30)
+    source = GrpcSource(endpoints, target_layer_ids=[2, 18, 33], expected=fingerprint,
+                        inflight_bytes=1 << 30)
     source.prefetch(next_steps_requests)   # starts them moving; returns at once
     states = source.extract(this_step_requests)
 
-Start-up is `ServiceSet`'s (services/hidden_states/service_set.py): GetInfo from every endpoint,
-all serving one verifier, and endpoints that come up later taken in once they pass the same
-check. Each stream is an `ExtractStream` (extract_stream.py) that talks to this source through
-the `StreamOwner` methods below.
-
-How samples move:
-- Requests wait in one queue (`extract`'s go first, then prefetched ones in order). Every endpoint
-  runs `streams_per_endpoint` Extract streams; each stream pulls the next request whenever the
-  bytes requested but not yet consumed stay under `inflight_bytes`. Faster endpoints pull more,
-  so load spreads by itself.
-- Every response is checked: the token digest it echoes, its shape, layer ids and dtype, and that
-  it is finite and not all zero. A result is kept only while its request is still assigned to the
-  stream that delivered it, so each sample reaches the trainer exactly once.
-- A stream that breaks gives its unfinished requests back to the queue (others, or the same
-  endpoint once it is back, pick them up) and reconnects after a backoff; an endpoint that keeps
-  failing is left alone by its circuit breaker for a while. When nothing at all arrives for
-  `timeout_s`, `extract` raises naming every endpoint's last error.
-- A service running another verifier (FAILED_PRECONDITION) or rejecting a sample
-  (INVALID_ARGUMENT) is not retried: that is a configuration error and `extract` raises it.
-
-The payload side channel (`payload_transport="auto"`, the default): when the service advertises a
-payload port, every Extract call offers a fresh random token in its metadata, and once the
-service answers with the port, opens one TCP connection to it on the host of the gRPC endpoint
-and presents the token (dflash_core/wire/payload_channel.py). The call's samples then arrive on
-that connection, `recv_into` the trainer's sample memory with no other copy (1.5-2x the bytes/s
-of in-band frames, docs/benchmarks.md); errors and the end of the call stay on the gRPC
-stream, and samples may arrive on either. When the connection cannot be opened or the handshake
-fails, the call carries on in-band (one warning names the endpoint and the reason); a connection
-that breaks fails the call like any other stream failure: unanswered samples go back to the
-queue, the stream reconnects with backoff. Checks and the exactly-once rule are the same on both
-paths. `payload_transport="grpc"` never offers a token (to compare, or through proxies that pass
-gRPC only).
+Endpoints are admitted by `ServiceSet` (all serve one verifier). Requests wait in one queue that
+every endpoint's `ExtractStream`s pull from while the bytes in flight stay under `inflight_bytes`.
+Every response is checked (digest, shape, layer ids, dtype, finite, non-zero) and kept only while
+its request is still assigned to the stream that delivered it, so each sample arrives exactly once,
+in-band or on the payload side channel (docs/architecture.md). Broken streams requeue their work;
+FAILED_PRECONDITION and INVALID_ARGUMENT are configuration errors and raise.
 """
 
 from __future__ import annotations

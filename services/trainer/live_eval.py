@@ -1,29 +1,15 @@
 """Live acceptance during training (`--eval-every`): tau on held-out prompts, as `dflash eval` counts it.
 
-Set up once, before the first step (`build_live_acceptance`):
+Set up once, before the first step (`build_live_acceptance`): the prompts (`--eval-prompts`, else
+the data's validation rows cut before their first supervised token), the verifier's greedy
+continuation of each (the service's Generate, else the verifier in this process), and the hidden
+states of prompt + continuation, kept on the CPU for the run. Each evaluation is drafter forwards
+only, in rows of the training shape (no new memory peak, no recompilation), replayed by
+`dflash_core.live_acceptance`.
 
-1. prompts: `--eval-prompts` (as `dflash eval --prompts`), else the validation rows of the data,
-   each cut before its first supervised token; the first `--eval-num-prompts` that fit a
-   training row (prompt + max_new_tokens - 1 tokens <= --total-seq-len);
-2. the verifier's greedy continuation of each, max_new_tokens + B - 1 tokens, never stopped by an
-   EOS: from the hidden-state service's Generate RPC when training against a service, else from
-   the verifier in this process;
-3. the hidden states of prompt + continuation: the service's Extract (like training samples, but
-   outside the sample cache) or a capture in this process; kept on the CPU for the whole run.
-
-Each evaluation (`LiveAcceptance.evaluate`) is then drafter forwards only: every round the decoding
-could anchor at is drafted at once, in rows of the training shape (--total-seq-len tokens, at
-most --max-anchors blocks, --batch-size rows per forward; so no new memory peak and, with
-compiled layers, no recompilation), and the rounds are replayed (`dflash_core.live_acceptance`).
-Cost: (max_new_tokens - 1) x B query tokens per prompt, i.e. about
-prompts x (max_new_tokens - 1) / (max_anchors x batch_size) training-sized forwards, no backward.
-
-Under FSDP (torchrun, W ranks): prompt i belongs to rank i mod W, which fetches its continuation
-and hidden states and drafts for it. An FSDP2 forward is collective (it all-gathers each layer's
-parameters), so every rank runs as many drafting forwards as the busiest rank, with a placeholder
-row (no valid anchor) when it has nothing left; the counters are then summed over ranks (one
-all-reduce). Every rank computes every rank's forward count from the prompt lengths alone, so no
-extra collective is needed to agree on it.
+Under FSDP prompt i belongs to rank i mod W; every rank runs as many drafting forwards as the
+busiest (an FSDP2 forward is collective), padding with placeholder rows, and the counters are
+summed with one all-reduce.
 """
 
 from __future__ import annotations
@@ -414,6 +400,7 @@ def build_live_acceptance(
     shape = RowShape(
         total_seq_len=config.total_seq_len, max_anchors=config.max_anchors, rows_per_forward=config.batch_size
     )
+    # Every rank computes every rank's count from the prompt lengths alone: no collective to agree.
     forwards = max(
         _forward_count(prompts[r :: dist.world_size], config=config, shape=shape)
         for r in range(dist.world_size)

@@ -1,47 +1,15 @@
 """The `vllm` backend: the verifier inside a vLLM engine, for GPU deployments (vLLM's CPU build too).
 
-Mechanism: forward hooks inside vLLM's worker, run in eager mode (`enforce_eager=True`, on CPU and
-GPU alike). `vllm_capture` holds the worker side; it is mixed into vLLM's worker class with the
-engine argument `worker_extension_cls` and reached with `LLM.collective_rpc("dflash_...")`.
-An extraction adds the sequences as token prompts with `max_tokens=1` through
-`llm.llm_engine.add_request`, which returns vLLM's internal request ids (the ones the model
-runner sees), and steps the engine until they finish. Meanwhile the hooks keep each forward's rows
-at the served layer ids (docs/architecture.md: id L enters decoder layer L, id N leaves the last layer
-before the final norm), split by request with the runner's request ids and `query_start_loc`.
-vLLM's scheduler packs the batch and splits long prompts into chunks (chunked prefill) under
-`max_num_batched_tokens`; the pieces are put back together here by position, and every position
-of every sequence must arrive with the token id that was sent, or the call fails naming the
-sequence. The tensors come back as the return value of a drain call: a plain call with the
-in-process engine this backend starts (no serialization, no disk); from worker processes (tensor
-parallel) vLLM pickles them between its own processes, never on our wire. Only TP rank 0
-captures: after each layer's all-reduce every rank holds the same stream.
+Extract: forward hooks (`vllm_capture`, mixed into vLLM's worker with `worker_extension_cls` and
+reached with `LLM.collective_rpc`) keep each forward's rows at the served layer ids
+(docs/architecture.md) while the sequences run as `max_tokens=1` requests. Chunked-prefill pieces
+are put back together by position, and every position of every sequence must arrive with the token
+id that was sent, or the call fails naming the sequence. The engine runs eager with prefix caching
+off; only TP rank 0 captures (after each layer's all-reduce every rank holds the same stream).
 
-Why hooks and not vLLM's own extraction: the `extract_hidden_states` speculative method with its
-example KV connector is CUDA-only and writes a safetensors file per request, which the service
-would then read back (disk in the hot path, cleanup, and no CPU build to test it on). Hooks work
-on every platform vLLM runs on and hand tensors over in memory. Their price is eager mode: a
-compiled forward (torch.compile, CUDA graphs) never calls the Python modules, so hooks would be
-silently skipped. For prefill-only work in large batches CUDA graphs matter little, and vLLM's
-fused custom ops (residual add + RMSNorm, SiLU-and-mul) run in eager mode too; what is lost is
-inductor's extra fusion. A compiled path exists on GPU: the model's own EAGLE-3 auxiliary outputs
-(`set_aux_hidden_state_layers`; in vLLM 0.32 Llama/Qwen2/Qwen3 collect `hidden + residual` at our
-ids 0..N) are part of the compiled graph, but only the `extract_hidden_states` proposer and a KV
-connector carry them out of the runner; an in-memory connector of our own would be the way there.
-
-Prefix caching is off so that every prompt token is computed (a cached prefix would leave its
-positions without rows). Prompts of the same content in one call are separate requests.
-
-Generation only (`generate_only`, `serve-hidden-states --generate-only`): for regeneration and
-self-prompting at serving speed. No hooks are installed and Extract is refused, so the engine runs
-as `vllm serve` would: compiled with CUDA graphs (`-- --enforce-eager` still turns them off),
-prefix caching on (multi-turn regeneration and self-prompting send long shared prefixes), up to
-`GENERATE_ONLY_MAX_NUM_SEQS` sequences at once unless `-- --max-num-seqs` says otherwise, and
-vLLM's own choice of engine process and model runner. Prompts reach the engine through a
-`GenerationStream`: the scheduler adds each Generate call's prompts to the running batch as they
-arrive, so the engine never drains between calls. `engine_replicas` > 1 starts that many engines
-on the same device(s), one after another, each with its share of --gpu-memory-utilization, behind
-one `ReplicatedGenerationStream`: a small verifier's engine is bound by the one CPU core of its
-engine-core process, and engines side by side add up until the GPU is busy.
+Generation only (`--generate-only`): no hooks and Extract is refused; the engine runs as `vllm serve`
+would, prompts join its running batch through a `GenerationStream`, and `engine_replicas` engines
+share the device behind one `ReplicatedGenerationStream`.
 """
 
 from __future__ import annotations
@@ -305,11 +273,19 @@ class VllmBackend:
         }
         if generate_only:
             # Serving settings: compiled forwards and CUDA graphs (vLLM's default, enforce_eager
-            # unset), shared prefixes computed once, and big batches.
+            # unset), shared prefixes computed once (multi-turn regeneration and self-prompting
+            # send long shared prefixes), and big batches. Engine flags after `--` still win.
             kwargs["enable_prefix_caching"] = True
             kwargs["max_num_seqs"] = min(GENERATE_ONLY_MAX_NUM_SEQS, max_batch_tokens)
         else:
-            kwargs["enforce_eager"] = True  # hooks do not run inside compiled graphs
+            # Hooks do not run inside compiled graphs (torch.compile, CUDA graphs skip the Python
+            # modules), so capture is eager; vLLM's fused custom ops still run, only inductor's extra
+            # fusion is lost, which matters little for prefill-only batches. vLLM's own
+            # `extract_hidden_states` method is CUDA-only and writes a safetensors file per request
+            # through a KV connector; hooks work on every platform and hand tensors over in memory. A
+            # compiled path would be the EAGLE-3 aux outputs (`set_aux_hidden_state_layers`) carried
+            # out by an in-memory KV connector of our own.
+            kwargs["enforce_eager"] = True
             kwargs["enable_prefix_caching"] = False  # every prompt token must be computed
             kwargs["worker_extension_cls"] = _EXTENSION  # the dflash_* capture calls on every worker
         world = int(user.get("tensor_parallel_size", 1)) * int(user.get("pipeline_parallel_size", 1))
@@ -317,7 +293,9 @@ class VllmBackend:
             kwargs["distributed_executor_backend"] = "uni"  # the worker in this process too
         kwargs.update(user)
         if engine_replicas > 1:
-            # The memory share is of the whole device, so N engines split what one would take.
+            # A small verifier's engine is bound by the one CPU core of its engine-core process;
+            # engines side by side add up until the GPU is busy (docs/benchmarks.md, "vLLM's engine
+            # alone"). The memory share is of the whole device, so N engines split what one would take.
             from vllm.engine.arg_utils import EngineArgs
 
             share = float(user.get("gpu_memory_utilization", EngineArgs.gpu_memory_utilization))

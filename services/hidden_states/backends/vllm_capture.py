@@ -1,33 +1,15 @@
 """Worker-side half of the vllm backend: forward hooks inside vLLM's model runner.
 
-Everything here runs in the process that owns the model (the service's own process with the
-in-process engine; vLLM's worker processes under tensor parallelism), reached only through
-`LLM.collective_rpc(name)` on the methods that `CaptureWorkerExtension` adds to vLLM's worker:
+Runs in the process that owns the model, reached only through `LLM.collective_rpc(name)` on the
+methods `CaptureWorkerExtension` adds to vLLM's worker:
 
     dflash_install_capture(layer_ids)   hooks on the verifier, disarmed
     dflash_arm_capture()                start keeping rows (before an extraction's requests run)
     dflash_drain_capture()              stop; hand back the pieces per request and any failure
     dflash_remove_capture()             take the hooks out
 
-Layer ids follow docs/architecture.md and `dflash_core.capture`: id L < N is the residual stream ENTERING
-decoder layer L (a pre-hook on layer L), id N the stream LEAVING the last layer before the final
-norm (a forward hook on it). vLLM layers take and return `(hidden_states, residual)` with the
-residual add fused into the NEXT layer's input norm, so the stream is `hidden + residual`
-(`residual` is None only entering the first layer, where the stream is the embeddings).
-That sum allocates a new tensor, which matters: the fused add-norm kernels overwrite both
-operands in place, so keeping a reference to a layer's input or output would read changed data.
-
-vLLM runs one flattened batch per forward: rows of every scheduled request back to back, some
-of them a chunk of a longer prompt (chunked prefill). A pre-hook on the whole model records, per
-forward, which request owns which rows (the runner's request ids and `query_start_loc`), the
-rows' positions and token ids. Each request's rows are kept as pieces (first position, token
-ids, planes); the caller puts them back together by position and checks that every position of
-every sequence arrived exactly as sent, so a mapping mistake fails loudly instead of shipping
-another request's states.
-
-Hooks only fire in eager mode: under torch.compile / CUDA graphs the captured graph runs without
-them and nothing would be captured (the caller's coverage check would say so). The backend
-therefore builds its engine with `enforce_eager=True`.
+Layer ids follow docs/architecture.md. Each request's rows are kept as pieces (first position,
+token ids, planes); the caller checks every position arrived as sent. Hooks fire in eager mode only.
 """
 
 from __future__ import annotations
