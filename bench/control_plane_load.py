@@ -10,8 +10,8 @@ length, throughput, data wait, step times; ~1 KiB of JSON each) plus one validat
 Then `dflash control-plane` (the real CLI: one uvicorn worker, its INFO access log to a file) starts
 on that file in its own process on 127.0.0.1, with `--max-concurrent-jobs 0` so no job starts.
 
-This process drives it with `--clients` concurrent keep-alive connections (httpx.AsyncClient), each
-sending its next request when the previous answer is complete, for `--duration` seconds per route:
+This process drives it with `--clients` concurrent keep-alive connections, each sending its next
+request when the previous answer is complete, for `--duration` seconds per route:
 
     list          GET /v1/jobs?limit=50                           the dashboard's jobs page
     list_state    GET /v1/jobs?state=succeeded&limit=50&offset=N  a filtered page, random offset
@@ -22,16 +22,23 @@ sending its next request when the previous answer is complete, for `--duration` 
 
 Latency is measured from sending the request to the last byte of the answer; an error is any
 non-2xx status or a transport error. Each phase starts after a 1 s warm-up that is not counted.
-The server's CPU time over each phase (from /proc) says whether the server or the client was the
-limit. Rows {metric, value, unit, config, device, date} with metric p50_ms, p99_ms, rps and errors
-per route go to bench/results/control_plane_load.json (`--quick`: control_plane_load_quick.json),
-replacing this host's earlier rows and keeping other hosts'. Exits 1 when any request failed.
+The connections are plain asyncio streams speaking the little HTTP/1.1 these GETs need (~0.1 ms of
+CPU per request): with httpx (~1.5 ms per request) the client, not the service, used a whole core
+of the two, and its own queueing was most of the p99. This process's objects are frozen out of the
+garbage collector before the load (a full collection would pause every connection at once).
+
+The server's and this process's CPU time over each phase (from /proc) give the CPU per request
+and say which side was the limit. Rows {metric, value, unit, config, device, date} with metric
+p50_ms, p99_ms, rps, errors and server_cpu_ms_per_request per route go to
+bench/results/control_plane_load.json (`--quick`: control_plane_load_quick.json), replacing this
+host's earlier rows with the same `--label` and keeping the rest. Exits 1 when any request failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import platform
@@ -201,6 +208,44 @@ class RouteStats:
     first_error: str | None = None
 
 
+# What a broken, refused or silent connection raises; each counts as a failed request.
+TRANSPORT_ERRORS = (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError)
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection for GETs whose answers carry a Content-Length (every
+    route measured here); anything else counts as an error, and the connection is opened again."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def get(self, path: str) -> tuple[int, bytes]:
+        if self.streams is None:
+            self.streams = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self.streams
+        try:
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n\r\n".encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            length = None
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            if length is None:
+                raise ConnectionError(f"{status} answer without a Content-Length")
+            return status, await reader.readexactly(length)
+        except TRANSPORT_ERRORS:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.streams is not None:
+            self.streams[1].close()
+            self.streams = None
+
+
 def request_makers(ids: dict[str, list], jobs: int) -> dict[str, Callable[[random.Random], str]]:
     finished = list(zip(ids["finished"], ids["last_row"], strict=True))
     succeeded_pages = max(1, int(jobs * 0.7) // 50)
@@ -230,31 +275,31 @@ async def drive(
     """`clients` workers, each with one request in flight, for `seconds`; per-route stats."""
     stats = {route: RouteStats() for route in makers}
     weights = [MIX[r] for r in routes]
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as client:
-        deadline = time.perf_counter() + seconds
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    deadline = time.perf_counter() + seconds
 
-        async def worker(seed: int) -> None:
-            rng = random.Random(seed)
-            while time.perf_counter() < deadline:
-                route = routes[0] if len(routes) == 1 else rng.choices(routes, weights)[0]
-                url = makers[route](rng)
-                started = time.perf_counter()
-                try:
-                    response = await client.get(url)
-                    problem = None
-                    if not response.is_success:
-                        problem = f"{response.status_code} on {url}: {response.text[:200]}"
-                except httpx.HTTPError as exc:
-                    problem = f"{type(exc).__name__} on {url}: {exc}"
-                elapsed = time.perf_counter() - started
-                if problem is None:
-                    stats[route].latencies_s.append(elapsed)
-                else:
-                    stats[route].errors += 1
-                    stats[route].first_error = stats[route].first_error or problem
+    async def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        connection = Connection(host, int(port))
+        while time.perf_counter() < deadline:
+            route = routes[0] if len(routes) == 1 else rng.choices(routes, weights)[0]
+            url = makers[route](rng)
+            started = time.perf_counter()
+            try:
+                status, body = await asyncio.wait_for(connection.get(url), timeout=30)
+                problem = None if 200 <= status < 300 else f"{status} on {url}: {body[:200]!r}"
+            except TRANSPORT_ERRORS as exc:  # TimeoutError is an OSError
+                connection.close()
+                problem = f"{type(exc).__name__} on {url}: {exc}"
+            elapsed = time.perf_counter() - started
+            if problem is None:
+                stats[route].latencies_s.append(elapsed)
+            else:
+                stats[route].errors += 1
+                stats[route].first_error = stats[route].first_error or problem
+        connection.close()
 
-        await asyncio.gather(*(worker(i) for i in range(clients)))
+    await asyncio.gather(*(worker(i) for i in range(clients)))
     return stats
 
 
@@ -287,11 +332,17 @@ def describe_device() -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
-def write_rows(out: Path, rows: list[dict[str, Any]]) -> None:
-    """Replace this host's rows in `out` and keep other hosts' rows, so hosts can be compared."""
+def write_rows(out: Path, rows: list[dict[str, Any]], *, label: str) -> None:
+    """Replace this host's rows with the same label in `out` and keep the rest, so hosts (and
+    code before and after a change) can be compared."""
     kept = []
     if out.exists():
-        kept = [row for row in json.loads(out.read_text()) if row["device"] != rows[0]["device"]]
+        mine = f"[{label}] "
+        kept = [
+            row
+            for row in json.loads(out.read_text())
+            if row["device"] != rows[0]["device"] or not row["config"].startswith(mine)
+        ]
     out.write_text(json.dumps(kept + rows, indent=2) + "\n")
 
 
@@ -307,11 +358,17 @@ class Phase:
     def rps(self) -> float:
         return len(self.stats.latencies_s) / self.wall_s
 
+    def cpu_ms_per_request(self, share: float) -> float:
+        answered = len(self.stats.latencies_s) + self.stats.errors
+        return share * self.wall_s / max(answered, 1) * 1e3
+
     def summary(self) -> str:
         p50, p99 = (percentile(self.stats.latencies_s, q) * 1e3 for q in (0.5, 0.99))
+        server, client = self.cpu_ms_per_request(self.server_cpu), self.cpu_ms_per_request(self.client_cpu)
         text = (
             f"{self.name:13s} {self.rps:8.1f} req/s  p50 {p50:7.1f} ms  p99 {p99:7.1f} ms  "
-            f"errors {self.stats.errors}  CPU: server {self.server_cpu:.0%}, client {self.client_cpu:.0%}"
+            f"errors {self.stats.errors}  CPU: server {self.server_cpu:.0%} ({server:.2f} ms/request), "
+            f"client {self.client_cpu:.0%} ({client:.2f} ms/request)"
         )
         return text + (f"  first error: {self.stats.first_error}" if self.stats.first_error else "")
 
@@ -347,14 +404,16 @@ def result_rows(phases: list[Phase], args: argparse.Namespace, load: float) -> l
     }
     setup = (
         f"{args.jobs} jobs, {args.rows} metric rows per finished job, SQLite file; `dflash control-plane` "
-        f"(1 uvicorn worker) on 127.0.0.1; {args.clients} concurrent httpx clients, {args.duration:g} s"
+        f"(1 uvicorn worker) on 127.0.0.1; {args.clients} concurrent keep-alive connections "
+        f"(asyncio streams), {args.duration:g} s"
     )
     device, today = describe_device(), date.today().isoformat()
     rows = []
     for phase in phases:
         config = (
-            f"{phase.name}: {described[phase.name]}; {setup}; server CPU {phase.server_cpu:.0%} of a core; "
-            f"host load average {load:.1f} before the run"
+            f"[{args.label}] {phase.name}: {described[phase.name]}; {setup}; server CPU "
+            f"{phase.server_cpu:.0%} of a core, client {phase.client_cpu:.0%}; host load average "
+            f"{load:.1f} before the run"
         )
         latencies = phase.stats.latencies_s
         for metric, value, unit in (
@@ -362,6 +421,7 @@ def result_rows(phases: list[Phase], args: argparse.Namespace, load: float) -> l
             ("p99_ms", round(percentile(latencies, 0.99) * 1e3, 2), "ms"),
             ("rps", round(phase.rps, 1), "requests/s"),
             ("errors", phase.stats.errors, "requests"),
+            ("server_cpu_ms_per_request", round(phase.cpu_ms_per_request(phase.server_cpu), 3), "ms"),
         ):
             row = {"metric": metric, "value": value, "unit": unit, "config": config}
             rows.append({**row, "device": device, "date": today})
@@ -378,6 +438,11 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="Seconds per route (after 1 s warm-up).")
     parser.add_argument("--quick", action="store_true", help="100 jobs x 50 rows, 8 clients, 3 s per route.")
     parser.add_argument("--out", type=Path, default=None, help="Result file (default: bench/results/...).")
+    parser.add_argument(
+        "--label",
+        default="latest",
+        help="Tag of these rows (e.g. `before` a change); this host's rows with the same tag are replaced.",
+    )
     args = parser.parse_args()
     if args.quick:
         args.jobs, args.rows, args.clients, args.duration = 100, 50, 8, 3.0
@@ -392,6 +457,10 @@ def main() -> int:
             f"seeded {args.jobs} jobs ({len(ids['finished'])} with {args.rows + EPOCHS} metric rows each) "
             f"in {time.perf_counter() - started:.1f} s; database {db.stat().st_size / 2**20:.1f} MiB"
         )
+        # What the seeding left lives to the end: frozen, a full collection never walks it (a pause
+        # of every connection at once, counted as latency).
+        gc.collect()
+        gc.freeze()
         load = os.getloadavg()[0]  # this machine may be shared: other work takes CPU from both sides
         print(f"load average {load:.1f} on {os.cpu_count()} cores before the run")
         port = free_port()
@@ -412,7 +481,7 @@ def main() -> int:
             server.wait(timeout=60)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_rows(out, result_rows(phases, args, load))
+    write_rows(out, result_rows(phases, args, load), label=args.label)
     print(f"rows written to {out}")
     return 1 if any(phase.stats.errors for phase in phases) else 0
 
