@@ -52,7 +52,7 @@ def get_agents(request: Request) -> AgentRegistry:
     return agents
 
 
-def get_principal(request: Request) -> Principal:
+async def get_principal(request: Request) -> Principal:
     """Who sent the request, as the auth middleware found it (the admin when there is no token)."""
     principal = principal_of(request.scope)
     if principal is not None:
@@ -63,10 +63,10 @@ def get_principal(request: Request) -> Principal:
     return ADMIN
 
 
-def require_token(request: Request) -> None:
+async def require_token(request: Request) -> None:
     """A second line behind the auth middleware (auth.py), which checks every route: a route
-    marked with it is refused if the middleware did not run."""
-    get_principal(request)
+    marked with it is refused if the middleware did not run. (async, as the others: no thread hop.)"""
+    await get_principal(request)
 
 
 ControlPlaneDep = Annotated[ControlPlane, Depends(get_control_plane)]
