@@ -290,9 +290,10 @@ class TrainerAgent:
         self.log_backlog = set(state.get("log_backlog", []))
         for job_id, fields in state.get("jobs", {}).items():
             job = AgentJob.model_validate({**fields, "config": {}})
-            if self.executor.attach(job):
-                self.jobs[job_id] = job
-                logger.info("job %s: re-adopted its trainer (pid %s)", job_id, job.pid)
+            pid = self.executor.attach(job)
+            if pid is not None:
+                self.jobs[job_id] = job.model_copy(update={"pid": pid})
+                logger.info("job %s: re-adopted its trainer (pid %s)", job_id, pid)
                 continue
             self.log_backlog.add(job_id)  # its last lines go out with the first pass
             code = JobFiles.of(self.jobs_dir, job_id).read_exit_status()

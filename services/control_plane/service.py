@@ -370,13 +370,13 @@ class JobService:
                     self.files(job.id).log,
                     f"control plane restarted: waiting for agent {job.agent_id} to report on it",
                 )
+            elif (pid := self.executor.attach(job)) is not None:
+                if pid != job.pid:  # started just before the control plane stopped: store it now
+                    self.started(job.id, pid)
+                append_line(self.files(job.id).log, f"control plane restarted: re-attached to process {pid}")
+                logger.info("job %s: re-attached to its trainer process %d", job.id, pid)
             elif job.pid is None:
                 self.fail(job.id, "control plane restarted before the trainer process was started")
-            elif self.executor.attach(job):
-                append_line(
-                    self.files(job.id).log, f"control plane restarted: re-attached to process {job.pid}"
-                )
-                logger.info("job %s: re-attached to its trainer process %d", job.id, job.pid)
             else:
                 code = self.files(job.id).read_exit_status()
                 if code is not None:  # it ended while we were away, and said how

@@ -27,5 +27,5 @@ class AgentExecutor:
     def poll(self) -> list[ProcessExit]:
         return []  # exits arrive in heartbeats, straight to the job service
 
-    def attach(self, job: JobRecord) -> bool:
-        return job.agent_id is not None  # its agent reports on it, or is declared lost
+    def attach(self, job: JobRecord) -> int | None:
+        return None  # nothing runs here: a claimed job's agent reports on it, or is declared lost

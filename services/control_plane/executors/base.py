@@ -60,7 +60,9 @@ class Executor(Protocol):
         """Trainers that ended since the last call."""
         ...
 
-    def attach(self, job: JobRecord) -> bool:
+    def attach(self, job: JobRecord) -> int | None:
         """After a control-plane restart: watch `job`'s process again if it is alive and is this
-        job's trainer; False when it is gone."""
+        job's trainer, and return its pid; None when it is gone. A job with no stored pid (the
+        control plane stopped between starting its trainer and storing the pid) is looked for by
+        its id, so that a resume can never start a second trainer beside a live one."""
         ...

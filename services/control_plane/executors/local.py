@@ -68,6 +68,15 @@ def is_our_trainer(pid: int, job_id: str) -> bool:
     return any(a == "--job-id" and b == job_id for a, b in itertools.pairwise(argv))
 
 
+def find_trainer(job_id: str) -> int | None:
+    """The pid of this job's live launcher, looked for among all processes (Linux `/proc`)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return None
+    pids = sorted(int(entry.name) for entry in proc.iterdir() if entry.name.isdigit())
+    return next((pid for pid in pids if is_our_trainer(pid, job_id)), None)
+
+
 class LocalExecutor:
     name = "local"
     pushes_jobs = True
@@ -201,10 +210,13 @@ class LocalExecutor:
                 exits.append(ProcessExit(job_id, JobFiles.of(self.jobs_dir, job_id).read_exit_status()))
         return exits
 
-    def attach(self, job: TrainerJob) -> bool:
+    def attach(self, job: TrainerJob) -> int | None:
         if job.id in self._children:
-            return True
-        if job.pid is None or not is_our_trainer(job.pid, job.id):
-            return False
-        self._adopted[job.id] = job.pid
-        return True
+            return self._children[job.id].pid
+        if job.pid is None:
+            pid = find_trainer(job.id)
+        else:
+            pid = job.pid if is_our_trainer(job.pid, job.id) else None
+        if pid is not None:
+            self._adopted[job.id] = pid
+        return pid

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,30 @@ def test_restart_reattaches_a_live_trainer(control_plane, workspace):
     rows = cp.metric_rows(first)
     assert len(rows) > rows_before and done["step"] == rows[-1]["step"]
     assert cp.client.get(f"/v1/jobs/{first}/checkpoints").json()["latest"] == "1"
+    assert cp.wait_state(second, "succeeded")["exit_code"] == 0
+
+
+def test_restart_finds_a_trainer_whose_pid_was_never_stored(control_plane, workspace, tmp_path):
+    # The control plane dies after starting a trainer and before storing its pid: the restarted
+    # one must find that trainer by its job id, not fail the job (a resume would then start a
+    # second trainer on the same checkpoints).
+    cp = control_plane()
+    first, second = submit_two(cp, workspace)
+    launcher = cp.wait_pid(first)
+    control_plane.pids.add(launcher)
+    cp.wait_state(first, "running")
+    trainer = trainer_of(launcher)
+    os.kill(trainer, signal.SIGSTOP)
+    cp.kill()
+    with sqlite3.connect(tmp_path / "jobs.db") as db:
+        db.execute("UPDATE jobs SET pid = NULL WHERE id = ?", (first,))
+
+    os.kill(trainer, signal.SIGCONT)
+    cp = control_plane()
+    job = cp.job(first)
+    assert job["state"] == "running" and job["pid"] == launcher
+    assert f"re-attached to process {launcher}" in cp.client.get(f"/v1/jobs/{first}/logs").text
+    assert cp.wait_state(first, "succeeded")["exit_code"] == 0
     assert cp.wait_state(second, "succeeded")["exit_code"] == 0
 
 
