@@ -104,7 +104,9 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
     store = JobStore(settings.database_url)
     jobs_dir = settings.resolved_jobs_dir
     jobs_dir.mkdir(parents=True, exist_ok=True)
-    roots = Roots.of(data=settings.data_root, checkpoints=settings.checkpoint_root)
+    roots = Roots.of(
+        data=settings.data_root, checkpoints=settings.checkpoint_root, models=tuple(settings.model_roots)
+    )
     roots.checkpoints.mkdir(parents=True, exist_ok=True)
     all_gpus = settings.gpus if settings.gpus is not None else detect_gpus()
     events = JobEvents()

@@ -21,10 +21,15 @@ from pathlib import Path, PurePath
 class Roots:
     data: Path
     checkpoints: Path
+    models: tuple[Path, ...] = ()  # where a local verifier may also be read from
 
     @classmethod
-    def of(cls, *, data: Path, checkpoints: Path) -> Roots:
-        return cls(data=Path(os.path.realpath(data)), checkpoints=Path(os.path.realpath(checkpoints)))
+    def of(cls, *, data: Path, checkpoints: Path, models: tuple[Path, ...] = ()) -> Roots:
+        return cls(
+            data=Path(os.path.realpath(data)),
+            checkpoints=Path(os.path.realpath(checkpoints)),
+            models=tuple(Path(os.path.realpath(m)) for m in models),
+        )
 
     def for_field(self, field: str) -> tuple[Path, ...]:
         """The roots `field` may point under, the default one (for relative paths) first."""
@@ -32,12 +37,23 @@ class Roots:
             return (self.checkpoints,)
         if field in ("data_path", "hidden_states_cache"):
             return (self.data,)
+        if field == "verifier_name_or_path":
+            return (*self.models, self.data, self.checkpoints)
         # Read-only inputs that are either data or a checkpoint.
         return (self.checkpoints, self.data) if field == "from_pretrained" else (self.data, self.checkpoints)
 
 
 # TrainConfig fields that name files or folders on this host (`eval_prompts` too when path-like).
 PATH_FIELDS = ("data_path", "save_path", "hidden_states_cache", "from_pretrained", "control_plane_token_file")
+
+
+def is_local_model(value: object) -> bool:
+    """A verifier named by a path on this host rather than a hub id (`org/name`) or
+    `embedded:...`: absolute, or starting with `.` or `~`, or a `.gguf` file. A relative
+    `org/name` is a hub id here: trainers run in their job's own folder, where no such folder is."""
+    if not isinstance(value, str) or not value:
+        return False
+    return os.path.isabs(value) or value.startswith((".", "~")) or value.endswith(".gguf")
 
 
 def is_path_like(value: object) -> bool:

@@ -21,7 +21,14 @@ from dflash_core.config import TrainConfig
 from services.control_plane.events import JobEvents
 from services.control_plane.executors.base import Executor
 from services.control_plane.job_logs import JobFiles, append_line, tail
-from services.control_plane.paths import PATH_FIELDS, PathOutsideRoots, Roots, confine, is_path_like
+from services.control_plane.paths import (
+    PATH_FIELDS,
+    PathOutsideRoots,
+    Roots,
+    confine,
+    is_local_model,
+    is_path_like,
+)
 from services.control_plane.schemas import JobCreate, JobRecord, MetricRowIn
 from services.control_plane.states import (
     ACTIONS,
@@ -127,6 +134,9 @@ class JobService:
             # A file of prompts is data; a named set (`chitchat`) is not a path.
             if is_path_like(fields.get("eval_prompts")):
                 fields["eval_prompts"] = str(confine("eval_prompts", fields["eval_prompts"], self.roots))
+            verifier = fields.get("verifier_name_or_path")
+            if is_local_model(verifier):
+                fields["verifier_name_or_path"] = str(confine("verifier_name_or_path", verifier, self.roots))
         except PathOutsideRoots as exc:
             raise JobRejected.field(exc.field, str(exc)) from None
         if Path(fields["save_path"]) == self.roots.checkpoints:

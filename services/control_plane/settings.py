@@ -38,6 +38,11 @@ class ControlPlaneSettings(BaseSettings):
         description="Jobs write checkpoints (save_path) only under this folder; a job without a "
         "save_path gets <checkpoint-root>/<job id>.",
     )
+    model_roots: list[Path] = Field(
+        default_factory=list,
+        description="Folders a job's local verifier (a path, not a hub id) may also be read from, "
+        "besides the data and checkpoint roots.",
+    )
     jobs_dir: Path | None = Field(
         default=None,
         description="Per-job files (trainer config, log, exit status). Default: `<db>.jobs/` beside "

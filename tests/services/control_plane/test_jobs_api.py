@@ -139,6 +139,10 @@ def outside(tmp_path: Path) -> Path:
         ("eval_prompts", "/etc/passwd"),  # a file of prompts is data too
         ("eval_prompts", "../prompts.jsonl"),
         ("eval_prompts", "{outside}/prompts.jsonl"),
+        ("verifier_name_or_path", "{outside}"),  # a local verifier folder is read by the trainer
+        ("verifier_name_or_path", "/etc/model.gguf"),
+        ("verifier_name_or_path", "../models/verifier"),
+        ("verifier_name_or_path", "~/models/verifier"),
     ],
 )
 def test_paths_outside_the_roots_are_422_naming_the_field(server, outside, field, value):
@@ -179,6 +183,23 @@ def test_paths_inside_the_roots_are_accepted_absolute_or_relative(server):
     assert config["hidden_states_cache"] == str(data_root / "cache")
     assert config["from_pretrained"] == str(checkpoints / "older" / "checkpoint_best")
     assert config["control_plane_token_file"] == str(data_root / "token.txt")
+
+
+def test_a_local_verifier_is_confined_and_hub_ids_are_not_paths(start_server, outside):
+    server = start_server(max_concurrent_jobs=0, model_roots=[str(outside)])
+    data_root = Path(server.settings.data_root).resolve()
+    in_model_root = server.submit({"data_path": "prepared", "verifier_name_or_path": str(outside / "qwen")})
+    assert in_model_root["config"]["verifier_name_or_path"] == str(outside.resolve() / "qwen")
+    relative = server.submit({"data_path": "prepared", "verifier_name_or_path": "./models/smol.gguf"})
+    assert relative["config"]["verifier_name_or_path"] == str(outside.resolve() / "models" / "smol.gguf")
+    in_data = server.submit({"data_path": "prepared", "verifier_name_or_path": str(data_root / "verifier")})
+    assert in_data["config"]["verifier_name_or_path"] == str(data_root / "verifier")
+    for name in ("Qwen/Qwen3-8B", "embedded:smollm2-135m-instruct"):  # the hub, the embedded default
+        job = server.submit({"data_path": "prepared", "verifier_name_or_path": name})
+        assert job["config"]["verifier_name_or_path"] == name
+    elsewhere = {"data_path": "prepared", "verifier_name_or_path": "/opt/x"}
+    refused = server.client.post("/v1/jobs", json=elsewhere)
+    assert refused.status_code == 422 and str(outside.resolve()) in refused.text
 
 
 def test_two_live_jobs_cannot_share_a_save_path(server):
