@@ -1,8 +1,9 @@
 """A control-plane restart loses no job: `dflash control-plane` is killed (SIGKILL) mid-job and
 started again on the same database.
 
-- The trainer lived on: the new control plane re-attaches to it, the run finishes, the trainer's
-  buffered metric rows arrive after the restart, and the job ends `succeeded`.
+- The trainer lived on: the new control plane re-attaches to it (found by its job id when its
+  pid never reached the store), the run finishes, the trainer's buffered metric rows arrive
+  after the restart, and the job ends `succeeded`.
 - The trainer died with the host's processes: the job is marked failed with the reason.
 Either way the job that was queued behind it still starts.
 """
@@ -58,7 +59,8 @@ def submit_two(cp: ControlPlaneProcess, workspace: dict[str, Path]) -> tuple[str
     return first, second
 
 
-def test_restart_reattaches_a_live_trainer(control_plane, workspace):
+@pytest.mark.parametrize("pid_stored", [True, False], ids=["pid stored", "pid never stored"])
+def test_restart_reattaches_a_live_trainer(control_plane, workspace, tmp_path, pid_stored):
     cp = control_plane()
     first, second = submit_two(cp, workspace)
     launcher = cp.wait_pid(first)
@@ -69,6 +71,11 @@ def test_restart_reattaches_a_live_trainer(control_plane, workspace):
     rows_before = len(cp.metric_rows(first))
     assert cp.job(second)["state"] == "queued"
     cp.kill()
+    if not pid_stored:
+        # It died after starting the trainer and before storing its pid: the next one must find
+        # the trainer by its job id, or a resume would start a second one on the same checkpoints.
+        with sqlite3.connect(tmp_path / "jobs.db") as db:
+            db.execute("UPDATE jobs SET pid = NULL WHERE id = ?", (first,))
 
     os.kill(trainer, signal.SIGCONT)  # it trains on with nobody listening (its sink retries)
     cp = control_plane()
@@ -80,30 +87,6 @@ def test_restart_reattaches_a_live_trainer(control_plane, workspace):
     rows = cp.metric_rows(first)
     assert len(rows) > rows_before and done["step"] == rows[-1]["step"]
     assert cp.client.get(f"/v1/jobs/{first}/checkpoints").json()["latest"] == "1"
-    assert cp.wait_state(second, "succeeded")["exit_code"] == 0
-
-
-def test_restart_finds_a_trainer_whose_pid_was_never_stored(control_plane, workspace, tmp_path):
-    # The control plane dies after starting a trainer and before storing its pid: the restarted
-    # one must find that trainer by its job id, not fail the job (a resume would then start a
-    # second trainer on the same checkpoints).
-    cp = control_plane()
-    first, second = submit_two(cp, workspace)
-    launcher = cp.wait_pid(first)
-    control_plane.pids.add(launcher)
-    cp.wait_state(first, "running")
-    trainer = trainer_of(launcher)
-    os.kill(trainer, signal.SIGSTOP)
-    cp.kill()
-    with sqlite3.connect(tmp_path / "jobs.db") as db:
-        db.execute("UPDATE jobs SET pid = NULL WHERE id = ?", (first,))
-
-    os.kill(trainer, signal.SIGCONT)
-    cp = control_plane()
-    job = cp.job(first)
-    assert job["state"] == "running" and job["pid"] == launcher
-    assert f"re-attached to process {launcher}" in cp.client.get(f"/v1/jobs/{first}/logs").text
-    assert cp.wait_state(first, "succeeded")["exit_code"] == 0
     assert cp.wait_state(second, "succeeded")["exit_code"] == 0
 
 
