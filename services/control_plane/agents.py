@@ -41,9 +41,12 @@ from services.control_plane.schemas import (
     JobRecord,
 )
 from services.control_plane.service import JobConflict, JobService
-from services.control_plane.states import ACTIVE_STATES, JobState
+from services.control_plane.states import ACTIVE_STATES, TERMINAL_STATES, JobState
 
 logger = logging.getLogger(__name__)
+
+# How long after a job ends its agent may still send the trainer's last log lines.
+LATE_LOG_S = 120.0
 
 
 class AgentNotFound(LookupError):
@@ -215,6 +218,11 @@ class AgentRegistry:
         job = self.service.get(job_id)
         if job.agent_id != agent_id:
             raise JobConflict(f"job {job_id} is not run by agent {agent_id}")
+        # An agent sends a trainer's last lines after it reports the exit; past that, a finished
+        # job's log is closed.
+        ended = job.finished_at if job.state in TERMINAL_STATES else None
+        if ended is not None and time.time() - ended > LATE_LOG_S:
+            raise JobConflict(f"job {job_id} is {job.state.value}: its log takes no more lines")
         with open(self.service.files(job_id).log, "ab") as log:
             log.write(data)
         self.service.events.publish(job_id)

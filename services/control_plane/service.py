@@ -33,6 +33,7 @@ from services.control_plane.schemas import JobCreate, JobRecord, MetricRowIn
 from services.control_plane.states import (
     ACTIONS,
     ACTIVE_STATES,
+    TERMINAL_STATES,
     IllegalTransition,
     JobState,
     check_action,
@@ -267,6 +268,8 @@ class JobService:
     # ------------------------------------------------------------------ from the trainer
     def record_metrics(self, job_id: str, rows: Sequence[MetricRowIn]) -> int:
         job = self.get(job_id)
+        if job.state in TERMINAL_STATES:  # its trainer posted everything before it exited
+            raise JobConflict(f"job {job_id} is {job.state.value}: it takes no more metric rows")
         self.store.add_metric_rows(job_id, attempt=job.attempt, rows=rows)
         if rows:
             progress = self._progress(job, rows)

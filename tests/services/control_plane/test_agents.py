@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from services.control_plane import agents
 from tests.services.control_plane.conftest import tiny_job
 from tests.services.control_plane.harness import ROOT, TOKEN, wait_for, write_agent_tokens
 
@@ -288,6 +289,23 @@ def test_heartbeats_carry_cancels_and_settle_jobs_an_agent_no_longer_runs(start_
     exit_143 = {"running": {}, "exits": [{"job_id": first, "exit_code": 143}]}
     server.client.post("/v1/agents/a/heartbeat", json=exit_143)
     assert server.job(first)["state"] == "cancelled"
+
+
+def test_a_finished_jobs_log_closes_after_its_agents_last_lines(start_server, workspace, monkeypatch):
+    server = agent_server(start_server, workspace, agent_lost_after_s=600.0)
+    register(server, "a", [])
+    job_id = server.submit(tiny_job(workspace))["id"]
+    assert claim(server, "a")["id"] == job_id
+    upload = f"/v1/agents/a/jobs/{job_id}/log"
+    assert server.client.post(upload, content=b"step 1\n").status_code == 204
+    ended = {"running": {}, "exits": [{"job_id": job_id, "exit_code": 0}]}
+    server.client.post("/v1/agents/a/heartbeat", json=ended).raise_for_status()
+    assert server.client.post(upload, content=b"last line\n").status_code == 204  # sent after the exit
+    monkeypatch.setattr(agents, "LATE_LOG_S", 0.0)  # long after the job ended
+    late = server.client.post(upload, content=b"much later\n")
+    assert late.status_code == 409 and "succeeded" in late.json()["detail"]
+    log = server.client.get(f"/v1/jobs/{job_id}/logs").text
+    assert "last line" in log and "much later" not in log
 
 
 def test_agent_routes_need_the_token_and_a_registered_agent(start_server, workspace):

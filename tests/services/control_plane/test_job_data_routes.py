@@ -62,6 +62,15 @@ def test_bad_metric_rows_are_422(server):
     assert server.metric_rows(jid) == []
 
 
+def test_a_finished_job_takes_no_more_metric_rows(server):
+    jid = queued_job(server)
+    assert server.client.post(f"/v1/jobs/{jid}/metrics", json=rows(0)).json() == {"accepted": 1}
+    server.client.post(f"/v1/jobs/{jid}/cancel").raise_for_status()  # queued -> cancelled
+    late = server.client.post(f"/v1/jobs/{jid}/metrics", json=rows(5))
+    assert late.status_code == 409 and "cancelled" in late.json()["detail"]
+    assert [r["step"] for r in server.metric_rows(jid)] == [0]
+
+
 def test_metric_stream_sends_history_then_live_rows_then_end(server):
     jid = queued_job(server)
     server.client.post(f"/v1/jobs/{jid}/metrics", json=rows(0, 5)).raise_for_status()
