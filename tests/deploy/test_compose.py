@@ -169,8 +169,9 @@ def test_every_container_is_hardened_and_holds_no_secret_in_its_environment(conf
         assert "ipc" not in service, name
         environment = service.get("environment", {})
         for variable, value in environment.items():
-            if "TOKEN" in variable and variable != "HF_TOKEN":
-                assert variable.endswith("_FILE") and str(value).startswith("/run/secrets/"), (name, variable)
+            if "TOKEN" in variable:  # HF_TOKEN_PATH is huggingface_hub's name for its token file
+                assert variable.endswith(("_FILE", "_PATH")), (name, variable)
+                assert str(value).startswith("/run/secrets/"), (name, variable)
         mounted = {s if isinstance(s, str) else s["source"] for s in service.get("secrets", [])}
         wanted = {str(v).removeprefix("/run/secrets/") for v in environment.values()} & set(config["secrets"])
         assert wanted <= mounted, (name, wanted - mounted)
@@ -186,7 +187,7 @@ def test_trainer_containers_hold_the_agent_token_not_the_admin_one(config):
     for name in ("trainer", "trainer-cpu"):
         service = config["services"][name]
         mounted = {s if isinstance(s, str) else s["source"] for s in service["secrets"]}
-        assert mounted == {"service_token", "agent_token"}, name
+        assert mounted == {"service_token", "agent_token", "hf_token"}, name
         assert service["environment"]["DFLASH_AGENT_TOKEN_FILE"] == "/run/secrets/agent_token", name
     control_plane = config["services"]["control-plane"]
     environment = control_plane["environment"]

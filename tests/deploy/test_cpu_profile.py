@@ -230,6 +230,8 @@ def system(tmp_path_factory) -> Iterator[System]:
     }
     for path in tokens.values():
         path.write_text(secrets.token_hex(16) + "\n")
+    tokens["HF_TOKEN_FILE"] = root / "hf_token"
+    tokens["HF_TOKEN_FILE"].write_text("")  # no Hugging Face token: the embedded verifier needs none
     config = compose_config(root, variables={name: str(path) for name, path in tokens.items()})
     localizer = Localizer(config, root)
     # Allocate every service's own ports before any rewriting refers to them.
