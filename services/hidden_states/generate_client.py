@@ -25,7 +25,6 @@ Guarantees:
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections import Counter
@@ -37,6 +36,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from dflash_core.backoff import Backoff
 from dflash_core.config import PrepareDataConfig
 from dflash_core.data.regenerate import Complete, Regenerator, end_of_turn_ids
 from dflash_core.wire.codec import MAX_MESSAGE_BYTES
@@ -118,7 +118,7 @@ class GenerateClient:
         except ValueError as exc:
             raise GenerateError(str(exc)) from None
         self.max_attempts = max_attempts
-        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self._backoff = Backoff(initial_s=backoff_s, maximum_s=max_backoff_s)
         self.request_timeout_s = request_timeout_s
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
@@ -253,8 +253,7 @@ class GenerateClient:
             try:
                 if failures[endpoint.address]:
                     # Every endpoint has failed this batch: give them time before trying again.
-                    delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 2))
-                    time.sleep(delay * random.uniform(0.75, 1.25))  # jitter: clients do not retry in lockstep
+                    time.sleep(self._backoff.delay(attempt - 1))
                 response = endpoint.stub.Generate(request, timeout=self.request_timeout_s)
             except grpc.RpcError as exc:
                 code, details = exc.code(), exc.details()
