@@ -1,8 +1,9 @@
 """The persistent job store: every SQL statement of the control plane lives here.
 
 SQLAlchemy Core over SQLite by default (a file; WAL so readers never wait for the writer) or any
-URL (PostgreSQL for a shared deployment). The tables are created by `migrations.py`; the Table
-objects below mirror the newest schema (a test checks they agree).
+URL (PostgreSQL for a shared deployment). The tables are created by the Alembic revisions
+(`migrations.py`); the Table objects below mirror the newest schema, indexes and keys included
+(a test compares them with Alembic's autogenerate: no difference).
 
 State changes are compare-and-set: `transition()` updates a job only while it is still in one of
 the expected states, so a scheduler claiming a queued job and a user cancelling it cannot both
@@ -22,6 +23,8 @@ from sqlalchemy import (
     Column,
     Engine,
     Float,
+    ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -51,7 +54,7 @@ jobs = Table(
     Column("seq", Integer, primary_key=True, autoincrement=True),
     Column("id", String(64), nullable=False, unique=True),
     Column("name", String(200)),
-    Column("state", String(16), nullable=False),
+    Column("state", String(16), nullable=False, index=True),
     Column("reason", Text),
     Column("config", Text, nullable=False),
     Column("gpus_requested", Integer, nullable=False),
@@ -88,11 +91,13 @@ metric_rows = Table(
     "metric_rows",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("job_id", String(64), nullable=False),
+    Column("job_id", String(64), ForeignKey("jobs.id"), nullable=False),
     Column("attempt", Integer, nullable=False),
     Column("step", Integer, nullable=False),
     Column("time", Float, nullable=False),
     Column("metrics", Text, nullable=False),
+    Index("ix_metric_rows_job_step", "job_id", "step"),
+    Index("ix_metric_rows_job_id", "job_id", "id"),
 )
 
 # A stored job row's values in this order (what `select(jobs)` gives).
