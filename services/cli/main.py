@@ -31,6 +31,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("control-plane", "control_plane", "Serve the REST API that runs and tracks training jobs."),
     ("healthcheck", "healthcheck", "Exit 0 when a service answers its health endpoint (Docker HEALTHCHECK)."),
     ("trainer-agent", "trainer_agent", "Run the control plane's training jobs on this host's GPUs."),
+    ("slurm-hidden-states", "slurm_hidden_states", "Write the sbatch script of a hidden-state service."),
 ]
 
 

@@ -1,7 +1,9 @@
 """The hidden-state services the control plane knows about, and their health over gRPC.
 
-Known = the endpoints given with --hidden-states-endpoints, plus those named by queued and
-active jobs (`hidden_states_endpoint`). Every configured one is checked, and of those jobs name,
+Known = the endpoints given with --hidden-states-endpoints, those registered in the
+--hidden-states-registry folder (services/hidden_states/registry.py), plus those named by queued
+and active jobs (`hidden_states_endpoint`). Every configured or registered one is checked (the
+registry is the operator's folder), and of those jobs name,
 only the first --max-probed-job-endpoints (active jobs' first): anyone who may submit jobs could
 otherwise make the control plane dial any number of hosts. Each is asked two things, with a
 short deadline so one dead host does not slow the listing:
@@ -24,6 +26,7 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -33,6 +36,7 @@ from dflash_core.wire.pb import hidden_states_pb2_grpc as pb_grpc
 from services.control_plane.schemas import HiddenStateServicePublic, JobRecord, ServiceInfoPublic
 from services.control_plane.states import ACTIVE_STATES, JobState
 from services.hidden_states.endpoints import open_channel, parse_endpoint
+from services.hidden_states.registry import Registered, read_registry
 
 HIDDEN_STATES_SERVICE = pb.DESCRIPTOR.services_by_name["HiddenStates"].full_name
 
@@ -107,12 +111,14 @@ class HiddenStateServices:
         *,
         configured: Iterable[str],
         max_job_endpoints: int,
+        registry: Path | None = None,
         timeout_s: float = 2.0,
         cache_s: float = 2.0,
         workers: int = 8,
     ) -> None:
         self.configured = [parse_endpoint(e) for e in configured]
         self.max_job_endpoints = max_job_endpoints
+        self.registry = registry
         self.timeout_s = timeout_s
         self.cache_s = cache_s
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hidden-state-probe")
@@ -148,10 +154,15 @@ class HiddenStateServices:
             self._in_flight.pop(address, None)
         return fresh
 
-    def _known(self, jobs: Iterable[JobRecord]) -> tuple[dict[str, list[str]], list[str]]:
+    def registered(self) -> dict[str, Registered]:
+        """The registry folder's services by name (read afresh: services come and go)."""
+        return read_registry(self.registry) if self.registry is not None else {}
+
+    def _known(self, jobs: Iterable[JobRecord], own: list[str]) -> tuple[dict[str, list[str]], list[str]]:
         """Every known endpoint with the jobs that name it, and those to check (the configured
-        ones, then the first `max_job_endpoints` the jobs name, active jobs first)."""
-        users: dict[str, list[str]] = {address: [] for address in self.configured}
+        and registered ones, `own`, then the first `max_job_endpoints` the jobs name, active jobs
+        first)."""
+        users: dict[str, list[str]] = {address: [] for address in own}
         named: list[str] = []
         listed = [job for job in jobs if job.state in (JobState.QUEUED, *ACTIVE_STATES)]
         for job in sorted(listed, key=lambda job: job.state == JobState.QUEUED):  # stable: active first
@@ -159,15 +170,23 @@ class HiddenStateServices:
                 if address not in users:
                     named.append(address)
                 users.setdefault(address, []).append(job.id)
-        return users, [*self.configured, *named[: self.max_job_endpoints]]
+        return users, [*own, *named[: self.max_job_endpoints]]
 
     async def list(self, jobs: Iterable[JobRecord]) -> list[HiddenStateServicePublic]:
-        users, checked = self._known(jobs)
+        # Off the event loop: the registry lives on a shared file system, which may be slow.
+        registered = await asyncio.to_thread(self.registered)
+        names = {entry.endpoint: entry for entry in registered.values()}
+        own = list(dict.fromkeys([*self.configured, *names]))
+        users, checked = self._known(jobs, own)
         with self._lock:  # forget endpoints no job names any more
             for address in set(self._cache) - set(users):
                 del self._cache[address]
+        broken = {a for a, entry in names.items() if entry.problem is not None}
+        checked = [a for a in checked if a not in broken]
         answers = await asyncio.gather(*(asyncio.wrap_future(self._probe_soon(a)) for a in checked))
         probes = dict(zip(checked, answers, strict=True))
+        for address in broken:
+            probes[address] = Probe("error", names[address].problem, None, time.time())
         skipped = Probe(
             "error",
             f"not checked: jobs name more than {self.max_job_endpoints} hidden-state services, and only "
@@ -182,6 +201,7 @@ class HiddenStateServices:
                 HiddenStateServicePublic(
                     endpoint=address,
                     configured=address in self.configured,
+                    registered_as=names[address].name if address in names else None,
                     jobs=job_ids,
                     status=found.status,
                     detail=found.detail,

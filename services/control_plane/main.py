@@ -129,6 +129,7 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         jobs_dir=jobs_dir,
         events=events,
         cancel_grace_s=settings.cancel_grace_s,
+        registry=settings.hidden_states_registry,
     )
     agents = None
     if settings.executor == "agent":
@@ -152,7 +153,9 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
     service.wake_scheduler = scheduler.wake
     request_metrics = RequestMetrics()
     hidden_state_services = HiddenStateServices(
-        configured=settings.hidden_states_endpoint_list, max_job_endpoints=settings.max_probed_job_endpoints
+        configured=settings.hidden_states_endpoint_list,
+        max_job_endpoints=settings.max_probed_job_endpoints,
+        registry=settings.hidden_states_registry,
     )
 
     @contextlib.asynccontextmanager

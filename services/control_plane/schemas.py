@@ -354,6 +354,9 @@ class ServiceInfoPublic(BaseModel):
 class HiddenStateServicePublic(BaseModel):
     endpoint: str = Field(description="host:port of its gRPC server.")
     configured: bool = Field(description="Named by --hidden-states-endpoints (else only by jobs).")
+    registered_as: str | None = Field(
+        default=None, description="Its name in --hidden-states-registry (jobs write `registry:NAME`)."
+    )
     jobs: list[str] = Field(description="Queued, starting or running jobs that read from it.")
     status: Literal["serving", "not_serving", "unreachable", "error"] = Field(
         description="gRPC health of its HiddenStates service; `unreachable`: no connection."

@@ -39,6 +39,7 @@ from services.control_plane.states import (
     check_action,
 )
 from services.control_plane.store import JobStore
+from services.hidden_states.registry import resolve
 
 logger = logging.getLogger(__name__)
 # A CPU job's trainer processes (`nproc` without GPUs): enough for any CPU host's useful
@@ -97,6 +98,7 @@ class JobService:
         cancel_grace_s: float,
         wake_scheduler: Callable[[], None] = lambda: None,
         agents_have_gpus: Callable[[], bool] = lambda: False,
+        registry: Path | None = None,
     ) -> None:
         self.store = store
         self.executor = executor
@@ -107,6 +109,7 @@ class JobService:
         self.cancel_grace_s = cancel_grace_s
         self.wake_scheduler = wake_scheduler
         self.agents_have_gpus = agents_have_gpus  # agent executor: does any live agent have a GPU
+        self.registry = registry  # where `registry:NAME` endpoints are looked up
 
     def files(self, job_id: str) -> JobFiles:
         return JobFiles.of(self.jobs_dir, job_id)
@@ -140,6 +143,13 @@ class JobService:
                 fields["verifier_name_or_path"] = str(confine("verifier_name_or_path", verifier, self.roots))
         except PathOutsideRoots as exc:
             raise JobRejected.field(exc.field, str(exc)) from None
+        # A registered name becomes its address now: the job record says where the job reads from.
+        for name in ("hidden_states_endpoint", "vllm_endpoint"):
+            if isinstance(fields.get(name), list):
+                try:
+                    fields[name] = resolve([str(e) for e in fields[name]], self.registry)
+                except ValueError as exc:
+                    raise JobRejected.field(name, str(exc)) from None
         if Path(fields["save_path"]) == self.roots.checkpoints:
             raise JobRejected.field(
                 "save_path", "save_path is the checkpoint root itself: name a folder inside it"

@@ -77,6 +77,12 @@ class ControlPlaneSettings(BaseSettings):
         description="Hidden-state services to list and health-check (`host:port,host:port`), besides "
         "those the jobs name.",
     )
+    hidden_states_registry: Path | None = Field(
+        default=None,
+        description="Folder where hidden-state services register as `NAME.endpoint` (`dflash "
+        "slurm-hidden-states` writes its batch script to do so): all are listed and checked, and a job "
+        "names one as `registry:NAME`.",
+    )
     agent_heartbeat_interval_s: float = Field(
         default=5.0, gt=0, description="How often trainer agents heartbeat (they are told at registration)."
     )
