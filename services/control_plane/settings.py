@@ -16,6 +16,7 @@ from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_valid
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.control_plane.credentials import Credentials, read_agent_tokens
+from services.hidden_states.token_file import read_token_file
 
 MIB = 1 << 20
 
@@ -189,13 +190,7 @@ class ControlPlaneSettings(BaseSettings):
     def _token_from_file(self) -> ControlPlaneSettings:
         # The file wins over the variable, as for the trainer's --control-plane-token-file.
         if self.token_file is not None:
-            try:
-                text = self.token_file.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise ValueError(f"--token-file {self.token_file}: cannot read it ({exc})") from None
-            if not text:
-                raise ValueError(f"--token-file {self.token_file} is empty")
-            self.token = SecretStr(text)
+            self.token = SecretStr(read_token_file(self.token_file, name="--token-file"))
         elif self.token is not None and not self.token.get_secret_value().strip():
             self.token = None  # an empty variable means "no token", not "the empty token"
         if self.agent_token_file is not None:

@@ -25,6 +25,8 @@ from typing import Any
 
 import grpc
 
+from services.hidden_states.token_file import CredentialsError, read_token_file
+
 TOKEN_ENV = "DFLASH_SERVICE_TOKEN"
 TOKEN_FILE_ENV = "DFLASH_SERVICE_TOKEN_FILE"
 CA_FILE_ENV = "DFLASH_SERVICE_CA_FILE"
@@ -35,20 +37,11 @@ _METADATA_KEY = "authorization"
 _OPEN_METHOD_PREFIX = "/grpc.health.v1.Health/"  # load balancers and orchestrators probe without secrets
 
 
-class CredentialsError(ValueError):
-    """A token or TLS file that cannot be used; the message names it and says what to do."""
-
-
 # ---------------------------------------------------------------------------- the token
 
 
-def read_token_file(path: Path) -> str:
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as exc:
-        raise CredentialsError(f"cannot read the token file {path}: {exc.strerror}") from None
-    if not token:
-        raise CredentialsError(f"the token file {path} is empty")
+def _service_token_file(path: Path, name: str) -> str:
+    token = read_token_file(path, name=name)
     if any(c.isspace() or not c.isprintable() for c in token):
         raise CredentialsError(f"the token in {path} holds spaces or control characters (one word, one line)")
     return token
@@ -58,11 +51,11 @@ def service_token(token_file: Path | None = None, environ: Mapping[str, str] | N
     """The shared secret: `token_file`, else $DFLASH_SERVICE_TOKEN, else $DFLASH_SERVICE_TOKEN_FILE."""
     env = os.environ if environ is None else environ
     if token_file is not None:
-        return read_token_file(token_file)
+        return _service_token_file(token_file, "--token-file")
     if env.get(TOKEN_ENV, "").strip():
         return env[TOKEN_ENV].strip()
     if env.get(TOKEN_FILE_ENV):
-        return read_token_file(Path(env[TOKEN_FILE_ENV]))
+        return _service_token_file(Path(env[TOKEN_FILE_ENV]), f"${TOKEN_FILE_ENV}")
     return None
 
 

@@ -31,6 +31,7 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 from dflash_core.backoff import Backoff
+from services.hidden_states.token_file import read_token_file
 from services.trainer.metric_sinks.base import finite_or_none
 
 logger = logging.getLogger(__name__)
@@ -43,13 +44,7 @@ Outcome = Literal["sent", "retry", "refused"]
 def read_token(token_file: Path | None, *, flag: str = "--control-plane-token-file") -> str | None:
     """The bearer token: the contents of `token_file` when given, else $DFLASH_CONTROL_PLANE_TOKEN."""
     if token_file is not None:
-        try:
-            token = token_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ValueError(f"{flag} {token_file}: cannot read it ({exc})") from None
-        if not token:
-            raise ValueError(f"{flag} {token_file} is empty")
-        return token
+        return read_token_file(token_file, name=flag)
     return os.environ.get(TOKEN_ENV, "").strip() or None
 
 
