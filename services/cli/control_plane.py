@@ -16,15 +16,12 @@ import argparse
 
 from services.cli.settings_args import add_settings_arguments, settings_from_args
 
-# The settings field that is never a flag.
-SECRET_FIELDS = {"token"}
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Settings are imported here only for their field list (pydantic-settings, no heavy imports).
     from services.control_plane.settings import ControlPlaneSettings
 
-    add_settings_arguments(parser, ControlPlaneSettings, title="control plane", secret=SECRET_FIELDS)
+    add_settings_arguments(parser, ControlPlaneSettings, title="control plane")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,9 +35,8 @@ def run(args: argparse.Namespace) -> int:
     from services.control_plane.settings import ControlPlaneSettings
     from services.hidden_states.credentials import is_loopback
 
-    settings = settings_from_args(ControlPlaneSettings, args, secret=SECRET_FIELDS)
-    if isinstance(settings, str):
-        print(settings)
+    settings = settings_from_args(ControlPlaneSettings, args)
+    if settings is None:
         return 2
     if settings.token is None and not is_loopback(settings.host):
         if not settings.insecure:

@@ -3,7 +3,8 @@
 The services (`dflash control-plane`, `dflash trainer-agent`) read each setting from a flag,
 else from an environment variable (the class's env_prefix + the field's name), else the default.
 Flags the user did not give are left out of the namespace, so the variables still apply.
-Secret fields are never flags: `ps` shows a process's command line to everyone on the host.
+Secret fields (typed SecretStr) are never flags: `ps` shows a process's command line to everyone
+on the host.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import SecretBytes, SecretStr, ValidationError
 from pydantic_settings import BaseSettings
 
 from dflash_core.config_args import format_validation_error, strip_optional
@@ -21,11 +22,18 @@ from dflash_core.config_args import format_validation_error, strip_optional
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)
 
 
+def secret_fields(settings_cls: type[BaseSettings]) -> set[str]:
+    """The fields that hold a secret: set only from a file or an environment variable."""
+    fields = settings_cls.model_fields.items()
+    return {name for name, field in fields if strip_optional(field.annotation) in (SecretStr, SecretBytes)}
+
+
 def add_settings_arguments(
-    parser: argparse.ArgumentParser, settings_cls: type[BaseSettings], *, title: str, secret: set[str]
+    parser: argparse.ArgumentParser, settings_cls: type[BaseSettings], *, title: str
 ) -> None:
     group = parser.add_argument_group(title)
     prefix = settings_cls.model_config.get("env_prefix", "")
+    secret = secret_fields(settings_cls)
     for name, field in settings_cls.model_fields.items():
         if name in secret:
             continue
@@ -42,13 +50,14 @@ def add_settings_arguments(
         group.add_argument("--" + name.replace("_", "-"), **kwargs)
 
 
-def settings_from_args(
-    settings_cls: type[SettingsT], args: argparse.Namespace, *, secret: set[str]
-) -> SettingsT | str:
-    """The settings (flags > variables > defaults), or the error message for the user."""
+def settings_from_args(settings_cls: type[SettingsT], args: argparse.Namespace) -> SettingsT | None:
+    """The settings (flags > variables > defaults); None once the user has been shown what is wrong
+    (the command then exits 2)."""
+    secret = secret_fields(settings_cls)
     names = [name for name in settings_cls.model_fields if name not in secret and name in vars(args)]
     given = {name: getattr(args, name) for name in names}
     try:
         return settings_cls(**given)
     except ValidationError as exc:
-        return format_validation_error(exc)
+        print(format_validation_error(exc))
+        return None

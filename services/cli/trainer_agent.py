@@ -18,13 +18,11 @@ import logging
 
 from services.cli.settings_args import add_settings_arguments, settings_from_args
 
-SECRET_FIELDS: set[str] = set()
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from services.agent.settings import AgentSettings
 
-    add_settings_arguments(parser, AgentSettings, title="trainer agent", secret=SECRET_FIELDS)
+    add_settings_arguments(parser, AgentSettings, title="trainer agent")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,9 +30,8 @@ def run(args: argparse.Namespace) -> int:
     from services.agent.settings import AgentSettings
     from services.trainer.metric_sinks.control_plane import read_token
 
-    settings = settings_from_args(AgentSettings, args, secret=SECRET_FIELDS)
-    if isinstance(settings, str):
-        print(settings)
+    settings = settings_from_args(AgentSettings, args)
+    if settings is None:
         return 2
     try:
         agent = TrainerAgent(settings, token=read_token(settings.token_file, flag="--token-file"))
