@@ -100,9 +100,21 @@ def _device(name: str, *, local_rank: int | None) -> torch.device:
     return device
 
 
-def shutdown_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown_distributed(*, finished: bool) -> None:
+    """End the process group; after a normal end, first wait for every rank in a barrier.
+
+    Why the barrier: a gloo worker thread frees each finished collective a moment after its waiter
+    wakes, and that free takes the GIL. Device meshes keep the group (and its threads) alive past
+    `destroy_process_group`, so a rank that heads straight into interpreter shutdown can catch a
+    thread there and abort ("terminate called without an active exception", about one two-rank
+    exit in six). Waiting in a barrier releases the GIL until those frees are done. Never after an
+    error: a rank that failed may never arrive, and the barrier would hang.
+    """
+    if not dist.is_initialized():
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def shard_drafter(drafter: torch.nn.Module, *, compute_dtype: torch.dtype | None) -> None:

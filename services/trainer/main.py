@@ -131,10 +131,13 @@ def run_training(config: TrainConfig, *, stop_after_steps: int | None = None) ->
     check_backends_installed(list(config.report_to))  # before anything heavy is loaded
     # A rank waits in a collective while another waits for the hidden-state service: allow that.
     dist, device = init_distributed(config.device, timeout_s=max(600.0, 2 * config.service_timeout_s + 60))
+    finished = False
     try:
-        return _train(config, dist=dist, device=device, stop_after_steps=stop_after_steps)
+        result = _train(config, dist=dist, device=device, stop_after_steps=stop_after_steps)
+        finished = True
+        return result
     finally:
-        shutdown_distributed()
+        shutdown_distributed(finished=finished)
 
 
 def _train(
