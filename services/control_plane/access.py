@@ -39,6 +39,8 @@ RULES: dict[tuple[str, str], Access] = {
     ("POST", "/v1/agents/{agent_id}/jobs/{job_id}/log"): Access.AGENT_SELF,
     ("POST", "/v1/agents/{agent_id}/goodbye"): Access.AGENT_SELF,
     ("POST", "/v1/jobs/{job_id}/metrics"): Access.TRAINER,
+    # Named although ADMIN is the default: the dashboard's data is the API's, not an open file.
+    ("GET", "/v1/meta"): Access.ADMIN,
 }
 
 _SCOPES = {

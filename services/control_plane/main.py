@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from services.control_plane.agents import AgentNotFound, AgentRegistry
 from services.control_plane.api.deps import ControlPlane
 from services.control_plane.api.routes import agents as agent_routes
-from services.control_plane.api.routes import checkpoints, hidden_states, jobs, logs, metrics, system
+from services.control_plane.api.routes import checkpoints, hidden_states, jobs, logs, meta, metrics, system
 from services.control_plane.auth import RequireToken
 from services.control_plane.browser_guard import BrowserGuard, allowed_hosts
 from services.control_plane.checkpoints import CheckpointNotFound
@@ -189,7 +189,7 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         hidden_state_services=hidden_state_services,
         agents=agents,
     )
-    for module in (jobs, metrics, logs, checkpoints, agent_routes, hidden_states, system):
+    for module in (jobs, metrics, logs, checkpoints, agent_routes, hidden_states, meta, system):
         app.include_router(module.router)
     from services.control_plane.dashboard import mount_dashboard  # the web UI at / (static files)
 

@@ -5,6 +5,7 @@
     JobPublic      one job as the API returns it; JobsPublic a page of them
     MetricsIn      the trainer's metric POST (services/trainer/metric_sinks/control_plane.py)
     Agent...       the trainer agents' protocol (register, heartbeat, claim; services/agent/)
+    MetaPublic     what the dashboard reads instead of repeating it (states, the example config)
     ...Public      everything else the API returns
 
 The job spec IS `dflash_core.config.TrainConfig` (one config, written once): the same fields, defaults and
@@ -237,6 +238,19 @@ class HealthPublic(BaseModel):
     gpus: list[int]
     gpus_free: list[int]
     auth: bool = Field(description="Whether a bearer token is required on mutating routes.")
+
+
+class MetaPublic(BaseModel):
+    """What the dashboard takes from the server rather than repeating it (GET /v1/meta)."""
+
+    job_states: list[JobState] = Field(description="Every job state, in lifecycle order.")
+    active_states: list[JobState] = Field(description="States whose job may have a process (GPUs busy).")
+    terminal_states: list[JobState] = Field(description="States a job has ended in.")
+    not_copied: list[str] = Field(
+        description="Config fields that belong to one job (set by the control plane, or per job): a "
+        "clone leaves them out."
+    )
+    example_config: dict[str, Any] = Field(description="A small job that runs on CPU: the form's example.")
 
 
 # ---------------------------------------------------------------------- trainer agents
