@@ -119,3 +119,39 @@ def test_only_a_bounded_number_of_job_named_services_is_probed(start_server, wor
     finally:
         for port in silent:
             port.close()
+
+
+def test_registered_services_are_listed_by_name_and_jobs_name_them(start_server, workspace, tmp_path):
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    dead = f"127.0.0.1:{free_port()}"
+    (registry / "gone.endpoint").write_text(f"{dead}\n# slurm job 7 on gpu-01\n")
+    (registry / "garbled.endpoint").write_text("not an address\n")
+    (registry / "half.endpoint.tmp.123").write_text("127.0.0.1:1\n")  # a script mid-write: not yet one
+    server = start_server(data_root=workspace["root"], max_concurrent_jobs=0, hidden_states_registry=registry)
+    server.app.state.control_plane.hidden_state_services.timeout_s = 0.5
+    listed = {s["registered_as"]: s for s in server.client.get("/v1/hidden-state-services").json()}
+    assert set(listed) == {"gone", "garbled"}
+    assert listed["gone"]["endpoint"] == dead and listed["gone"]["status"] == "unreachable"
+    assert not listed["gone"]["configured"]
+    assert (
+        listed["garbled"]["status"] == "error"
+        and "must name a host and a port" in listed["garbled"]["detail"]
+    )
+
+    job = server.submit(tiny_job(workspace, hidden_states_endpoint=["registry:gone", "127.0.0.1:9"]))
+    assert job["config"]["hidden_states_endpoint"] == [dead, "127.0.0.1:9"]
+    for name, complaint in (
+        ("nope", "registered: garbled, gone"),
+        ("garbled", "must name a host and a port"),
+    ):
+        refused = server.client.post(
+            "/v1/jobs", json=tiny_job(workspace, hidden_states_endpoint=[f"registry:{name}"])
+        )
+        assert refused.status_code == 422 and complaint in refused.text, refused.text
+
+
+def test_a_registered_name_needs_a_registry(start_server, workspace):
+    server = start_server(data_root=workspace["root"], max_concurrent_jobs=0)
+    refused = server.client.post("/v1/jobs", json=tiny_job(workspace, hidden_states_endpoint=["registry:q"]))
+    assert refused.status_code == 422 and "--hidden-states-registry" in refused.text
