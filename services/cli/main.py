@@ -16,6 +16,7 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import Any
 
 from dflash_core.config_args import split_passthrough
 
@@ -35,8 +36,17 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
 ]
 
 
+class SpelledOutParser(argparse.ArgumentParser):
+    """Flags must be spelled out: `--token SECRET` is an error, never `--token-file` (which would
+    echo the secret back in its error). Subcommands' parsers are of this class too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dflash", description=__doc__.split("\n\n")[0])
+    parser = SpelledOutParser(prog="dflash", description=__doc__.split("\n\n")[0])
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name, help_text in SUBCOMMANDS:
