@@ -2,15 +2,18 @@
 
     mount_dashboard(app)        # in create_app(), after the API routers
 
-Pages (one HTML shell; app.js renders the page for the path, with client-side routing):
+Pages (one HTML shell; app.js routes by path, with client-side routing, to one module per view):
 
-    /                  jobs table: state, progress, ETA, created, GPUs; filter by state
-    /jobs/<id>         a job: live charts (Server-Sent Events), logs, checkpoints, config, actions
-    /new[?from=<id>]   submit form: a JSON TrainConfig plus name and GPUs; 422s shown by field
-    /services          hidden-state services (gRPC health, what they serve) and trainer agents
+    /                  jobs.js: jobs table: state, progress, ETA, created, GPUs; filter by state
+    /jobs/<id>         job.js: live charts (Server-Sent Events), logs, checkpoints, config, actions
+    /new[?from=<id>]   new-job.js: a JSON TrainConfig plus name and GPUs; 422s shown by field
+    /services          services.js: hidden-state services (gRPC health, what they serve), agents
 
-Assets are under /dashboard/ (app.js, plot.js: the SVG charts, style.css). Nothing is loaded from
-another host, so the dashboard works offline. Everything it shows comes from the public /v1 API.
+Assets are under /dashboard/: ES modules loaded by the browser as they are (no build step; shared
+ones: api.js, meta.js, dom.js, format.js, plot.js the SVG charts), and style.css. Nothing is loaded
+from another host, so the dashboard works offline. Everything it shows comes from the public /v1
+API; what it would otherwise repeat from the server (job states, the example config) it reads
+from /v1/meta.
 These files are open to anyone; with a token configured, every API call needs it: the user
 enters it once, the tab keeps it in sessionStorage (gone when the tab closes) and sends it as
 `Authorization: Bearer` on every request, live streams included (stream.js reads them with

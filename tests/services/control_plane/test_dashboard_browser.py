@@ -152,6 +152,17 @@ def test_submit_a_job_in_the_form_and_watch_its_loss_chart_fill(start_server, wo
     page.evaluate("window.scrollTo(0, 0)")  # else the sticky top bar lands mid-page in a full-page shot
     page.screenshot(path=str(SCREENSHOTS / "dashboard-checkpoints.png"), full_page=True)
 
+    # Clone: the form holds the job's config less the fields /v1/meta names as the job's own; the
+    # Example button gives /v1/meta's example (the script repeats neither).
+    meta = server.client.get("/v1/meta").json()
+    page.get_by_role("link", name="Clone").click()
+    page.wait_for_function("() => document.querySelector('#job-config').value.includes('data_path')")
+    cloned = json.loads(page.input_value("#job-config"))
+    assert cloned["data_path"] == job["config"]["data_path"] and not set(meta["not_copied"]) & set(cloned)
+    page.get_by_role("button", name="Example").click()
+    page.wait_for_function("() => document.querySelector('#job-config').value.includes('demo/data')")
+    assert json.loads(page.input_value("#job-config")) == meta["example_config"]
+
     page.get_by_role("banner").get_by_role("link", name="Jobs", exact=True).click()
     row = page.locator(f'tr[data-job-id="{job_id}"][data-state="succeeded"]')
     row.wait_for()

@@ -235,7 +235,8 @@ export class LineChart {
       const label = svg("text", { x, y: height - 6, "text-anchor": "middle" }, grid);
       label.textContent = compact(t);
     }
-    svg("line", { class: "chart-axis", x1: PAD.left, x2: PAD.left + plotW, y1: PAD.top + plotH, y2: PAD.top + plotH }, grid);
+    const axisY = PAD.top + plotH;
+    svg("line", { class: "chart-axis", x1: PAD.left, x2: PAD.left + plotW, y1: axisY, y2: axisY }, grid);
 
     for (const s of this.series.values()) {
       if (!s.points.length) continue;

@@ -9,7 +9,10 @@
 // skipped. Unlike it, a refusal (any 4xx: a missing or wrong token, a deleted job, too many
 // streams) ends the stream with onRefused(status) instead of retrying forever.
 
-export function eventStream(url, { headers = {}, onEvent, onRefused = () => {}, onBroken = () => {}, reconnectMs = 2000 }) {
+export function eventStream(
+  url,
+  { headers = {}, onEvent, onRefused = () => {}, onBroken = () => {}, reconnectMs = 2000 },
+) {
   const controller = new AbortController();
   let lastId = null;
   let closed = false;
