@@ -8,6 +8,7 @@ to 127.0.0.1 and registered as 127.0.0.1 (DFLASH_BIND_HOST, DFLASH_ADVERTISE_HOS
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -35,6 +36,16 @@ def token_file(tmp_path: Path) -> Path:
     path = tmp_path / "service_token"
     path.write_text("s3cret-for-the-service\n")
     return path
+
+
+def stop_group(batch: subprocess.Popen) -> None:
+    """SIGKILL to the script and every process it started (its own session): nothing outlives a test."""
+    if batch.poll() is None:
+        os.killpg(batch.pid, signal.SIGKILL)
+        batch.wait()
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(batch.pid, signal.SIGKILL)
 
 
 def write_script(tmp_path: Path, *args: str) -> tuple[int, str]:
@@ -79,7 +90,11 @@ def test_the_script_registers_a_service_a_job_trains_from(tmp_path, workspace, t
     }
     log = (tmp_path / "job.out").open("w")
     batch = subprocess.Popen(
-        ["bash", str(tmp_path / "job.sbatch")], env=slurm_env, stdout=log, stderr=subprocess.STDOUT
+        ["bash", str(tmp_path / "job.sbatch")],
+        env=slurm_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         entry = registry / "tiny-verifier.endpoint"
@@ -115,9 +130,7 @@ def test_the_script_registers_a_service_a_job_trains_from(tmp_path, workspace, t
         assert batch.wait(timeout=120) == 0
         assert not entry.exists() and read_registry(registry) == {}
     finally:
-        if batch.poll() is None:
-            batch.kill()
-            batch.wait()
+        stop_group(batch)
         log.close()
         print((tmp_path / "job.out").read_text())  # shown when the test fails
 
@@ -134,7 +147,9 @@ def test_a_newer_copy_keeps_its_entry_when_an_older_one_stops(tmp_path, token_fi
     fake.write_text('#!/bin/bash\nif [ "$1" = serve-hidden-states ]; then exec sleep 600; fi\nexit 0\n')
     fake.chmod(0o755)
     env = {**os.environ, "DFLASH": str(fake), "DFLASH_ADVERTISE_HOST": "old-node"}
-    batch = subprocess.Popen(["bash", str(tmp_path / "job.sbatch")], env=env, stdout=subprocess.DEVNULL)
+    batch = subprocess.Popen(
+        ["bash", str(tmp_path / "job.sbatch")], env=env, stdout=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         wait_for(entry.exists, what="the old copy to register", timeout_s=60)
         entry.write_text("new-node:8000\n")  # the newer copy registered since
@@ -142,9 +157,7 @@ def test_a_newer_copy_keeps_its_entry_when_an_older_one_stops(tmp_path, token_fi
         batch.wait(timeout=60)
         assert entry.read_text() == "new-node:8000\n"
     finally:
-        if batch.poll() is None:
-            batch.kill()
-            batch.wait()
+        stop_group(batch)
 
 
 @pytest.mark.parametrize(
@@ -165,3 +178,45 @@ def test_bad_settings_are_refused_with_the_flag_named(tmp_path, capsys, args, co
     code, script = write_script(tmp_path, "--registry", str(tmp_path / "registry"), *args)
     assert code == 2 and script == ""
     assert complaint in capsys.readouterr().err
+
+
+def fake_dflash(tmp_path: Path, *, service: str) -> Path:
+    """A stand-in `dflash`: `serve-hidden-states` runs `service` (shell); `healthcheck` passes once
+    <tmp>/ready exists."""
+    fake = tmp_path / "fake-dflash"
+    fake.write_text(
+        f'#!/bin/bash\nif [ "$1" = serve-hidden-states ]; then {service}; fi\n[ -e {tmp_path / "ready"} ]\n'
+    )
+    fake.chmod(0o755)
+    return fake
+
+
+def test_nothing_is_registered_before_health_answers_or_when_the_service_dies(tmp_path):
+    registry = tmp_path / "registry"
+    entry = registry / "q.endpoint"
+    assert write_script(tmp_path, "--name", "q", "--registry", str(registry), "--", "--insecure")[0] == 0
+    env = {**os.environ, "DFLASH_ADVERTISE_HOST": "node"}
+    script = ["bash", str(tmp_path / "job.sbatch")]
+
+    env["DFLASH"] = str(fake_dflash(tmp_path, service="exec sleep 600"))
+    batch = subprocess.Popen(script, env=env, stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(registry.is_dir, what="the script to start", timeout_s=60)
+        with pytest.raises(AssertionError):  # health fails: no entry, however long it waits
+            wait_for(entry.exists, what="an entry", timeout_s=7)
+        (tmp_path / "ready").touch()
+        wait_for(entry.exists, what="the entry once health answers", timeout_s=60)
+    finally:
+        stop_group(batch)
+    entry.unlink()
+    (tmp_path / "ready").unlink()
+
+    # A service that dies while loading: the script ends with its status, nothing registered.
+    env["DFLASH"] = str(fake_dflash(tmp_path, service="exit 3"))
+    assert (
+        subprocess.run(
+            script, env=env, stdout=subprocess.DEVNULL, timeout=120, start_new_session=True
+        ).returncode
+        == 3
+    )
+    assert not entry.exists()
