@@ -9,8 +9,9 @@ The output folder is a Hugging Face `datasets` folder (`Dataset.save_to_disk`) w
 plus `token_freq.pt` (int64 tensor [vocab_size]: how often each token id sits at a loss-mask
 position, i.e. the tokens a drafter must predict; it picks the reduced draft vocabulary) and
 `dflash_data.json` (what made the data: model, tokenizer fingerprint, chat template sha256, counts,
-and the mix: rows per source, distinct prompts and 4-grams, prompt and reply length histograms).
-The trainer refuses data whose tokenizer fingerprint differs from its verifier's.
+and the mix: rows per source, distinct prompts and 4-grams, prompt and reply length histograms;
+the typed model `PreparedMetadata`, written and read only by metadata.py). The trainer refuses
+data whose tokenizer fingerprint differs from its verifier's.
 
 Order of work: parse every source, shuffle all records with `seed`, then tokenize in that order
 until `max_samples` rows are kept, so `--max-samples 5000` of ShareGPT does not tokenize 120k
@@ -20,7 +21,6 @@ and reason; a source that yields no usable row at all is a `DataError`.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections import Counter
@@ -37,6 +37,14 @@ import torch
 from dflash_core.atomic_files import atomic_folder
 from dflash_core.config import SELF_DATA, PrepareDataConfig
 from dflash_core.data.formats import Conversation, DataError, RowError, TokenizedRow, read_source
+from dflash_core.data.metadata import (
+    FORMAT_VERSION,
+    METADATA_FILE,
+    PreparedMetadata,
+    SourceCounts,
+    read_metadata,
+    write_metadata,
+)
 from dflash_core.data.mix_stats import mix_statistics
 from dflash_core.data.regenerate import Regenerator
 from dflash_core.data.self_prompt import SelfPrompter
@@ -54,6 +62,7 @@ __all__ = [
     "TOKEN_FREQ_FILE",
     "DataError",
     "PrepareReport",
+    "PreparedMetadata",
     "SourceReport",
     "count_supervised_tokens",
     "load_prepared",
@@ -63,25 +72,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "dflash-prepared-data"
-FORMAT_VERSION = 1
-METADATA_FILE = "dflash_data.json"
 TOKEN_FREQ_FILE = "token_freq.pt"
 COLUMNS = ("input_ids", "loss_mask", "source")
 FIRST_ERRORS = 10  # skipped rows reported one by one (per source); the rest are only counted
 CHUNK = 128  # conversations per tokenizer call (per worker)
-
-# Keys a reader may rely on, with the value assumed when an older file lacks one (logged, never a crash).
-_METADATA_DEFAULTS: dict[str, Any] = {
-    "chat_template_sha256": None,
-    "assistant_only_loss": True,
-    "rows_skipped": {},
-    "rows_truncated": 0,
-    "sources": [],
-    "regenerated": None,
-    "self_prompted": None,
-    "mix": None,
-}
 
 Record = Conversation | TokenizedRow
 
@@ -108,15 +102,15 @@ class SourceReport:
             self.first_errors.append(error)
             logger.warning("skipped %s", error)
 
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "spec": self.spec,
-            "rows_read": self.rows_read,
-            "rows_written": self.rows_written,
-            "rows_truncated": self.rows_truncated,
-            "rows_unused": self.rows_unused,
-            "rows_skipped": dict(sorted(self.skipped.items())),
-        }
+    def counts(self) -> SourceCounts:
+        return SourceCounts(
+            spec=self.spec,
+            rows_read=self.rows_read,
+            rows_written=self.rows_written,
+            rows_truncated=self.rows_truncated,
+            rows_unused=self.rows_unused,
+            rows_skipped=dict(sorted(self.skipped.items())),
+        )
 
 
 @dataclass
@@ -129,7 +123,7 @@ class PrepareReport:
     total_tokens: int
     supervised_tokens: int
     sources: list[SourceReport]
-    metadata: dict[str, Any]
+    metadata: PreparedMetadata
 
     @property
     def first_errors(self) -> list[RowError]:
@@ -159,7 +153,10 @@ class PrepareReport:
 # ---------------------------------------------------------------------------------------------
 
 # Per-process state, set once per worker (or here when num_proc == 1), so the tokenizer is
-# pickled once per worker rather than with every chunk.
+# pickled once per worker rather than with every chunk. A pool of our own rather than
+# `datasets.map(num_proc=...)`: rows are asked for a batch at a time (max_samples, regeneration
+# rounds), and map was 1.5x slower on all rows at once, 2.3x called per batch
+# (docs/benchmarks.md, "prepare-data's tokenizer workers").
 _worker: dict[str, Any] = {}
 
 
@@ -305,16 +302,16 @@ def prepare_data(
         tokenizer_fingerprint=tokenizer_fingerprint,
         template_sha256=_template_sha_or_none(tokenizer),
     )
-    metadata["regenerated"] = regenerate.metadata() if regenerate is not None else None
-    metadata["self_prompted"] = self_prompter.metadata() if self_prompter is not None else None
-    metadata["mix"] = mix_statistics(rows)
+    metadata.regenerated = regenerate.metadata() if regenerate is not None else None
+    metadata.self_prompted = self_prompter.metadata() if self_prompter is not None else None
+    metadata.mix = mix_statistics(rows)
     _write(output, rows=rows, token_freq=token_freq, metadata=metadata)
     report = PrepareReport(
         output=output,
         rows_written=len(rows),
-        rows_skipped=metadata["rows_skipped"],
-        total_tokens=metadata["total_tokens"],
-        supervised_tokens=metadata["supervised_tokens"],
+        rows_skipped=metadata.rows_skipped,
+        total_tokens=metadata.total_tokens,
+        supervised_tokens=metadata.supervised_tokens,
         sources=list(reports.values()),
         metadata=metadata,
     )
@@ -456,32 +453,29 @@ def _metadata(
     vocab_size: int,
     tokenizer_fingerprint: str,
     template_sha256: str | None,
-) -> dict[str, Any]:
+) -> PreparedMetadata:
     skipped: Counter[str] = Counter()
     for report in reports:
         skipped.update(report.skipped)
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model": config.model,
-        "tokenizer_fingerprint": tokenizer_fingerprint,
-        # None only when no chat template exists (every source pre-tokenized).
-        "chat_template_sha256": template_sha256,
-        "vocab_size": vocab_size,
-        "seq_length": config.seq_length,
-        "assistant_only_loss": config.assistant_only_loss,
-        "min_supervised_tokens": config.min_supervised_tokens,
-        "max_samples": config.max_samples,
-        "seed": config.seed,
-        "rows_written": len(rows),
-        "rows_skipped": dict(sorted(skipped.items())),
-        "rows_truncated": sum(r.rows_truncated for r in reports),
-        "total_tokens": sum(len(r.input_ids) for r in rows),
-        "supervised_tokens": int(token_freq.sum()),
-        "sources": [r.as_json() for r in reports],
-        "columns": list(COLUMNS),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    return PreparedMetadata(
+        model=config.model,
+        tokenizer_fingerprint=tokenizer_fingerprint,
+        chat_template_sha256=template_sha256,
+        vocab_size=vocab_size,
+        seq_length=config.seq_length,
+        assistant_only_loss=config.assistant_only_loss,
+        min_supervised_tokens=config.min_supervised_tokens,
+        max_samples=config.max_samples,
+        seed=config.seed,
+        rows_written=len(rows),
+        rows_skipped=dict(sorted(skipped.items())),
+        rows_truncated=sum(r.rows_truncated for r in reports),
+        total_tokens=sum(len(r.input_ids) for r in rows),
+        supervised_tokens=int(token_freq.sum()),
+        sources=[r.counts() for r in reports],
+        columns=list(COLUMNS),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
 
 
 def _template_sha_or_none(tokenizer: Any) -> str | None:
@@ -513,7 +507,7 @@ def _check_output(output: Path) -> None:
 
 
 def _write(
-    output: Path, *, rows: list[TokenizedRow], token_freq: torch.Tensor, metadata: dict[str, Any]
+    output: Path, *, rows: list[TokenizedRow], token_freq: torch.Tensor, metadata: PreparedMetadata
 ) -> None:
     """Write into a sibling temp folder, then swap it in, so a crash never leaves half a dataset."""
     from datasets import Dataset, Features, List, Value
@@ -534,7 +528,7 @@ def _write(
         dataset.save_to_disk(str(tmp))
         torch.save(token_freq, tmp / TOKEN_FREQ_FILE)
         # Metadata last: its presence marks a complete folder.
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        write_metadata(tmp, metadata)
     if replacing:
         logger.info("replaced the earlier prepare-data output in %s", output)
 
@@ -544,12 +538,12 @@ def _write(
 # ---------------------------------------------------------------------------------------------
 
 
-def load_prepared(path: str | Path) -> tuple[Any, dict[str, Any]]:
-    """Open a prepare-data folder: `(datasets.Dataset, metadata dict)`. Raises `DataError` otherwise."""
+def load_prepared(path: str | Path) -> tuple[Any, PreparedMetadata]:
+    """Open a prepare-data folder: `(datasets.Dataset, its metadata)`. Raises `DataError` otherwise."""
     from datasets import Dataset, load_from_disk
 
     folder = Path(path)
-    metadata = _read_metadata(folder)
+    metadata = read_metadata(folder)
     if not (folder / TOKEN_FREQ_FILE).is_file():
         raise DataError(f"{folder} has no {TOKEN_FREQ_FILE}; re-run `dflash prepare-data --output {folder}`")
     try:
@@ -563,40 +557,12 @@ def load_prepared(path: str | Path) -> tuple[Any, dict[str, Any]]:
     missing = [c for c in COLUMNS[:2] if c not in dataset.column_names]
     if missing:
         raise DataError(f"{folder}: dataset lacks column(s) {missing}")
-    if "rows_written" in metadata and len(dataset) != metadata["rows_written"]:
+    if len(dataset) != metadata.rows_written:
         raise DataError(
-            f"{folder}: {len(dataset)} rows on disk but {METADATA_FILE} says {metadata['rows_written']}; "
+            f"{folder}: {len(dataset)} rows on disk but {METADATA_FILE} says {metadata.rows_written}; "
             "the folder was modified after prepare-data wrote it"
         )
     return dataset, metadata
-
-
-def _read_metadata(folder: Path) -> dict[str, Any]:
-    if not folder.is_dir():
-        raise DataError(f"prepared data folder {folder} does not exist")
-    meta_path = folder / METADATA_FILE
-    if not meta_path.is_file():
-        raise DataError(
-            f"{folder} is not a `dflash prepare-data` output (no {METADATA_FILE}); "
-            f"run `dflash prepare-data --output {folder}` first"
-        )
-    try:
-        metadata = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{meta_path} is not valid JSON: {exc}") from exc
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise DataError(f"{meta_path} is not prepare-data metadata (format != {FORMAT!r})")
-    version = metadata.get("format_version", 0)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise DataError(
-            f"{folder} was written in data format {version!r}; this dflash reads up to {FORMAT_VERSION}. "
-            "Upgrade dflash or re-run prepare-data."
-        )
-    for key, default in _METADATA_DEFAULTS.items():
-        if key not in metadata:
-            logger.info("%s has no %r (older format); assuming %r", meta_path, key, default)
-            metadata[key] = default
-    return metadata
 
 
 def load_token_freq(path: str | Path) -> torch.Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dflash_core.data.metadata import PreparedMetadata
 from dflash_core.verifier import VerifierFingerprint
 
 
@@ -16,20 +17,16 @@ class PreflightError(RuntimeError):
 
 
 def check_data_matches_verifier(
-    data_meta: dict, fingerprint: VerifierFingerprint, *, data_path: Path
+    data_meta: PreparedMetadata, fingerprint: VerifierFingerprint, *, data_path: Path
 ) -> None:
-    """The prepared data must come from the verifier's own tokenizer and chat template."""
-    data_tokenizer = data_meta.get("tokenizer_fingerprint")
-    if data_tokenizer is None:
-        raise PreflightError(
-            f"{data_path} has no tokenizer fingerprint in dflash_data.json; re-run `dflash prepare-data` "
-            f"with --model {fingerprint.name_or_path}"
-        )
+    """The prepared data must come from the verifier's own tokenizer and chat template (a
+    dflash_data.json without a fingerprint is refused when it is read: load_prepared)."""
+    data_tokenizer = data_meta.tokenizer_fingerprint
     if data_tokenizer != fingerprint.tokenizer_sha256:
         raise PreflightError(
             "the training data was tokenized with a different tokenizer than the verifier's:\n"
-            f"  data     {data_path}: model {data_meta.get('model')!r}, tokenizer {data_tokenizer[:16]}\n"
+            f"  data     {data_path}: model {data_meta.model!r}, tokenizer {data_tokenizer[:16]}\n"
             f"  verifier {fingerprint.name_or_path!r}: tokenizer {fingerprint.tokenizer_sha256[:16]}\n"
             f"re-run `dflash prepare-data --model {fingerprint.name_or_path}` or train against "
-            f"--verifier-name-or-path {data_meta.get('model')}"
+            f"--verifier-name-or-path {data_meta.model}"
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -48,6 +49,10 @@ def _prepare(tmp_path: Path, tok, **overrides):
     return prepare_data(_config(tmp_path, **overrides), tokenizer=tok, tokenizer_fingerprint="fp-123")
 
 
+def without(values: dict, *keys: str) -> dict:
+    return {k: v for k, v in values.items() if k not in keys}
+
+
 def _jsonl(path: Path, conversations: list[list[tuple[str, str]]]) -> str:
     rows = [{"messages": [{"role": r, "content": c} for r, c in turns]} for turns in conversations]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -84,13 +89,13 @@ def test_writes_dataset_token_freq_and_metadata(tmp_path, tok):
     assert int(freq[tok.convert_tokens_to_ids("<|im_end|>")]) == 5 + 1  # 5 replies + a pre-tokenized row
     assert int(freq[300]) == 1
 
-    assert meta["format_version"] == FORMAT_VERSION
-    assert meta["model"] == "tiny-test"
-    assert meta["tokenizer_fingerprint"] == "fp-123"
-    assert meta["chat_template_sha256"] == chat_template_sha256(tok)
-    assert meta["seq_length"] == 256 and meta["vocab_size"] == len(tok)
-    assert meta["rows_written"] == 6
-    assert meta["rows_skipped"] == {
+    assert meta.format_version == FORMAT_VERSION
+    assert meta.model == "tiny-test"
+    assert meta.tokenizer_fingerprint == "fp-123"
+    assert meta.chat_template_sha256 == chat_template_sha256(tok)
+    assert meta.seq_length == 256 and meta.vocab_size == len(tok)
+    assert meta.rows_written == 6
+    assert meta.rows_skipped == {
         "bad_json": 1,
         "bad_loss_mask": 1,
         "bad_token_ids": 2,
@@ -101,10 +106,10 @@ def test_writes_dataset_token_freq_and_metadata(tmp_path, tok):
         "not_an_object": 1,
         "unknown_role": 1,
     }
-    assert meta["supervised_tokens"] == int(freq.sum())
-    assert meta["total_tokens"] == sum(len(ids) for ids in dataset["input_ids"])
-    assert [s["spec"] for s in meta["sources"]] == [SHAREGPT, MESSAGES, PRETOKENIZED]
-    assert meta["sources"][0] == {
+    assert meta.supervised_tokens == int(freq.sum())
+    assert meta.total_tokens == sum(len(ids) for ids in dataset["input_ids"])
+    assert [s.spec for s in meta.sources] == [SHAREGPT, MESSAGES, PRETOKENIZED]
+    assert meta.sources[0].model_dump() == {
         "spec": SHAREGPT,
         "rows_read": 5,
         "rows_written": 2,
@@ -112,8 +117,8 @@ def test_writes_dataset_token_freq_and_metadata(tmp_path, tok):
         "rows_unused": 0,
         "rows_skipped": {"missing_key": 1, "no_assistant_turn": 1, "unknown_role": 1},
     }
-    assert meta["created"].endswith("+00:00")
-    assert json.loads((out / METADATA_FILE).read_text()) == meta
+    assert meta.created.endswith("+00:00")
+    assert json.loads((out / METADATA_FILE).read_text()) == meta.model_dump(mode="json")
 
 
 def test_report_names_file_line_and_reason_of_skipped_rows(tmp_path, tok):
@@ -171,8 +176,8 @@ def test_truncation_and_min_supervised_tokens(tmp_path, tok):
         (full[0].input_ids[:seq_length], full[0].loss_mask[:seq_length]),
         (full[3].input_ids, full[3].loss_mask),
     ]
-    assert meta["rows_truncated"] == 1  # row 2 was truncated too, but skipped
-    assert meta["rows_skipped"] == {"too_few_supervised": 2}
+    assert meta.rows_truncated == 1  # row 2 was truncated too, but skipped
+    assert meta.rows_skipped == {"too_few_supervised": 2}
     reasons = {e.line: e.reason for e in report.first_errors}
     cut = f"after truncation to seq_length={seq_length} (min_supervised_tokens=4)"
     assert reasons[2] == f"0 supervised tokens {cut}"
@@ -195,14 +200,14 @@ def test_shuffle_is_seeded_and_max_samples_caps(tmp_path, tok):
 def test_embedded_chitchat_tokenizes_only_what_max_samples_needs(tmp_path, tok):
     _prepare(tmp_path, tok, data=["chitchat"], seq_length=160, max_samples=50)
     dataset, meta = load_prepared(tmp_path / "out")
-    chitchat = meta["sources"][0]
-    assert len(dataset) == meta["rows_written"] == chitchat["rows_written"] == 50
+    chitchat = meta.sources[0]
+    assert len(dataset) == meta.rows_written == chitchat.rows_written == 50
     assert set(dataset["source"]) == {"chitchat"}
-    assert meta["rows_skipped"]["no_assistant_turn"] == 3150
-    assert chitchat["rows_read"] == 7168
-    assert chitchat["rows_read"] == 50 + sum(chitchat["rows_skipped"].values()) + chitchat["rows_unused"]
+    assert meta.rows_skipped["no_assistant_turn"] == 3150
+    assert chitchat.rows_read == 7168
+    assert chitchat.rows_read == 50 + sum(chitchat.rows_skipped.values()) + chitchat.rows_unused
     # Only what the quota needed was tokenized: most usable conversations are left untried.
-    assert chitchat["rows_unused"] > 3500
+    assert chitchat.rows_unused > 3500
 
 
 def test_worker_processes_give_the_same_rows(tmp_path, tok):
@@ -227,7 +232,7 @@ def test_worker_processes_give_the_same_rows(tmp_path, tok):
     _prepare(tmp_path, tok, data=data, max_samples=400, num_proc=2)
     two, meta_two = load_prepared(tmp_path / "out")
     assert one[:] == two[:] and len(one) == 400
-    assert meta_one["sources"] == meta_two["sources"]
+    assert meta_one.sources == meta_two.sources
 
 
 def test_small_sources_are_checked_even_when_the_quota_is_full(tmp_path, tok):
@@ -244,11 +249,9 @@ def test_small_sources_are_checked_even_when_the_quota_is_full(tmp_path, tok):
     # A usable small source that the quota left out is fine, and its rows are accounted for.
     _prepare(tmp_path, tok, data=[big, SHAREGPT], max_samples=1, seed=3)
     _, meta = load_prepared(tmp_path / "out")
-    for source in meta["sources"]:
-        assert source["rows_read"] == (
-            source["rows_written"] + sum(source["rows_skipped"].values()) + source["rows_unused"]
-        )
-    assert meta["rows_written"] == 1
+    for s in meta.sources:
+        assert s.rows_read == s.rows_written + sum(s.rows_skipped.values()) + s.rows_unused
+    assert meta.rows_written == 1
 
 
 def test_template_errors_skip_the_row_not_the_run(tmp_path):
@@ -267,7 +270,7 @@ def test_template_errors_skip_the_row_not_the_run(tmp_path):
 def test_assistant_only_loss_off(tmp_path, tok):
     _prepare(tmp_path, tok, data=[SHAREGPT], assistant_only_loss=False)
     dataset, meta = load_prepared(tmp_path / "out")
-    assert all(all(mask) for mask in dataset["loss_mask"]) and meta["assistant_only_loss"] is False
+    assert all(all(mask) for mask in dataset["loss_mask"]) and meta.assistant_only_loss is False
 
 
 def test_refuses_to_overwrite_a_foreign_folder(tmp_path, tok):
@@ -295,21 +298,44 @@ def test_load_prepared_rejects_what_prepare_data_did_not_write(tmp_path, tok):
 
     _prepare(tmp_path, tok)
     out = tmp_path / "out"
-    meta = json.loads((out / METADATA_FILE).read_text())
-    (out / METADATA_FILE).write_text(json.dumps(meta | {"format_version": FORMAT_VERSION + 1}))
+    raw = json.loads((out / METADATA_FILE).read_text())
+    (out / METADATA_FILE).write_text(json.dumps(raw | {"format_version": FORMAT_VERSION + 1}))
     with pytest.raises(DataError, match=r"reads up to 1\. Upgrade dflash"):
         load_prepared(out)
-    (out / METADATA_FILE).write_text(json.dumps(meta | {"rows_written": 99}))
+    (out / METADATA_FILE).write_text(json.dumps(raw | {"rows_written": 99}))
     with pytest.raises(DataError, match=r"6 rows on disk but dflash_data\.json says 99"):
         load_prepared(out)
-    # An older file without the newer keys still loads, with defaults.
-    old = {k: v for k, v in meta.items() if k not in ("rows_truncated", "chat_template_sha256")}
-    (out / METADATA_FILE).write_text(json.dumps(old))
-    _, loaded = load_prepared(out)
-    assert loaded["rows_truncated"] == 0 and loaded["chat_template_sha256"] is None
     (out / TOKEN_FREQ_FILE).unlink()
     with pytest.raises(DataError, match=r"no token_freq\.pt"):
         load_prepared(out)
+
+
+def test_metadata_of_older_and_newer_writers(tmp_path, tok, caplog):
+    _prepare(tmp_path, tok)
+    out = tmp_path / "out"
+    raw = json.loads((out / METADATA_FILE).read_text())
+    # An older file without the keys added since format 1 shipped still loads, with defaults.
+    later = ("rows_truncated", "chat_template_sha256", "sources", "regenerated", "self_prompted", "mix")
+    (out / METADATA_FILE).write_text(json.dumps(without(raw, *later)))
+    with caplog.at_level(logging.INFO, logger="dflash_core.data.metadata"):
+        _, loaded = load_prepared(out)
+    assert loaded.rows_truncated == 0 and loaded.chat_template_sha256 is None and loaded.sources == []
+    assert "has no 'rows_truncated' (older format); assuming 0" in caplog.text
+    # A key every version wrote is not guessed: the error names it.
+    (out / METADATA_FILE).write_text(json.dumps(without(raw, "tokenizer_fingerprint")))
+    with pytest.raises(
+        DataError, match=r"tokenizer_fingerprint: Field required.*re-run `dflash prepare-data`"
+    ):
+        load_prepared(out)
+    (out / METADATA_FILE).write_text(json.dumps(raw | {"rows_written": "six"}))
+    with pytest.raises(DataError, match=r"rows_written: Input should be a valid integer"):
+        load_prepared(out)
+    # A newer writer's extra key (same format version) is dropped, and said so.
+    (out / METADATA_FILE).write_text(json.dumps(raw | {"dedup": {"kind": "near"}}))
+    with caplog.at_level(logging.INFO, logger="dflash_core.data.metadata"):
+        _, loaded = load_prepared(out)
+    assert loaded.model_dump(mode="json") == raw
+    assert "has 'dedup', which this dflash does not know" in caplog.text
 
 
 @pytest.mark.slow
@@ -329,4 +355,4 @@ def test_prepares_chitchat_with_the_smollm2_tokenizer(tmp_path):
     assert im_end in supervised
     text = tokenizer.decode(row["input_ids"])
     assert text.startswith("<|im_start|>system\n")
-    assert meta["chat_template_sha256"] == chat_template_sha256(tokenizer)
+    assert meta.chat_template_sha256 == chat_template_sha256(tokenizer)

@@ -159,8 +159,8 @@ def test_prepared_turns_are_the_verifiers_greedy_replies(
     dataset, metadata = load_prepared(config.output)
     assert sorted((list(r["input_ids"]), list(r["loss_mask"])) for r in dataset) == expected
 
-    regenerated = metadata["regenerated"]
-    assert regenerated == report.metadata["regenerated"]
+    regenerated = metadata.regenerated
+    assert regenerated == report.metadata.regenerated
     assert regenerated["service"]["verifier_name_or_path"] == str(verifier_path)
     assert regenerated["service"]["endpoints"] == [server.address]
     assert regenerated["service"]["tokenizer_sha256"] == fingerprint
@@ -200,9 +200,9 @@ def test_cli_regenerates_and_records_it(tmp_path, server, data_file, verifier_pa
     assert rc == 0, capsys.readouterr().out
     assert "regenerated 2 of 2 conversations" in capsys.readouterr().out
     _, metadata = load_prepared(tmp_path / "out")
-    assert metadata["rows_written"] == 2
+    assert metadata.rows_written == 2
     # max_samples 2: only the two conversations used were regenerated, not the whole file.
-    assert metadata["regenerated"]["counts"]["conversations"] == 2
+    assert metadata.regenerated["counts"]["conversations"] == 2
 
 
 # ---------------------------------------------------------------------------- the client's errors

@@ -63,7 +63,7 @@ def prepare(verifier, output: Path, *extra: str, data: tuple[str, ...] = ("self"
     ]
     assert main(argv) == 0
     dataset, metadata = load_prepared(output)
-    return {"rows": [dict(r) for r in dataset], "metadata": metadata}
+    return {"rows": [dict(r) for r in dataset], "metadata": metadata.model_dump(mode="json")}
 
 
 @pytest.fixture(scope="module")
