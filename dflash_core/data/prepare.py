@@ -103,14 +103,8 @@ class SourceReport:
             logger.warning("skipped %s", error)
 
     def counts(self) -> SourceCounts:
-        return SourceCounts(
-            spec=self.spec,
-            rows_read=self.rows_read,
-            rows_written=self.rows_written,
-            rows_truncated=self.rows_truncated,
-            rows_unused=self.rows_unused,
-            rows_skipped=dict(sorted(self.skipped.items())),
-        )
+        """The counts, for the metadata (the skipped rows themselves stay in this report)."""
+        return SourceCounts.model_validate({**vars(self), "rows_skipped": dict(sorted(self.skipped.items()))})
 
 
 @dataclass
