@@ -43,11 +43,13 @@ _FALSE = ("0", "false", "no", "off")
 
 
 def strip_optional(annotation: Any) -> Any:
-    """`int | None` -> `int`; other annotations unchanged."""
+    """`int | None` -> `int`, and `Annotated[T, rule]` -> `T` (the rule is pydantic's to run)."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(args) == 1:
-            return args[0]
+            annotation = args[0]
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
     return annotation
 
 
@@ -75,8 +77,12 @@ def add_config_arguments(
     parser: argparse.ArgumentParser, config_cls: type[BaseModel], *, positional: tuple[str, ...] = ()
 ) -> None:
     """Add one flag per field of `config_cls`; fields in `positional` may also be given positionally."""
-    group = parser.add_argument_group(config_cls.__name__, (config_cls.__doc__ or "").strip())
+    groups = {}
+    for title, description, names in config_sections(config_cls):
+        group = parser.add_argument_group(title, description)
+        groups.update(dict.fromkeys(names, group))
     for name, field in config_cls.model_fields.items():
+        group = groups[name]
         annotation = strip_optional(field.annotation)
         variable = env_name(name)
         shown = help_text(field) + (f" [${variable}]" if variable else "")
@@ -116,6 +122,22 @@ def add_config_arguments(
         dest="config_file",
         help="YAML file with these fields; flags given on the command line override it.",
     )
+
+
+def config_sections(config_cls: type[BaseModel]) -> list[tuple[str, str | None, list[str]]]:
+    """(title, description, field names) of each section `config_cls` is built from, in the order
+    its class lists them; the config's own fields come first, titled by its command."""
+    sections = []
+    for klass in config_cls.__mro__:
+        own = [name for name in vars(klass).get("__annotations__", {}) if name in config_cls.model_fields]
+        if not own:
+            continue
+        doc = (klass.__doc__ or "").strip()
+        if klass is config_cls:  # its docstring starts "`dflash <command>`: what it does"
+            sections.append((doc.split(":", 1)[0] or klass.__name__, doc, own))
+        else:
+            sections.append((doc.splitlines()[0] if doc else klass.__name__, None, own))
+    return sections
 
 
 def config_from_args(

@@ -21,7 +21,7 @@ from dflash_core.config import (
     ServeHiddenStatesConfig,
     TrainConfig,
 )
-from dflash_core.config_args import help_text, strip_optional
+from dflash_core.config_args import config_sections, help_text, strip_optional
 
 BEGIN = "<!-- BEGIN GENERATED FLAGS (python -m services.cli.flags_doc --write README.md) -->"
 END = "<!-- END GENERATED FLAGS -->"
@@ -48,10 +48,15 @@ def flag_tables() -> str:
     parts: list[str] = []
     for command, config_cls in COMMANDS:
         parts.append(f"### `{command}`\n\n| flag | type | meaning |\n|---|---|---|")
-        for name, field in config_cls.model_fields.items():
-            flag = "--" + name.replace("_", "-")
-            meaning = help_text(field).replace("|", "\\|")
-            parts.append(f"| `{flag}` | {_type_name(field.annotation)} | {meaning} |")
+        sections = config_sections(config_cls)
+        for title, _, names in sections:
+            if len(sections) > 1:
+                parts.append(f"| **{title}** | | |")
+            for name in names:
+                field = config_cls.model_fields[name]
+                flag = "--" + name.replace("_", "-")
+                meaning = help_text(field).replace("|", "\\|")
+                parts.append(f"| `{flag}` | {_type_name(field.annotation)} | {meaning} |")
         parts.append("")
     return "\n".join(parts)
 
