@@ -5,9 +5,11 @@ and every word of `--help` is written once, on the config. Flags the user did no
 out of the parsed namespace (`argparse.SUPPRESS`), which lets pydantic apply its own defaults and
 lets a YAML file (`--config`) and the environment sit between the defaults and the command line.
 
-Precedence: field defaults < YAML file < environment < flags. Each field `name` is also read from
-the variable `DFLASH_<NAME>` (`DFLASH_TARGET_LAYER_IDS="2 18 33"`, `DFLASH_MODEL=Qwen/Qwen3-8B`),
-which is how containers are configured (docker-compose.yml):
+Precedence: field defaults < YAML file < environment < flags. Where `DFLASH_CONFIG_FROM_ENV=1`,
+each field `name` is also read from the variable `DFLASH_<NAME>` (`DFLASH_TARGET_LAYER_IDS="2 18
+33"`, `DFLASH_MODEL=Qwen/Qwen3-8B`), which is how containers are configured (docker-compose.yml).
+The layer is opt-in so that a variable left in a shell or a service's environment never changes
+a job quietly (without the switch, set variables are named in a warning and ignored):
 - lists take comma- or space-separated items (`2,18,33`);
 - booleans take 1/0, true/false, yes/no, on/off;
 - an empty variable counts as unset (compose passes `${VAR:-}` through as empty);
@@ -20,6 +22,7 @@ DFLASH_CONTROL_PLANE_TOKEN_FILE: that one is the control plane's own `--token-fi
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import types
@@ -38,8 +41,12 @@ ENV_PREFIX = "DFLASH_"
 # The services' pydantic-settings prefixes (control plane, trainer agent) and the hidden-state
 # service's credentials (services/hidden_states/credentials.py): their variables are theirs.
 RESERVED_ENV_PREFIXES = ("DFLASH_CONTROL_PLANE_", "DFLASH_AGENT_", "DFLASH_SERVICE_")
+# The switch of the environment layer (1/true/yes/on).
+ENV_SWITCH = "DFLASH_CONFIG_FROM_ENV"
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
+
+logger = logging.getLogger(__name__)
 
 
 def strip_optional(annotation: Any) -> Any:
@@ -154,7 +161,12 @@ def config_from_args(
         if not isinstance(loaded, dict):
             raise SystemExit(f"error: {config_file} must hold a mapping of {config_cls.__name__} fields")
         values.update(loaded)
-    from_env = env_values(config_cls, os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
+    from_env: dict[str, Any] = {}
+    if switched_on(environ):
+        from_env = env_values(config_cls, environ)
+    else:
+        _warn_of_ignored(config_cls, environ)
     values.update(from_env)
     sources = {name: f"${env_name(name)}" for name in from_env}
     for name in config_cls.model_fields:
@@ -169,6 +181,18 @@ def config_from_args(
         return config_cls.model_validate(values)
     except ValidationError as exc:
         raise SystemExit(format_validation_error(exc, sources=sources)) from None
+
+
+def switched_on(environ: Mapping[str, str]) -> bool:
+    """Whether DFLASH_<NAME> variables set job-config fields in this environment."""
+    return environ.get(ENV_SWITCH, "").strip().lower() in _TRUE
+
+
+def _warn_of_ignored(config_cls: type[BaseModel], environ: Mapping[str, str]) -> None:
+    variables = (env_name(name) for name in config_cls.model_fields)
+    ignored = [v for v in variables if v is not None and environ.get(v, "").strip()]
+    if ignored:
+        logger.warning("ignored %s: job-config variables are read where %s=1", ", ".join(ignored), ENV_SWITCH)
 
 
 def env_values(config_cls: type[BaseModel], environ: Mapping[str, str]) -> dict[str, Any]:

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from dflash_core.config import PrepareDataConfig, ServeHiddenStatesConfig, TrainConfig
-from dflash_core.config_args import RESERVED_ENV_PREFIXES, add_config_arguments, config_from_args, env_name
+from dflash_core.config_args import (
+    ENV_SWITCH,
+    RESERVED_ENV_PREFIXES,
+    add_config_arguments,
+    config_from_args,
+    env_name,
+)
 from services.cli.flags_doc import main as flags_doc_main
 from services.cli.main import build_parser
 
@@ -64,10 +70,11 @@ TUTORIAL_PREPARE = [
 ]
 
 
-def parse(config_cls, argv, environ=None):
+def parse(config_cls, argv, environ=None, *, env_layer=True):
     parser = argparse.ArgumentParser()
     add_config_arguments(parser, config_cls)
-    return config_from_args(config_cls, parser.parse_args(argv), environ=environ or {})
+    environ = {ENV_SWITCH: "1", **(environ or {})} if env_layer else environ or {}
+    return config_from_args(config_cls, parser.parse_args(argv), environ=environ)
 
 
 def test_tutorial_train_command_parses_into_the_config():
@@ -160,11 +167,40 @@ def test_environment_lists_bools_and_empty_values():
 def test_environment_sets_the_positional_model_and_the_flag_still_wins():
     parser = argparse.ArgumentParser()
     add_config_arguments(parser, ServeHiddenStatesConfig, positional=("model",))
-    environ = {"DFLASH_MODEL": "from-env", "DFLASH_PORT": "8123"}
+    environ = {ENV_SWITCH: "1", "DFLASH_MODEL": "from-env", "DFLASH_PORT": "8123"}
     config = config_from_args(ServeHiddenStatesConfig, parser.parse_args([]), environ=environ)
     assert config.model == "from-env" and config.port == 8123
     config = config_from_args(ServeHiddenStatesConfig, parser.parse_args(["positional"]), environ=environ)
     assert config.model == "positional"
+
+
+def test_without_the_switch_variables_are_named_in_a_warning_and_ignored(caplog):
+    environ = {"DFLASH_EPOCHS": "3", "DFLASH_BLOCK_SIZE": "eight", "DFLASH_CONTROL_PLANE_DB": "x.db"}
+    with caplog.at_level("WARNING"):
+        config = parse(TrainConfig, ["--data-path", "d", "--save-path", "s"], environ, env_layer=False)
+    assert config.epochs == TrainConfig.model_fields["epochs"].default and config.block_size == 8
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "DFLASH_EPOCHS" in warning and "DFLASH_BLOCK_SIZE" in warning and ENV_SWITCH in warning
+    assert "DFLASH_CONTROL_PLANE_DB" not in warning  # the control plane's own setting
+    for off in ("0", "no", ""):
+        assert (
+            parse(
+                TrainConfig,
+                ["--data-path", "d", "--save-path", "s"],
+                {**environ, ENV_SWITCH: off},
+                env_layer=False,
+            ).epochs
+            != 3
+        )
+    assert (
+        parse(
+            TrainConfig,
+            ["--data-path", "d", "--save-path", "s"],
+            {"DFLASH_EPOCHS": "3", ENV_SWITCH: "yes"},
+            env_layer=False,
+        ).epochs
+        == 3
+    )
 
 
 def test_bad_environment_values_name_the_variable():

@@ -15,7 +15,13 @@ from pathlib import Path
 
 import yaml
 
-from dflash_core.config_args import RESERVED_ENV_PREFIXES, env_name, split_passthrough
+from dflash_core.config_args import (
+    ENV_SWITCH,
+    RESERVED_ENV_PREFIXES,
+    env_name,
+    split_passthrough,
+    switched_on,
+)
 from services.cli.flags_doc import COMMANDS
 from services.cli.main import build_parser
 from services.hidden_states.credentials import CREDENTIAL_ENVS
@@ -135,8 +141,9 @@ def cli_problems(argv: list[str], environment: dict[str, str] | None = None) -> 
 
     The arguments go through the real parser (unknown subcommands, flags or choices fail as they
     would in the container). Every DFLASH_* variable must be one that the subcommand reads: a
-    job-config field (DFLASH_<FIELD>), a control-plane setting (DFLASH_CONTROL_PLANE_<NAME>) or a
-    trainer-agent setting (DFLASH_AGENT_<NAME>). A misspelt variable would otherwise be ignored.
+    job-config field (DFLASH_<FIELD>, read only where DFLASH_CONFIG_FROM_ENV=1), a control-plane
+    setting (DFLASH_CONTROL_PLANE_<NAME>) or a trainer-agent setting (DFLASH_AGENT_<NAME>). A
+    misspelt variable would otherwise be ignored.
     """
     from services.agent.settings import AgentSettings
     from services.control_plane.settings import ControlPlaneSettings
@@ -158,12 +165,15 @@ def cli_problems(argv: list[str], environment: dict[str, str] | None = None) -> 
     } | set(CREDENTIAL_ENVS)
     config_cls = CONFIG_OF_SUBCOMMAND.get(args.command)
     job_vars = {env_name(name) for name in config_cls.model_fields} if config_cls else set()
-    for variable in environment or {}:
-        if not variable.startswith("DFLASH_"):
+    environment = environment or {}
+    for variable in environment:
+        if not variable.startswith("DFLASH_") or variable == ENV_SWITCH:
             continue
         if variable.startswith(RESERVED_ENV_PREFIXES):
             if variable not in settings_vars:
                 problems.append(f"${variable}: no service setting or credential reads it")
         elif variable not in job_vars:
             problems.append(f"${variable}: `dflash {args.command}` has no such field")
+        elif not switched_on(environment):
+            problems.append(f"${variable}: ignored without ${ENV_SWITCH}=1")
     return problems

@@ -145,6 +145,14 @@ def test_the_cli_check_catches_commands_the_cli_does_not_have(config):
     assert cli_problems(command, {"DFLASH_CONTROL_PLANE_DATAROOT": "/data"})
     assert cli_problems(["trainer-agent"], {"DFLASH_TARGET_LAYER_IDS": "1 2"})  # not the agent's
     assert cli_problems(["serve-hidden-states", "--backend", "sglang"])
+    # A job-config variable without the switch would be ignored in the container.
+    hidden_states = dict(config["services"]["hidden-states"]["environment"])
+    assert cli_problems(["serve-hidden-states"], hidden_states) == []
+    del hidden_states["DFLASH_CONFIG_FROM_ENV"]
+    assert sorted(cli_problems(["serve-hidden-states"], hidden_states)) == [
+        f"${name}: ignored without $DFLASH_CONFIG_FROM_ENV=1"
+        for name in ("DFLASH_MAX_LENGTH", "DFLASH_MODEL", "DFLASH_TARGET_LAYER_IDS")
+    ]
 
 
 def test_env_example_documents_every_variable_with_the_compose_defaults(tmp_path, config):

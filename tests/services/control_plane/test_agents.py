@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from dflash_core.config_args import ENV_SWITCH
 from services.control_plane import agents
 from tests.services.control_plane.conftest import tiny_job
 from tests.services.control_plane.harness import ROOT, TOKEN, wait_for, write_agent_tokens
@@ -39,7 +40,7 @@ class AgentProcess:
         # Flags and DFLASH_AGENT_* variables both configure it: the name and GPUs come from the
         # environment, as in docker compose. A job-config variable on the agent's host must not
         # reach the trainers (it would override every job's own config).
-        env.update(DFLASH_AGENT_NAME=name, DFLASH_AGENT_GPUS=gpus, DFLASH_MAX_STEPS="1")
+        env.update(DFLASH_AGENT_NAME=name, DFLASH_AGENT_GPUS=gpus, DFLASH_MAX_STEPS="1", **{ENV_SWITCH: "1"})
         command = [
             sys.executable, "-m", "services.cli.main", "trainer-agent",
             "--control-plane", url, "--work-dir", str(work_dir),

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from dflash_core.config import ServeHiddenStatesConfig
+from dflash_core.config_args import ENV_SWITCH
 from dflash_core.config_handover import config_from_handover, handover_args
 from dflash_core.wire.pb import hidden_states_pb2 as pb
 from dflash_core.wire.pb import hidden_states_pb2_grpc as pb_grpc
@@ -86,6 +87,7 @@ def test_the_config_survives_the_hand_over_to_another_python(monkeypatch):
         backend="vllm", generate_only=True, engine_replicas=3, port=0, engine_args=["--enforce-eager"]
     )
     # A variable the child inherits must not change what the parent resolved.
+    monkeypatch.setenv(ENV_SWITCH, "1")
     monkeypatch.setenv("DFLASH_ENGINE_REPLICAS", "1")
     monkeypatch.setenv("DFLASH_BACKEND", "transformers")
     assert config_from_handover(ServeHiddenStatesConfig, handover_args(config)) == config
