@@ -89,6 +89,7 @@ from pathlib import Path
 import torch
 
 from bench.rows import emit_rows
+from bench.step_shape import add_step_shape_arguments
 
 PEAK_BF16_TFLOPS = 790.0  # measured dense bf16 GEMM on the H200 of this workplace (docs/benchmarks.md)
 TARGET_LAYER_IDS = [2, 18, 33]  # what bench/trainer_step.py uses (Qwen3-8B: 36 layers)
@@ -288,16 +289,7 @@ def main() -> None:
     parser.add_argument("--loss-implementation", choices=["auto", "fused", "eager"], default="auto")
     parser.add_argument("--loss-weight", choices=["dpace", "fixed-exp-decay"], default="dpace")
     parser.add_argument("--gamma", type=float, default=4.0, help="their dflash_decay_gamma (exp-decay only)")
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--anchors", type=int, default=512)
-    parser.add_argument("--rows", type=int, default=8192)
-    parser.add_argument("--layers", type=int, default=5)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--intermediate", type=int, default=12288)
-    parser.add_argument("--vocab", type=int, default=151936)
+    add_step_shape_arguments(parser)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)

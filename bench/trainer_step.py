@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from bench.rows import emit_rows
+from bench.step_shape import add_step_shape_arguments
 from dflash_core.anchors import sample_anchors
 from dflash_core.batch import PackedBatch
 from dflash_core.loss import LossConfig
@@ -82,16 +83,7 @@ def synthetic_batch(*, rows: int, hidden: int, num_aux: int, vocab: int, generat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--attention", choices=["flex", "sdpa"], default="flex")
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--anchors", type=int, default=512)
-    parser.add_argument("--rows", type=int, default=8192)
-    parser.add_argument("--layers", type=int, default=5)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--intermediate", type=int, default=12288)
-    parser.add_argument("--vocab", type=int, default=151936)
+    add_step_shape_arguments(parser)
     parser.add_argument(
         "--compile-layers", action="store_true", help="torch.compile each draft layer (the trainer's default)"
     )
