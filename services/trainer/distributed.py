@@ -103,12 +103,10 @@ def _device(name: str, *, local_rank: int | None) -> torch.device:
 def shutdown_distributed(*, finished: bool) -> None:
     """End the process group; after a normal end, first wait for every rank in a barrier.
 
-    Why the barrier: a gloo worker thread frees each finished collective a moment after its waiter
-    wakes, and that free takes the GIL. Device meshes keep the group (and its threads) alive past
-    `destroy_process_group`, so a rank that heads straight into interpreter shutdown can catch a
-    thread there and abort ("terminate called without an active exception", about one two-rank
-    exit in six). Waiting in a barrier releases the GIL until those frees are done. Never after an
-    error: a rank that failed may never arrive, and the barrier would hang.
+    The barrier lets gloo's worker threads free the finished collectives (which takes the GIL)
+    while the interpreter is whole; a free that lands in interpreter shutdown aborts the rank, so
+    a torchrun rank also ends without that shutdown (`services/cli/train.py`, `exit_rank`). Never
+    after an error: a rank that failed may never arrive, and the barrier would hang.
     """
     if not dist.is_initialized():
         return
