@@ -30,6 +30,8 @@ from services.control_plane.events import JobEvents
 from services.control_plane.executors.agent import AgentExecutor
 from services.control_plane.executors.base import Executor
 from services.control_plane.executors.local import LocalExecutor
+from services.control_plane.executors.slurm import SlurmExecutor
+from services.control_plane.executors.slurm_script import SlurmOptions
 from services.control_plane.gpus import detect_gpus
 from services.control_plane.hidden_state_services import HiddenStateServices
 from services.control_plane.limits import BodySizeLimit, route_limits
@@ -108,12 +110,25 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         data=settings.data_root, checkpoints=settings.checkpoint_root, models=tuple(settings.model_roots)
     )
     roots.checkpoints.mkdir(parents=True, exist_ok=True)
-    all_gpus = settings.gpus if settings.gpus is not None else detect_gpus()
+    if settings.executor == "slurm":
+        all_gpus = []  # Slurm gives jobs their nodes' GPUs; this host's are none of theirs
+    else:
+        all_gpus = settings.gpus if settings.gpus is not None else detect_gpus()
     events = JobEvents()
     credentials = settings.credentials()
     executor: Executor
     if settings.executor == "agent":
         executor = AgentExecutor()
+    elif settings.executor == "slurm":
+        # The folders a job's paths may name: mounted at their own paths in a container.
+        mounts = (jobs_dir, roots.data, roots.checkpoints, *roots.models)
+        executor = SlurmExecutor(
+            options=SlurmOptions.from_settings(settings, mounts=mounts),
+            jobs_dir=jobs_dir,
+            control_plane_url=settings.own_url,
+            token_for=lambda job: credentials.trainer_token(job.id, job.attempt),
+            poll_interval_s=settings.slurm_poll_interval_s,
+        )
     else:
         executor = LocalExecutor(
             jobs_dir=jobs_dir,
@@ -130,6 +145,7 @@ def create_app(settings: ControlPlaneSettings) -> FastAPI:
         events=events,
         cancel_grace_s=settings.cancel_grace_s,
         registry=settings.hidden_states_registry,
+        cluster_gpus=settings.slurm_gpus_per_node,
     )
     agents = None
     if settings.executor == "agent":

@@ -14,19 +14,28 @@ Each pass (every --poll-interval-s, or at once when a route wakes it):
 
 GPUs are assigned from the store (GPUs of starting/running jobs are busy) and the claim is a
 compare-and-set queued → starting, so no GPU is ever given to two jobs.
+
+A cluster executor (slurm) differs in 1, 3 and 5: its poll also says which submitted jobs wait
+(queued, with the cluster's reason) and which run; cancels reach jobs waiting in the cluster's
+queue too; and a start is a submission: queued jobs not yet submitted are, oldest first, while
+fewer than --max-concurrent-jobs are submitted or active. The cluster gives out nodes and GPUs;
+the job keeps `queued` under its cluster job id (the compare-and-set stores it only on a job still
+queued and unsubmitted; one cancelled or deleted meanwhile gets its submission withdrawn).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 
 from services.control_plane.agents import AgentRegistry
-from services.control_plane.executors.base import Executor, ExecutorError
+from services.control_plane.executors.base import Executor, ExecutorError, JobProgress
 from services.control_plane.gpus import pick_gpus
 from services.control_plane.job_logs import trim
+from services.control_plane.schemas import JobRecord
 from services.control_plane.service import JobService
 from services.control_plane.states import ACTIVE_STATES, JobState
 
@@ -61,23 +70,48 @@ class Scheduler:
 
     # ------------------------------------------------------------------ one pass
     def tick(self) -> None:
-        for ended in self.executor.poll():
-            self._killed.discard(ended.job_id)
-            self.service.finished(ended.job_id, ended.exit_code)
+        for report in self.executor.poll():
+            if isinstance(report, JobProgress):
+                self.service.cluster_progress(report)
+                continue
+            self._killed.discard(report.job_id)
+            self.service.finished(report.job_id, report.exit_code, state=report.state, reason=report.reason)
         if self.agents is not None:
             self.agents.settle_lost()
         active = self.store.jobs_in(ACTIVE_STATES)
+        queued = self.store.jobs_in([JobState.QUEUED]) if self.executor.cluster_queue else []
+        submitted = [job for job in queued if job.pid is not None]  # waiting in the cluster's queue
         now = time.time()
-        for job in active:
+        for job in [*submitted, *active]:
             if job.cancel_requested_at is not None and job.pid is not None:
                 self.executor.cancel(job)
                 if now - job.cancel_requested_at > self.cancel_grace_s and job.id not in self._killed:
                     self._killed.add(job.id)
                     self.executor.kill(job)
+        for job in active:
             trim(self.service.files(job.id).log, self.max_log_bytes)
-        if self.executor.pushes_jobs:  # else agents claim queued jobs themselves
+        if self.executor.cluster_queue:
+            self._submit_queued([job for job in queued if job.pid is None], len(submitted) + len(active))
+        elif self.executor.pushes_jobs:  # else agents claim queued jobs themselves
             self._start_queued(len(active))
         self.ticks += 1
+
+    def _submit_queued(self, unsubmitted: list[JobRecord], submitted: int) -> None:
+        """Hand queued jobs to the cluster's scheduler, oldest first, up to --max-concurrent-jobs."""
+        for job in unsubmitted:
+            if submitted >= self.max_concurrent_jobs:
+                return
+            try:
+                handle = self.executor.start(job)
+            except (ExecutorError, OSError, ValueError) as exc:
+                logger.warning("job %s could not be submitted: %s", job.id, exc)
+                self.service.start_failed(job.id, f"the job could not be submitted: {exc}")
+                continue
+            submitted += 1
+            if self.service.submitted(job.id, handle):
+                logger.info("job %s submitted as %s %d", job.id, self.executor.handle_noun, handle)
+            else:  # cancelled or deleted while it was being submitted
+                self.executor.kill(dataclasses.replace(job, pid=handle))
 
     def _start_queued(self, active: int) -> None:
         busy = self.store.assigned_gpus()

@@ -1,8 +1,11 @@
 """The job lifecycle: every change to a job goes through here (routes and scheduler alike).
 
 Routes call submit / cancel / resume / delete / record_metrics; the scheduler calls started /
-finished / recover. Each state change is a compare-and-set in the store (store.transition), so
-two callers racing for one job cannot both win; the loser sees the new state and answers 409.
+finished / recover (and, for a cluster executor, submitted / cluster_progress). Each state change
+is a compare-and-set in the store (store.transition), so two callers racing for one job cannot
+both win; the loser sees the new state and answers 409. A queued job with a pid waits in a
+cluster's queue (the slurm executor submitted it): it is cancelled through its executor and
+cannot be deleted before.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pydantic import ValidationError
 
 from dflash_core.config import TrainConfig
 from services.control_plane.events import JobEvents
-from services.control_plane.executors.base import Executor
+from services.control_plane.executors.base import Executor, JobProgress
 from services.control_plane.job_logs import JobFiles, append_line, tail
 from services.control_plane.paths import (
     PATH_FIELDS,
@@ -99,6 +102,7 @@ class JobService:
         wake_scheduler: Callable[[], None] = lambda: None,
         agents_have_gpus: Callable[[], bool] = lambda: False,
         registry: Path | None = None,
+        cluster_gpus: int = 0,
     ) -> None:
         self.store = store
         self.executor = executor
@@ -110,6 +114,7 @@ class JobService:
         self.wake_scheduler = wake_scheduler
         self.agents_have_gpus = agents_have_gpus  # agent executor: does any live agent have a GPU
         self.registry = registry  # where `registry:NAME` endpoints are looked up
+        self.cluster_gpus = cluster_gpus  # a cluster executor's GPUs per node for a job that gives none
 
     def files(self, job_id: str) -> JobFiles:
         return JobFiles.of(self.jobs_dir, job_id)
@@ -183,9 +188,12 @@ class JobService:
     def _gpus_for(self, body: JobCreate, fields: dict) -> int:
         """How many GPUs the job gets; one trainer process (`nproc`) per GPU."""
         nproc_given = "nproc" in body.model_fields_set
-        pooled = self.executor.pushes_jobs  # else the GPUs are the agents', known as they register
+        # Else the GPUs are the agents' (known as they register), or the cluster's (per node).
+        pooled = self.executor.pushes_jobs and not self.executor.cluster_queue
         if body.gpus is not None:
             gpus = body.gpus
+        elif self.executor.cluster_queue:
+            gpus = self.cluster_gpus
         elif self.all_gpus if pooled else self.agents_have_gpus():
             gpus = body.nproc if nproc_given else 1
         else:
@@ -216,10 +224,11 @@ class JobService:
             job = self.get(job_id)
             check_action(job_id=job_id, state=job.state, action="cancel")
             now = time.time()
-            if job.state == JobState.QUEUED:
+            if job.state == JobState.QUEUED and job.pid is None:
                 done = self.store.transition(
                     job_id,
                     expect=[JobState.QUEUED],
+                    unsubmitted=True,  # else a cluster executor has just submitted it
                     to=JobState.CANCELLED,
                     reason="cancelled before it started",
                     cancel_requested_at=now,
@@ -227,8 +236,10 @@ class JobService:
                 )
             elif job.cancel_requested_at is not None:
                 return job  # already on its way down; a second SIGTERM would skip the checkpoint
-            else:
-                done = self.store.transition(job_id, expect=ACTIVE_STATES, cancel_requested_at=now)
+            else:  # running, or waiting in a cluster's queue: the scheduler has the executor stop it
+                done = self.store.transition(
+                    job_id, expect=[JobState.QUEUED, *ACTIVE_STATES], cancel_requested_at=now
+                )
             if done is not None:
                 append_line(self.files(job_id).log, f"cancel requested (job was {job.state.value})")
                 self.wake_scheduler()
@@ -270,6 +281,11 @@ class JobService:
         """Forget the job: its record, metric rows and log. Its checkpoints stay on disk."""
         job = self.get(job_id)
         check_action(job_id=job_id, state=job.state, action="delete")
+        if job.state == JobState.QUEUED and job.pid is not None:
+            raise JobConflict(
+                f"cannot delete job {job_id}: it waits in the cluster's queue as {self.executor.handle_noun} "
+                f"{job.pid}; cancel it first"
+            )
         if not self.store.delete_job(job_id, expect=ACTIONS["delete"]):
             raise IllegalTransition(job_id=job_id, state=self.get(job_id).state, action="delete")
         shutil.rmtree(self.files(job_id).folder, ignore_errors=True)
@@ -323,26 +339,107 @@ class JobService:
             self._changed(job)
 
     def start_failed(self, job_id: str, reason: str) -> None:
+        """The trainer could not be started (a starting job), or a cluster refused the job (a
+        queued one)."""
         append_line(self.files(job_id).log, reason)
         done = self.store.transition(
-            job_id, expect=ACTIVE_STATES, to=JobState.FAILED, reason=reason, finished_at=time.time()
+            job_id,
+            expect=[JobState.QUEUED, *ACTIVE_STATES],
+            to=JobState.FAILED,
+            reason=reason,
+            finished_at=time.time(),
         )
         if done is not None:
             self._changed(done)
 
-    def finished(self, job_id: str, exit_code: int | None, *, note: str = "") -> None:
-        """The job's trainer ended with `exit_code` (None: unknown); set the end state."""
-        job = self.store.get_job(job_id)
-        if job is None or job.state not in ACTIVE_STATES:
+    def submitted(self, job_id: str, handle: int) -> bool:
+        """A cluster executor submitted the queued job as `handle`; False when the job was
+        cancelled or deleted meanwhile (the submission must then be withdrawn)."""
+        job = self.store.transition(job_id, expect=[JobState.QUEUED], unsubmitted=True, pid=handle)
+        if job is not None:
+            self._changed(job)
+        return job is not None
+
+    def cluster_progress(self, progress: JobProgress) -> None:
+        """What a cluster's scheduler says of a submitted job it holds: waiting (queued, with its
+        reason; a job that ran before was requeued) or running."""
+        job = self.store.get_job(progress.job_id)
+        if job is None or job.pid is None:
             return
-        state, reason = self._outcome(job, exit_code)
+        files, handle = self.files(job.id), f"{self.executor.handle_noun} {job.pid}"
+        if progress.running:
+            if job.state == JobState.QUEUED:
+                now = time.time()
+                job = self.store.transition(
+                    job.id, expect=[JobState.QUEUED], to=JobState.STARTING, reason=None, started_at=now
+                )
+                if job is None:
+                    return
+                append_line(files.log, f"{handle} runs on {progress.nodes or 'its nodes'}")
+            if job.state == JobState.STARTING:  # the cluster's word: its trainer runs
+                job = self.store.transition(job.id, expect=[JobState.STARTING], to=JobState.RUNNING)
+            if job is not None:
+                self._changed(job)
+            return
+        why = f": {progress.reason}" if progress.reason else ""
+        if job.state == JobState.QUEUED:
+            reason = f"waiting in the queue as {handle}{why}"
+            if reason == job.reason:
+                return
+            append_line(files.log, reason)
+            moved = self.store.transition(job.id, expect=[JobState.QUEUED], reason=reason)
+        elif job.state in ACTIVE_STATES:
+            reason = (
+                f"requeued as {handle} (preempted, or a node failed); it resumes from its last checkpoint "
+                f"when it runs again{why}"
+            )
+            append_line(files.log, reason)
+            moved = self.store.transition(job.id, expect=ACTIVE_STATES, to=JobState.QUEUED, reason=reason)
+        else:
+            return
+        if moved is not None:
+            self._changed(moved)
+
+    def finished(
+        self,
+        job_id: str,
+        exit_code: int | None,
+        *,
+        note: str = "",
+        state: JobState | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """The job's trainer ended with `exit_code` (None: unknown); set the end state. `state`
+        and `reason`: the executor's verdict (a cluster's TIMEOUT, a scancel from outside), which
+        decides unless the job was being cancelled."""
+        job = self.store.get_job(job_id)
+        if job is None:
+            return
+        if job.state == JobState.QUEUED and job.pid is not None:  # ended in a cluster's queue
+            if job.cancel_requested_at is not None:
+                state, reason = JobState.CANCELLED, "cancelled before it started"
+            elif state is None:  # it ran, and ended between two looks: a run goes through starting
+                job = self.store.transition(
+                    job_id, expect=[JobState.QUEUED], to=JobState.STARTING, started_at=time.time()
+                )
+                if job is None:
+                    return
+        elif job.state not in ACTIVE_STATES:
+            return
+        if state is None or (job.cancel_requested_at is not None and job.state in ACTIVE_STATES):
+            state, reason = self._outcome(job, exit_code)
+        elif state == JobState.FAILED:
+            reason = f"{reason}. Its log ends:\n{self._log_end(job)}"[-REASON_MAX_CHARS:]
         reason = f"{reason}{note}" if reason else (note.strip("; ") or None)
         status = "unknown" if exit_code is None else describe_exit(exit_code)
+        ended = f"trainer exited with status {status}"
+        if job.state == JobState.QUEUED:  # it never ran
+            exit_code, ended = None, f"{self.executor.handle_noun} {job.pid} ended before it ran"
         # Logged before the state changes: a log follower stops at the end state, after this line.
-        append_line(self.files(job_id).log, f"trainer exited with status {status}: job {state.value}")
+        append_line(self.files(job_id).log, f"{ended}: job {state.value}")
         done = self.store.transition(
             job_id,
-            expect=ACTIVE_STATES,
+            expect=[job.state],
             to=state,
             reason=reason,
             exit_code=exit_code,
@@ -350,6 +447,11 @@ class JobService:
         )
         if done is not None:
             self._changed(done)
+
+    def _log_end(self, job: JobRecord) -> str:
+        """The trainer's last lines in the job's log (the control plane's own left out)."""
+        lines = [line for line in tail(self.files(job.id).log, 200) if not line.startswith("[control plane")]
+        return "\n".join(line[:500] for line in lines[-REASON_LINES:])
 
     def _outcome(self, job: JobRecord, code: int | None) -> tuple[JobState, str | None]:
         if code == 0:
@@ -377,14 +479,16 @@ class JobService:
                 f"trainer process {job.pid} ended while the control plane was away; "
                 "its exit status is unknown"
             )
-        lines = [line for line in tail(self.files(job.id).log, 200) if not line.startswith("[control plane")]
-        quoted = "\n".join(line[:500] for line in lines[-REASON_LINES:])
-        reason = f"trainer exited with status {describe_exit(code)}:\n{quoted}"
+        reason = f"trainer exited with status {describe_exit(code)}:\n{self._log_end(job)}"
         return JobState.FAILED, reason[-REASON_MAX_CHARS:]
 
     def recover(self) -> None:
         """At start: adopt live trainers of starting/running jobs, settle the rest. Queued jobs
-        need nothing: the scheduler starts them as usual."""
+        need nothing: the scheduler starts them as usual. (Under a cluster executor every job the
+        cluster may hold is watched again, queued ones included; the next poll says how each is.)"""
+        if self.executor.cluster_queue:
+            self._recover_cluster_jobs()
+            return
         for job in self.store.jobs_in(ACTIVE_STATES):
             if job.agent_id is not None:
                 # Its agent's next heartbeat settles it (still running, ended, or never started),
@@ -406,6 +510,19 @@ class JobService:
                     self.finished(job.id, code, note="; ended while the control plane was away")
                 else:
                     self.fail(job.id, f"control plane restarted; trainer process {job.pid} not found")
+
+    def _recover_cluster_jobs(self) -> None:
+        noun = self.executor.handle_noun
+        for job in self.store.jobs_in([JobState.QUEUED, *ACTIVE_STATES]):
+            handle = self.executor.attach(job)
+            if handle is None:
+                if job.state != JobState.QUEUED:  # never happens: a job is submitted while queued
+                    self.fail(job.id, f"control plane restarted; no {noun} known for it")
+                continue  # never submitted: the scheduler submits it
+            if job.pid is None:  # submitted just before the control plane stopped: store it now
+                self.store.transition(job.id, expect=[job.state], unsubmitted=True, pid=handle)
+            append_line(self.files(job.id).log, f"control plane restarted: re-attached to {noun} {handle}")
+            logger.info("job %s: re-attached to %s %d", job.id, noun, handle)
 
     def fail(self, job_id: str, reason: str) -> None:
         """End an active job whose trainer's fate is unknown: failed (resumable from its last

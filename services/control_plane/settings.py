@@ -8,6 +8,7 @@ else the default below. Tokens are never flags (they would show in `ps`): `--tok
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -68,10 +69,11 @@ class ControlPlaneSettings(BaseSettings):
         description="GPU indices jobs may use (`0,1,2`); default: every GPU nvidia-smi lists (none on "
         "a CPU-only host).",
     )
-    executor: Literal["local", "agent"] = Field(
+    executor: Literal["local", "agent", "slurm"] = Field(
         default="local",
-        description="How trainers run: `local` subprocesses of this service, or `agent`: "
-        "`dflash trainer-agent`s on trainer hosts claim jobs over HTTP.",
+        description="How trainers run: `local` subprocesses of this service; `agent`: "
+        "`dflash trainer-agent`s on trainer hosts claim jobs over HTTP; `slurm`: each job is a Slurm "
+        "batch job (the --slurm-* settings).",
     )
     hidden_states_endpoints: str = Field(
         default="",
@@ -91,6 +93,62 @@ class ControlPlaneSettings(BaseSettings):
         default=60.0,
         gt=0,
         description="A trainer agent silent this long is lost: its jobs fail, resumable on another agent.",
+    )
+    # --- the slurm executor: each job one `sbatch` (docs/deployment.md, "On a Slurm cluster") ---
+    slurm_partition: str | None = Field(
+        default=None, description="Slurm partition of the jobs (`--partition`); default: the cluster's."
+    )
+    slurm_account: str | None = Field(default=None, description="Slurm account charged (`--account`).")
+    slurm_qos: str | None = Field(default=None, description="Slurm quality of service (`--qos`).")
+    slurm_time_limit: str | None = Field(
+        default=None,
+        description="Time limit of each Slurm job (`--time`, e.g. `2-00:00:00`); default: the partition's. "
+        "At the limit the trainer gets SIGTERM and checkpoints; the job fails with TIMEOUT and resume "
+        "continues it.",
+    )
+    slurm_nodes: int = Field(
+        default=1, ge=1, description="Nodes per job: torchrun on each, one c10d rendezvous on the first."
+    )
+    slurm_gpus_per_node: int = Field(
+        default=0,
+        ge=0,
+        description="GPUs per node for a job that does not give `gpus` (a job's `gpus` is per node here; "
+        "one rank per GPU); 0: CPU ranks (`nproc` per node).",
+    )
+    slurm_constraint: str | None = Field(
+        default=None, description="Node features the jobs need (`--constraint`)."
+    )
+    slurm_sbatch_args: str = Field(
+        default="",
+        description="More `sbatch` options for every job, split as a shell would (`--exclusive "
+        "--cpus-per-task=32 --signal=TERM@300`).",
+    )
+    slurm_srun_args: str = Field(
+        default="", description="More `srun` options for the trainer step, split as a shell would."
+    )
+    slurm_venv: Path | None = Field(
+        default=None,
+        description="A virtual environment on the shared file system with dflash installed: activated on "
+        "the nodes, its python runs the trainer (default: --python, which must exist on the nodes).",
+    )
+    slurm_container_image: str | None = Field(
+        default=None,
+        description="Run the trainer in this image instead (`python3` in it runs dflash): an enroot/pyxis "
+        "image (`srun --container-image`) or an apptainer .sif (--slurm-container-runtime); the roots and "
+        "the jobs folder are mounted at their own paths.",
+    )
+    slurm_container_runtime: Literal["pyxis", "apptainer"] = Field(
+        default="pyxis", description="How --slurm-container-image runs: pyxis (enroot) or apptainer."
+    )
+    slurm_requeue: bool = Field(
+        default=True,
+        description="Let Slurm requeue a preempted or node-failed job (`--requeue`); it resumes from its "
+        "last checkpoint.",
+    )
+    slurm_poll_interval_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="How often Slurm is asked about the jobs: one `squeue` for all of them.",
     )
     public_url: str | None = Field(
         default=None,
@@ -160,6 +218,25 @@ class ControlPlaneSettings(BaseSettings):
         if value is not None and (len(set(value)) != len(value) or any(g < 0 for g in value)):
             raise ValueError(f"--gpus must be distinct indices >= 0, got {value}")
         return value
+
+    @field_validator("slurm_sbatch_args", "slurm_srun_args")
+    @classmethod
+    def _shell_words(cls, value: str) -> str:
+        try:
+            shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"cannot split {value!r} as a shell would: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _slurm_settings_need_slurm(self) -> ControlPlaneSettings:
+        given = sorted(n for n in self.model_fields_set if n.startswith("slurm_"))
+        if given and self.executor != "slurm":
+            flags = ", ".join("--" + n.replace("_", "-") for n in given)
+            raise ValueError(f"{flags}: only for --executor slurm (this one's is {self.executor})")
+        if self.slurm_venv is not None and self.slurm_container_image is not None:
+            raise ValueError("--slurm-venv and --slurm-container-image: give one (an image has its python)")
+        return self
 
     @field_validator("hidden_states_endpoints")
     @classmethod

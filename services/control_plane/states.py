@@ -9,6 +9,11 @@
 verifier, preflight); `running` starts with its first row. A run that ends before its first row
 reached us (a crash at start-up, or a very short run whose rows were lost) may go from `starting`
 straight to an end state, so `starting → succeeded` is legal too.
+
+Jobs run by a cluster's scheduler (the slurm executor) take two more moves, both the cluster's
+doing: `queued → failed` (it refused the submission, or failed the job before it ran) and
+`starting | running → queued` (it requeued the job after a preemption or a node failure; the
+trainer resumes from its last checkpoint when the cluster runs it again).
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ class JobState(str, Enum):
 
 # Every legal (from, to) move; nothing else ever happens to a job's state.
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    JobState.QUEUED: frozenset({JobState.STARTING, JobState.CANCELLED}),
-    JobState.STARTING: frozenset({JobState.RUNNING, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}),
-    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}),
+    JobState.QUEUED: frozenset({JobState.STARTING, JobState.CANCELLED, JobState.FAILED}),
+    JobState.STARTING: frozenset(
+        {JobState.RUNNING, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}
+    ),
+    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}),
     JobState.SUCCEEDED: frozenset(),
     JobState.FAILED: frozenset({JobState.QUEUED}),
     JobState.CANCELLED: frozenset({JobState.QUEUED}),

@@ -311,32 +311,42 @@ class JobStore:
             return [job_record(r) for r in conn.execute(query).mappings().all()]
 
     def transition(
-        self, job_id: str, *, expect: Iterable[JobState], to: JobState | None = None, **values: Any
+        self,
+        job_id: str,
+        *,
+        expect: Iterable[JobState],
+        to: JobState | None = None,
+        unsubmitted: bool = False,
+        **values: Any,
     ) -> JobRecord | None:
-        """Set `values` (and the state to `to`) only while the job is in one of `expect`.
+        """Set `values` (and the state to `to`) only while the job is in one of `expect` (and,
+        with `unsubmitted`, has no pid: a cluster executor stores its job id as the pid of a job
+        it submitted while the job is still queued).
 
         Returns the updated job, or None when it was not in those states (someone else moved it
         first) or does not exist.
         """
         if to is not None:
             values["state"] = to
-        query = (
-            update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.state.in_([s.value for s in expect]))
-            .values(**_encode(values))
-        )
+        where = [jobs.c.id == job_id, jobs.c.state.in_([s.value for s in expect])]
+        if unsubmitted:
+            where.append(jobs.c.pid.is_(None))
+        query = update(jobs).where(*where).values(**_encode(values))
         with self.engine.begin() as conn:
             changed = conn.execute(query).rowcount
         return self.get_job(job_id) if changed else None
 
     def delete_job(self, job_id: str, *, expect: Iterable[JobState]) -> bool:
-        """Delete the job and its metric rows while it is in one of `expect`."""
+        """Delete the job and its metric rows while it is in one of `expect`, and is not a queued
+        job a cluster executor has submitted (it would run with no record of it here)."""
+        states = jobs.c.state.in_([s.value for s in expect])
+        submitted = (jobs.c.state == JobState.QUEUED.value) & jobs.c.pid.is_not(None)
         # Rows first (the foreign key points at the job); the whole thing is undone when the job
         # has moved out of `expect` in the meantime.
         with self.engine.connect() as conn, conn.begin() as transaction:
             conn.execute(delete(metric_rows).where(metric_rows.c.job_id == job_id))
             deleted = conn.execute(
-                delete(jobs).where(jobs.c.id == job_id, jobs.c.state.in_([s.value for s in expect]))
+                delete(jobs).where(jobs.c.id == job_id, states, ~submitted)
             ).rowcount
             if not deleted:
                 transaction.rollback()

@@ -14,6 +14,8 @@ from services.control_plane.schemas import JobRecord
 class AgentExecutor:
     name = "agent"
     pushes_jobs = False
+    cluster_queue = False
+    handle_noun = "process"
 
     def start(self, job: JobRecord) -> int:
         raise ExecutorError("with the agent executor, trainer agents claim jobs; nothing is started here")

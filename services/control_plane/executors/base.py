@@ -2,6 +2,11 @@
 
 The scheduler owns the job states and the GPU assignment (both in the store); an executor only
 starts, signals and watches processes. Every method is called from the scheduler's one thread.
+
+An executor that hands jobs to a cluster's scheduler (`cluster_queue`, slurm.py) starts a job by
+submitting it: the job stays `queued` under the cluster's id (stored as its pid) until the
+cluster runs it, and poll() reports what the cluster says of its jobs (JobProgress) besides how
+they ended (ProcessExit).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from typing import Protocol
 
 from dflash_core.config import TrainConfig
 from services.control_plane.schemas import JobRecord
+from services.control_plane.states import JobState
 
 
 class TrainerJob(Protocol):
@@ -26,10 +32,27 @@ class TrainerJob(Protocol):
 
 @dataclass(frozen=True)
 class ProcessExit:
-    """A job's trainer ended. `exit_code` is 128+N for signal N; None when nobody knows it."""
+    """A job's trainer ended. `exit_code` is 128+N for signal N; None when nobody knows it.
+
+    `state` and `reason`: set when the end says more than its exit status (a cluster's TIMEOUT or
+    NODE_FAIL, a scancel from outside); they decide the job's end state unless the job was being
+    cancelled."""
 
     job_id: str
     exit_code: int | None
+    state: JobState | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """What a cluster's scheduler says of a job it still holds (cluster_queue executors only):
+    waiting (`running` False, with the scheduler's `reason`) or running (on `nodes`)."""
+
+    job_id: str
+    running: bool
+    reason: str | None = None
+    nodes: str | None = None
 
 
 class ExecutorError(RuntimeError):
@@ -41,10 +64,17 @@ class Executor(Protocol):
     # True: the scheduler starts queued jobs through start(). False: trainers are started by
     # whoever claims the job (trainer agents), and stop orders travel on their heartbeats.
     pushes_jobs: bool
+    # True: start() submits to a cluster's scheduler, which queues the job and gives out its
+    # nodes and GPUs; the job stays `queued`, under the id start() returned, until poll() says it
+    # runs. False: start() starts the trainer on GPUs assigned here.
+    cluster_queue: bool
+    # What start() returns the id of, for people: "process", "Slurm job".
+    handle_noun: str
 
     def start(self, job: JobRecord) -> int:
-        """Start `job`'s trainer on `job.gpus` (already assigned); returns the pid the job is
-        tracked by. Raises ExecutorError when it cannot."""
+        """Start `job`'s trainer on `job.gpus` (already assigned), or submit it to the cluster;
+        returns the pid (cluster job id) the job is tracked by. Raises ExecutorError when it
+        cannot."""
         ...
 
     def cancel(self, job: JobRecord) -> None:
@@ -56,8 +86,9 @@ class Executor(Protocol):
         """Stop the trainer now (SIGKILL to everything it started): the cancel's grace ran out."""
         ...
 
-    def poll(self) -> list[ProcessExit]:
-        """Trainers that ended since the last call."""
+    def poll(self) -> list[ProcessExit | JobProgress]:
+        """Trainers that ended since the last call (and, from a cluster_queue executor, the
+        cluster's word on the jobs it still holds)."""
         ...
 
     def attach(self, job: JobRecord) -> int | None:

@@ -77,9 +77,40 @@ def find_trainer(job_id: str) -> int | None:
     return next((pid for pid in pids if is_our_trainer(pid, job_id)), None)
 
 
+def trainer_environment(token: str | None) -> dict[str, str]:
+    """This process's environment for a trainer: our token out, the job attempt's `token` in."""
+    env = dict(os.environ)
+    env.pop(TOKEN_ENV, None)
+    # DFLASH_<FIELD> variables set job-config fields (dflash_core/config_args.py): one set on the
+    # control plane's or agent's host must not quietly override every job's own config.
+    for name in TrainConfig.model_fields:
+        variable = env_name(name)
+        if variable is not None:
+            env.pop(variable, None)
+    if token is not None:
+        env[TOKEN_ENV] = token
+    return env
+
+
+def write_trainer_config(job: TrainerJob, files: JobFiles, *, nproc: int | None) -> TrainConfig:
+    """The job's config as the YAML its trainer reads (`files.trainer_config`); returns it parsed
+    back, as the trainer will see it. `nproc`: the trainer's processes (per node), when known."""
+    config = job.train_config()
+    if job.attempt > 1:
+        # A resume continues from <save_path>/latest, whatever the first attempt asked for.
+        config = config.model_copy(update={"resume": True})
+    fields = config.model_dump(mode="json", exclude={"control_plane_url", "job_id"})
+    if nproc is not None:
+        fields["nproc"] = nproc
+    files.trainer_config.write_text(yaml.safe_dump(fields, sort_keys=True))
+    return TrainConfig.model_validate(yaml.safe_load(files.trainer_config.read_text()))
+
+
 class LocalExecutor:
     name = "local"
     pushes_jobs = True
+    cluster_queue = False
+    handle_noun = "process"
 
     def __init__(
         self,
@@ -110,39 +141,18 @@ class LocalExecutor:
         return [self.python, "-m", LAUNCHER_MODULE, "--exit-file", str(files.exit_status), "--", *train]
 
     def environment(self, job: TrainerJob) -> dict[str, str]:
-        env = dict(os.environ)
-        env.pop(TOKEN_ENV, None)
-        # DFLASH_<FIELD> variables set job-config fields (dflash_core/config_args.py): one set on the
-        # control plane's or agent's host must not quietly override every job's own config.
-        for name in TrainConfig.model_fields:
-            variable = env_name(name)
-            if variable is not None:
-                env.pop(variable, None)
-        token = self._token_for(job)
-        if token is not None:
-            env[TOKEN_ENV] = token
+        env = trainer_environment(self._token_for(job))
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in job.gpus)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CODE_ROOT), env.get("PYTHONPATH")]))
         env["PYTHONUNBUFFERED"] = "1"  # lines reach the log (and `logs?follow`) as they are written
         env["TQDM_MININTERVAL"] = "10"  # a log file is not a terminal: a bar update every 10 s is plenty
         return env
 
-    def write_trainer_config(self, job: TrainerJob, files: JobFiles) -> None:
-        config = job.train_config()
-        if job.attempt > 1:
-            # A resume continues from <save_path>/latest, whatever the first attempt asked for.
-            config = config.model_copy(update={"resume": True})
-        fields = config.model_dump(mode="json", exclude={"control_plane_url", "job_id"})
-        if job.gpus:
-            fields["nproc"] = len(job.gpus)  # one rank per assigned GPU
-        files.trainer_config.write_text(yaml.safe_dump(fields, sort_keys=True))
-
     def start(self, job: TrainerJob) -> int:
         files = JobFiles.of(self.jobs_dir, job.id)
         files.folder.mkdir(parents=True, exist_ok=True)
         files.exit_status.unlink(missing_ok=True)  # a previous attempt's
-        self.write_trainer_config(job, files)
-        TrainConfig.model_validate(yaml.safe_load(files.trainer_config.read_text()))  # what the trainer reads
+        write_trainer_config(job, files, nproc=len(job.gpus) or None)  # one rank per assigned GPU
         command = self.command(job, files)
         environment = self.environment(job)
         append_line(

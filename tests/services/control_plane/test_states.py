@@ -19,6 +19,7 @@ from services.control_plane.states import (
 LEGAL = {
     ("queued", "starting"),
     ("queued", "cancelled"),
+    ("queued", "failed"),  # a cluster refused it, or failed it before it ran
     ("starting", "running"),
     ("starting", "succeeded"),
     ("starting", "failed"),
@@ -26,6 +27,8 @@ LEGAL = {
     ("running", "succeeded"),
     ("running", "failed"),
     ("running", "cancelled"),
+    ("starting", "queued"),  # a cluster requeued it (preemption, node failure)
+    ("running", "queued"),
     ("failed", "queued"),
     ("cancelled", "queued"),
 }
