@@ -4,24 +4,35 @@ A scheduler's preemption, `docker stop`, the control plane's cancel and Ctrl-C a
 of these. Stopping in the middle of an optimizer step would leave nothing consistent to save, so
 the handler only records the signal; the training loop looks at it between steps (all ranks
 agree through one small all-reduce), writes a checkpoint and returns. A second signal of the
-same kind falls through to the default action, so an impatient Ctrl-C Ctrl-C still kills.
+same kind takes the default action, so an impatient Ctrl-C Ctrl-C still kills.
+
+A repeat within REPEAT_WINDOW_S of the first is the same request arriving twice, and is ignored:
+a signal to every process of a job (Slurm's `scancel --signal=TERM`, its time limit and
+preemption; a terminal's Ctrl-C to its foreground group) reaches torchrun and its workers at
+once, and torchrun passes it on to the workers again a moment later. Taken as the second
+signal, that copy would kill every rank without the checkpoint the first one asked for.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
+import time
 from types import FrameType
 
 logger = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# torchrun forwards the signal it got within milliseconds; a person's second Ctrl-C comes later.
+REPEAT_WINDOW_S = 2.0
 
 
 class StopSignals:
     def __init__(self) -> None:
         self.received: signal.Signals | None = None
+        self._received_at: dict[signal.Signals, float] = {}
         self._previous: dict[signal.Signals, object] = {}
 
     @property
@@ -43,10 +54,18 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         sig = signal.Signals(signum)
-        self.received = sig
-        # The next one of these ends the process the default way.
-        signal.signal(sig, signal.SIG_DFL)
-        logger.warning("%s received: stopping after the current step, with a checkpoint", sig.name)
+        now = time.monotonic()
+        first = self._received_at.get(sig)
+        if first is None:
+            self._received_at[sig] = now
+            self.received = sig
+            logger.warning("%s received: stopping after the current step, with a checkpoint", sig.name)
+        elif now - first > REPEAT_WINDOW_S:
+            # The second request: end the process the default way, as if we had no handler.
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        else:
+            logger.info("%s again (the same request, passed on by torchrun): still stopping", sig.name)
 
     def __enter__(self) -> StopSignals:
         return self.install()

@@ -1,10 +1,13 @@
 """Data-parallel training under torchrun: 2 CPU ranks (gloo, FSDP2) through the real CLI.
 
 What must hold: two ranks compute what one rank computes with twice the batch (same global
-batch, per-row anchors, loss normalised over both ranks' slots); SIGTERM checkpoints and exits,
-and the same command then resumes to the very weights of an uninterrupted run; so does kill -9
-of torchrun and its ranks (the last step checkpoint is whole); a two-rank checkpoint resumes on
-one rank when the global batch is kept, and is refused, naming the fix, when it is not.
+batch, per-row anchors, loss normalised over both ranks' slots); two "nodes" (two torchruns
+meeting at a c10d rendezvous, as on a Slurm allocation) compute what one node's two ranks do;
+SIGTERM checkpoints and exits, whether it reaches torchrun alone or every process at once (as
+Slurm signals a job step), and the same command then resumes to the very weights of an
+uninterrupted run; so does kill -9 of torchrun and its ranks (the last step checkpoint is whole);
+a two-rank checkpoint resumes on one rank when the global batch is kept, and is refused, naming
+the fix, when it is not.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ import json
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,10 +28,12 @@ import torch
 from dflash_core.checkpoint import update_link
 from services.trainer.main import run_training
 from tests.factories.training import (
+    ROOT,
     final_weights,
     make_training_workspace,
     run_train_command,
     start_train_command,
+    train_command,
     train_config,
 )
 
@@ -47,6 +55,29 @@ def two_ranks(workspace) -> Path:
     output = run_train_command(config, nproc=2)
     assert "relaunching under torchrun with 2 processes" in output
     return Path(config.save_path)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process under `pid` (from /proc)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
 
 
 def metric_rows(save_path: Path, key: str) -> dict[int, float]:
@@ -90,11 +121,51 @@ def test_two_ranks_train_like_one_rank_with_twice_the_batch(workspace, two_ranks
     assert metric_rows(two_ranks, "train/tokens_per_s").keys() == metric_rows(one_rank, "train/loss").keys()
 
 
-def test_sigterm_checkpoints_and_the_same_command_resumes_to_the_same_weights(workspace, two_ranks):
-    config = train_config(workspace, "sigterm", batch_size=1, checkpoint_freq=3, **RUN)
+def test_two_nodes_meeting_at_a_c10d_rendezvous_train_like_one_node(workspace, two_ranks):
+    """`torchrun --nnodes 2` twice, one rank each: the multi-node launch (what the slurm
+    executor's batch script runs on every node), here as two processes on one host."""
+    config = train_config(workspace, "two-nodes", batch_size=1, **RUN)
+    train = train_command(config)
+    yaml_path = train[train.index("--config") + 1]
+    port = free_port()
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes",
+        "-m", "services.cli.main", "train", "--config", yaml_path,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    nodes = [
+        subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    for node, output in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, output[-6000:]
+    assert sum("2 ranks (FSDP2)" in output for output in outputs) == 1  # rank 0 speaks for the run
+    # Rank r reads rows r, r+2, ... whichever node it landed on; sums of two are the same both ways.
+    assert_same_weights(final_weights(Path(config.save_path)), final_weights(two_ranks), exact=True)
+
+
+@pytest.mark.parametrize("every_process", [False, True], ids=["to torchrun", "to every process"])
+def test_sigterm_checkpoints_and_the_same_command_resumes_to_the_same_weights(
+    workspace, two_ranks, every_process
+):
+    config = train_config(workspace, f"sigterm-{every_process}", batch_size=1, checkpoint_freq=3, **RUN)
     process = start_train_command(config, nproc=2)
     wait_for_step_checkpoint(Path(config.save_path), process)
-    process.send_signal(signal.SIGTERM)  # to torchrun alone, as `docker stop` or a scheduler would
+    if every_process:
+        # torchrun and both ranks at once (each rank leads a session of its own: a process group
+        # signal would miss them), as Slurm signals every process of a step on scancel
+        # --signal=TERM, its time limit and preemption. Each rank gets it twice (torchrun passes
+        # its own copy on a moment later) and takes the second as the same request, not "die now".
+        tree = [process.pid, *descendants(process.pid)]
+        assert len(tree) >= 3, tree
+        for pid in tree:
+            os.kill(pid, signal.SIGTERM)
+    else:
+        process.send_signal(signal.SIGTERM)  # to torchrun alone, as `docker stop` would
     output, _ = process.communicate(timeout=120)
     assert process.returncode != 0, "a stopped run must not look finished"
     assert "SIGTERM received: stopping after the current step" in output
