@@ -84,6 +84,7 @@ def demo_configs(demo: DemoConfig) -> tuple[PrepareDataConfig, ServeHiddenStates
         block_size=demo.block_size,
         max_anchors=demo.max_anchors,
         num_layers=demo.num_layers,
+        draft_vocab_size=demo.draft_vocab_size,
         epochs=demo.epochs,
         lr=demo.lr,
         warmup_steps=10,
