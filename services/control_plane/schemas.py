@@ -121,7 +121,10 @@ class JobPublic(BaseModel):
     agent_id: str | None = Field(
         default=None, description="The trainer agent running it (agent executor); null for local jobs."
     )
-    pid: int | None = Field(description="The job's process (its process group leader) while active.")
+    pid: int | None = Field(
+        description="The job's process (its process group leader) while active; under the slurm "
+        "executor its Slurm job id, from its submission on (while it waits in Slurm's queue too)."
+    )
     exit_code: int | None = Field(description="The trainer's exit status; 143 = stopped by SIGTERM.")
     attempt: int = Field(description="1, plus one per resume.")
     step: int | None = Field(description="Newest global step reported by the trainer.")

@@ -120,8 +120,8 @@ class ControlPlaneSettings(BaseSettings):
     )
     slurm_sbatch_args: str = Field(
         default="",
-        description="More `sbatch` options for every job, split as a shell would (`--exclusive "
-        "--cpus-per-task=32 --signal=TERM@300`).",
+        description="More `sbatch` options for every job, split as a shell would; given with `=` "
+        "(`--slurm-sbatch-args='--exclusive --cpus-per-task=32'`).",
     )
     slurm_srun_args: str = Field(
         default="", description="More `srun` options for the trainer step, split as a shell would."

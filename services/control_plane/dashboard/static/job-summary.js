@@ -52,7 +52,9 @@ export function renderDetails(details, job) {
   const agent = job.agent_id
     ? ["Agent", h("a", { href: SERVICES_PATH, "data-link": true }, job.agent_id), `trainer agent ${job.agent_id}`]
     : null;
-  const process = job.exit_code !== null ? `exited ${job.exit_code}` : job.pid ? `pid ${job.pid}` : "–";
+  // Under the slurm executor the pid is the job's Slurm job id (set once submitted, while queued too).
+  const handle = job.executor === "slurm" ? `Slurm job ${job.pid}` : `pid ${job.pid}`;
+  const process = job.exit_code !== null ? `exited ${job.exit_code}` : job.pid ? handle : "–";
   const rows = [
     ["Verifier", shortPath(c.verifier_name_or_path), c.verifier_name_or_path],
     ["Data", shortPath(c.data_path), c.data_path],
