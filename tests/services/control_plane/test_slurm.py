@@ -7,7 +7,8 @@ jobs submitted over REST run `dflash train` through sbatch, srun and torchrun (g
   cancelled; a Slurm requeue (what preemption does with --requeue) resumes from the checkpoint;
 - the time limit: the job fails with TIMEOUT in its reason, after the trainer checkpointed;
 - a waiting job shows Slurm's reason (a begin time, drained nodes), cancel takes it out of the
-  queue, and a restarted control plane finds a submission it never stored by its job name.
+  queue (a scancel from outside cancels it too), and a restarted control plane finds a
+  submission it never stored by its job name.
 
 Each test has its own control plane (in this process, or a real `dflash control-plane` where it
 is killed), all share one cluster; a test's Slurm jobs are cancelled when it ends.
@@ -223,6 +224,16 @@ def test_a_waiting_job_shows_slurms_reason_and_cancel_takes_it_out_of_the_queue(
     assert cancelled["reason"] == "cancelled before it started" and cancelled["exit_code"] is None
     assert slurm.squeue()[slurm_id] == "CANCELLED"
     assert server.client.delete(f"/v1/jobs/{jid}").status_code == 204
+
+    # A scancel from outside (its user's, an admin's) ends the job too, and says so.
+    other = server.submit(tiny_job(workspace))["id"]
+    other_id = wait_for(lambda: server.job(other)["pid"], what="the second submission")
+    slurm.run("scancel", str(other_id))
+    ended = server.wait_state(other, "cancelled")
+    assert (
+        ended["reason"]
+        == f"Slurm job {other_id} was cancelled in Slurm (scancel), not through the control plane"
+    )
 
 
 def test_drained_nodes_keep_jobs_queued_and_a_restart_finds_a_submission_it_never_stored(
