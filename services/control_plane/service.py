@@ -439,7 +439,8 @@ class JobService:
         append_line(self.files(job_id).log, f"{ended}: job {state.value}")
         done = self.store.transition(
             job_id,
-            expect=[job.state],
+            # A late metric row may move a starting job to running meanwhile: either is fine.
+            expect=ACTIVE_STATES if job.state in ACTIVE_STATES else [job.state],
             to=state,
             reason=reason,
             exit_code=exit_code,

@@ -24,13 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from services.control_plane.executors.local import CODE_ROOT
 from services.control_plane.job_logs import JobFiles
 from services.control_plane.settings import ControlPlaneSettings
 
 SCRIPT_NAME = "job.sbatch"
 OUTPUT_PATTERN = "slurm-%j.out"  # Slurm fills in the job id
-# The trainer's code, when it runs from this checkout (or site-packages) on a shared file system.
-CODE_ROOT = Path(__file__).resolve().parents[3]
 
 
 def job_name(job_id: str, attempt: int) -> str:
