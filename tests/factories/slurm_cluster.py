@@ -114,6 +114,10 @@ class SlurmCluster:
         conf = root / "slurm.conf"
         conf.write_text(slurm_conf(root, host=host, ctld_port=free_port(), node_ports=ports))
         env = {"SLURM_CONF": str(conf)}
+        try:
+            socket.gethostbyname(host)
+        except OSError:  # the batch scripts' c10d rendezvous is at $(hostname) unless told otherwise
+            env["DFLASH_RDZV_HOST"] = "127.0.0.1"
         cluster = cls(root=root, env=env)
         try:
             cluster._spawn(

@@ -52,7 +52,8 @@ def cluster() -> Iterator[SlurmCluster]:
     cluster = SlurmCluster.start(root)
     try:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("SLURM_CONF", cluster.env["SLURM_CONF"])  # for the control planes' sbatch and squeue
+            for name, value in cluster.env.items():  # SLURM_CONF: the control planes' sbatch and squeue
+                patch.setenv(name, value)
             yield cluster
     finally:
         cluster.stop()
