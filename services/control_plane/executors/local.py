@@ -24,12 +24,9 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
-from dflash_core.config import TrainConfig
-from dflash_core.config_args import env_name
 from services.control_plane.executors.base import ExecutorError, ProcessExit, TrainerJob
 from services.control_plane.executors.launcher import exit_status
+from services.control_plane.executors.trainer_setup import trainer_environment, write_trainer_config
 from services.control_plane.job_logs import JobFiles, append_line
 from services.trainer.metric_sinks.control_plane import TOKEN_ENV
 
@@ -75,35 +72,6 @@ def find_trainer(job_id: str) -> int | None:
         return None
     pids = sorted(int(entry.name) for entry in proc.iterdir() if entry.name.isdigit())
     return next((pid for pid in pids if is_our_trainer(pid, job_id)), None)
-
-
-def trainer_environment(token: str | None) -> dict[str, str]:
-    """This process's environment for a trainer: our token out, the job attempt's `token` in."""
-    env = dict(os.environ)
-    env.pop(TOKEN_ENV, None)
-    # DFLASH_<FIELD> variables set job-config fields (dflash_core/config_args.py): one set on the
-    # control plane's or agent's host must not quietly override every job's own config.
-    for name in TrainConfig.model_fields:
-        variable = env_name(name)
-        if variable is not None:
-            env.pop(variable, None)
-    if token is not None:
-        env[TOKEN_ENV] = token
-    return env
-
-
-def write_trainer_config(job: TrainerJob, files: JobFiles, *, nproc: int | None) -> TrainConfig:
-    """The job's config as the YAML its trainer reads (`files.trainer_config`); returns it parsed
-    back, as the trainer will see it. `nproc`: the trainer's processes (per node), when known."""
-    config = job.train_config()
-    if job.attempt > 1:
-        # A resume continues from <save_path>/latest, whatever the first attempt asked for.
-        config = config.model_copy(update={"resume": True})
-    fields = config.model_dump(mode="json", exclude={"control_plane_url", "job_id"})
-    if nproc is not None:
-        fields["nproc"] = nproc
-    files.trainer_config.write_text(yaml.safe_dump(fields, sort_keys=True))
-    return TrainConfig.model_validate(yaml.safe_load(files.trainer_config.read_text()))
 
 
 class LocalExecutor:

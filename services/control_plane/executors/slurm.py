@@ -39,8 +39,8 @@ from pathlib import Path
 
 from dflash_core.atomic_files import write_text
 from services.control_plane.executors.base import ExecutorError, JobProgress, ProcessExit, TrainerJob
-from services.control_plane.executors.local import trainer_environment, write_trainer_config
 from services.control_plane.executors.slurm_script import SCRIPT_NAME, SlurmOptions, job_name, render
+from services.control_plane.executors.trainer_setup import trainer_environment, write_trainer_config
 from services.control_plane.job_logs import JobFiles, append_line
 from services.control_plane.schemas import JobRecord
 from services.control_plane.states import JobState
