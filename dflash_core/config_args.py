@@ -136,7 +136,10 @@ def config_sections(config_cls: type[BaseModel]) -> list[tuple[str, str | None, 
     its class lists them; the config's own fields come first, titled by its command."""
     sections = []
     for klass in config_cls.__mro__:
-        own = [name for name in vars(klass).get("__annotations__", {}) if name in config_cls.model_fields]
+        if not (isinstance(klass, type) and issubclass(klass, BaseModel)):
+            continue
+        inherited = {name for base in klass.__bases__ for name in getattr(base, "model_fields", {})}
+        own = [name for name in klass.model_fields if name not in inherited]
         if not own:
             continue
         doc = (klass.__doc__ or "").strip()
