@@ -82,7 +82,8 @@ export async function pollHealth() {
     const health = await api("/healthz");
     session.health = health;
     session.auth = health.auth;
-    // /docs needs the token too, which a plain link cannot send: the API is for clients then.
+    // /docs needs the token too, which a plain link cannot send: shown only where no token is set
+    // (hidden until this answer, so it never shows where it would not work).
     $("#docs-link").hidden = health.auth;
     // With trainer agents the GPUs are theirs (the Services page lists them), not this host's.
     const gpus = health.executor === "agent" ? "trainer agents"
